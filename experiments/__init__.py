@@ -1,0 +1,105 @@
+"""Search profiles: every default of the search, defined once.
+
+`SearchConfig` holds the defaults, one commented field each. A profile in
+`PROFILES` overrides only what it changes; `resolve()` applies a profile and
+then the caller's overrides (command line or MLproject parameters), and rejects
+unknown profiles, unknown keys and out-of-range values with a `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+TUNERS = ("hyperband", "bayesian", "random")
+FAMILIES = ("plain", "batchnorm")  # the CNN families of model_zoo
+PRECISIONS = ("auto", "float32", "mixed_bfloat16")
+
+
+class ConfigError(ValueError):
+    """A profile, parameter or setting the search cannot run with."""
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    profile: str = "default"
+    # --- what is searched -------------------------------------------------
+    tuner: str = "hyperband"  # one of TUNERS
+    families: tuple[str, ...] = FAMILIES  # CNN families the search chooses among
+    objective: str = "val_accuracy"  # scored on the validation split, maximised
+    max_trials: int = 30  # most trials run (hyperband: a cap on its own schedule)
+    max_epochs: int = 8  # most epochs one trial trains
+    hyperband_factor: int = 3  # hyperband keeps 1/factor of the trials per round
+    early_stopping_patience: int = 2  # epochs without val_accuracy gain per trial
+    # --- data ----------------------------------------------------------------
+    validation_size: int = 6_000  # last images of the 60,000 training images
+    train_subset: int = 0  # train on the first N of the 54,000 (0 = all)
+    batch_size: int = 128
+    precision: str = "auto"  # auto: mixed_bfloat16 where the CPU has bf16
+    # --- after the search ---------------------------------------------------
+    threshold: float = 0.90  # register only if test_accuracy >= threshold
+    model_name: str = "mnist-cnn"  # registered model name
+    champion_alias: str = "champion"
+    experiment_name: str = "mnist-cnn-search"  # used outside `mlflow run`
+    seed: int = 42
+    # Optional --data path; empty: $MNIST_NPZ, else keras.datasets.mnist.
+    data: str = field(default="", compare=False)
+    output_dir: str = "outputs"  # figures, tables and tuner state, per parent run id
+
+    def __post_init__(self) -> None:
+        _check_choice("tuner", self.tuner, TUNERS)
+        if not self.families:
+            raise ConfigError("families is empty: name at least one of " + ", ".join(FAMILIES))
+        for family in self.families:
+            _check_choice("model family", family, FAMILIES)
+        _check_choice("precision", self.precision, PRECISIONS)
+        if self.objective != "val_accuracy":
+            raise ConfigError(f"objective {self.objective!r} is not supported: use 'val_accuracy'")
+        for name in ("max_trials", "max_epochs", "hyperband_factor", "validation_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("early_stopping_patience", "train_subset"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ConfigError(f"threshold must be in (0, 1], got {self.threshold}")
+        if not self.model_name.strip():
+            raise ConfigError("model_name is empty")
+
+
+# Each profile overrides only what it changes.
+PROFILES: dict[str, dict] = {
+    # What a plain `mlflow run .` runs.
+    "default": {},
+    # Tests and CI: a data subset and a tiny budget, < 2 minutes on 2 CPU
+    # cores, still well above the 90% registry gate.
+    "smoke": {
+        "families": ("plain",),
+        "tuner": "random",
+        "max_trials": 3,
+        "max_epochs": 2,
+        "train_subset": 6_000,
+        "early_stopping_patience": 1,
+    },
+}
+
+
+def resolve(profile: str = "default", **overrides) -> SearchConfig:
+    """The profile's config with `overrides` applied.
+
+    An override of None, "" or 0 means "the profile's value", so MLproject
+    parameters can default to blank.
+    """
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
+    known = {f.name for f in dataclasses.fields(SearchConfig)} - {"profile"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}: known are {', '.join(sorted(known))}")
+    given = {k: v for k, v in overrides.items() if v not in (None, "", 0)}
+    return SearchConfig(profile=profile, **{**PROFILES[profile], **given})
+
+
+def _check_choice(what: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"unknown {what} {value!r}: choose one of {', '.join(valid)}")

@@ -1,0 +1,51 @@
+"""Plain functions that make the CNNs; the hypermodels only pick their arguments."""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+INPUT_SHAPE = (28, 28, 1)
+NUM_CLASSES = 10
+
+
+def make_cnn(
+    conv_filters: tuple[int, ...] = (32, 64),
+    kernel_size: int = 3,
+    convs_per_block: int = 1,
+    batch_norm: bool = False,
+    dropout: float = 0.5,
+    dense_units: int = 0,
+    learning_rate: float = 1e-3,
+) -> keras.Model:
+    """A compiled CNN for 28x28x1 digits with a 10-way softmax.
+
+    Each entry of `conv_filters` is one block: `convs_per_block` convolutions
+    (each optionally batch-normalised) followed by 2x2 max pooling. The head is
+    dropout, an optional dense layer of `dense_units`, dropout, softmax. With
+    the defaults this is Keras' `mnist_convnet` example.
+    """
+    inputs = keras.Input(shape=INPUT_SHAPE, name="digits")
+    x = inputs
+    for filters in conv_filters:
+        for _ in range(convs_per_block):
+            # The bias is redundant when batch norm follows.
+            x = layers.Conv2D(filters, kernel_size, padding="same", use_bias=not batch_norm)(x)
+            if batch_norm:
+                x = layers.BatchNormalization()(x)
+            x = layers.Activation("relu")(x)
+        x = layers.MaxPooling2D(2)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dropout(dropout)(x)
+    if dense_units:
+        x = layers.Dense(dense_units, activation="relu")(x)
+        x = layers.Dropout(dropout)(x)
+    # float32 softmax keeps probabilities exact under mixed precision.
+    outputs = layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probabilities")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model

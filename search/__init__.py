@@ -1,0 +1,1 @@
+"""The hyperparameter search pipeline: data, EDA, tuner, tracking, evaluation, registry."""

@@ -1,0 +1,126 @@
+"""Load MNIST, check it, normalise it and split it into train / validation / test."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+KEYS = ("x_train", "y_train", "x_test", "y_test")
+KERAS_SOURCE = "keras.datasets.mnist"
+
+
+class DataError(ValueError):
+    """The data cannot be used: the message names the source and the problem."""
+
+
+@dataclass(frozen=True)
+class Split:
+    x: np.ndarray  # float32, (N, 28, 28, 1), values in [0, 1]
+    y: np.ndarray  # int64, (N,), values 0..9
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class MnistData:
+    train: Split
+    validation: Split
+    test: Split  # read by the pipeline once, after the search
+    source: str  # file path, or "keras.datasets.mnist"
+    digest: str  # sha256 of the four raw arrays
+
+
+def data_source(path: str = "") -> str:
+    """Where the data comes from: `path`, else $MNIST_NPZ, else Keras' download."""
+    return path or os.environ.get("MNIST_NPZ", "") or KERAS_SOURCE
+
+
+def load_mnist(source: str, validation_size: int = 6_000) -> MnistData:
+    """Load, validate and split MNIST; the last `validation_size` training images validate."""
+    arrays = _read_npz(source) if source != KERAS_SOURCE else _read_keras()
+    for key in KEYS:
+        _check_array(source, key, arrays[key])
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if len(x) != len(y):
+            raise DataError(f"{source}: x_{split} has {len(x)} images but y_{split} has {len(y)} labels")
+    n_train = len(arrays["y_train"])
+    if not 0 < validation_size < n_train:
+        raise DataError(f"{source}: cannot hold out {validation_size} validation images from {n_train} training images")
+    x_train, y_train = _normalise(arrays["x_train"]), arrays["y_train"].astype(np.int64)
+    cut = n_train - validation_size
+    return MnistData(
+        train=Split(x_train[:cut], y_train[:cut]),
+        validation=Split(x_train[cut:], y_train[cut:]),
+        test=Split(_normalise(arrays["x_test"]), arrays["y_test"].astype(np.int64)),
+        source=source,
+        digest=_digest(arrays),
+    )
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in KEYS if k not in npz.files]
+            if missing:
+                raise DataError(f"{path}: missing key(s) {', '.join(missing)} (expected {', '.join(KEYS)})")
+            return {k: npz[k] for k in KEYS}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{path}: not a readable .npz file ({err})") from None
+
+
+def _read_keras() -> dict[str, np.ndarray]:
+    import keras
+
+    try:
+        (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
+    except Exception as err:  # network errors come in many types
+        raise DataError(f"{KERAS_SOURCE}: download failed ({err}); give a local file with --data or MNIST_NPZ") from None
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+
+def _check_array(source: str, key: str, a: np.ndarray) -> None:
+    where = f"{source}: {key}"
+    if len(a) == 0:
+        raise DataError(f"{where} is empty")
+    if key.startswith("y"):
+        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+            raise DataError(f"{where} must be a 1-D integer array, got {a.dtype} of shape {a.shape}")
+        if a.min() < 0 or a.max() > 9:
+            raise DataError(f"{where} has labels outside 0..9 (min {a.min()}, max {a.max()})")
+        return
+    if a.shape[1:] not in ((28, 28), (28, 28, 1)):
+        raise DataError(f"{where} must have shape (N, 28, 28) or (N, 28, 28, 1), got {a.shape}")
+    if np.issubdtype(a.dtype, np.integer):
+        if a.min() < 0 or a.max() > 255:
+            raise DataError(f"{where} has integer pixels outside 0..255 (min {a.min()}, max {a.max()})")
+    elif np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise DataError(f"{where} has {int((~np.isfinite(a)).sum())} NaN or infinite pixel(s)")
+        if a.min() < 0 or a.max() > 1:
+            raise DataError(f"{where} has float pixels outside [0, 1] (min {a.min()}, max {a.max()})")
+    else:
+        raise DataError(f"{where} has dtype {a.dtype}: expected integers 0..255 or floats in [0, 1]")
+
+
+def _normalise(images: np.ndarray) -> np.ndarray:
+    """float32 in [0, 1], shape (N, 28, 28, 1)."""
+    scale = 255.0 if np.issubdtype(images.dtype, np.integer) else 1.0
+    return (images.reshape(-1, 28, 28, 1) / scale).astype(np.float32)
+
+
+def _digest(arrays: dict[str, np.ndarray]) -> str:
+    sha = hashlib.sha256()
+    for key in KEYS:
+        sha.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return sha.hexdigest()

@@ -1,0 +1,112 @@
+"""Keras Tuner's tuners with MLflow tracking in their hooks, and the trials table.
+
+The hypermodel decides what to build, the oracle what to try next, the tuner
+runs the trials; tracking belongs in the tuner's hooks (`on_trial_begin`,
+`on_epoch_end`, `on_trial_end`), not in Keras callbacks, which Keras Tuner
+deep-copies for every trial.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import keras_tuner as kt
+
+from experiments import SearchConfig
+from model_zoo import CNNZoo
+from search.tracking import SearchTracker
+
+
+class TrackedTuner:
+    """Mixin: logs each trial as a nested MLflow run through `self.tracker`."""
+
+    tracker: SearchTracker
+
+    def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
+        super().on_trial_begin(trial)
+        self._trial_started = time.perf_counter()
+        self._param_count = None
+        self.tracker.start_trial(trial.trial_id, active_values(trial.hyperparameters))
+
+    def on_epoch_end(self, trial, model, epoch, logs=None) -> None:
+        super().on_epoch_end(trial, model, epoch, logs)
+        try:
+            if self._param_count is None:
+                self._param_count = model.count_params()
+            self.tracker.log_epoch(trial.trial_id, epoch, logs or {})
+        except Exception as err:
+            # Keras Tuner would swallow an ordinary exception here and mark the
+            # trial failed; a tracking failure must stop the search instead.
+            raise kt.errors.FatalError(f"MLflow logging failed in trial {trial.trial_id}: {err}") from err
+
+    def on_trial_end(self, trial: kt.engine.trial.Trial) -> None:
+        try:
+            super().on_trial_end(trial)  # the oracle scores the trial; NaN scores become failures
+        finally:
+            ended = self.oracle.get_trial(trial.trial_id)
+            failed = ended.status != kt.engine.trial.TrialStatus.COMPLETED
+            summary = {
+                "best_val_accuracy": None if failed else ended.score,
+                "param_count": self._param_count,
+                "wall_time_s": time.perf_counter() - self._trial_started,
+            }
+            self.tracker.end_trial(trial.trial_id, failed, summary, failure_reason(ended) if failed else "")
+
+
+class TrackedHyperband(TrackedTuner, kt.Hyperband):
+    pass
+
+
+class TrackedBayesianOptimization(TrackedTuner, kt.BayesianOptimization):
+    pass
+
+
+class TrackedRandomSearch(TrackedTuner, kt.RandomSearch):
+    pass
+
+
+TUNER_CLASSES = {"hyperband": TrackedHyperband, "bayesian": TrackedBayesianOptimization, "random": TrackedRandomSearch}
+
+
+def make_tuner(config: SearchConfig, tracker: SearchTracker, directory: Path, project_name: str) -> kt.Tuner:
+    """The configured tuner over the model zoo, scored on `val_accuracy`."""
+    common = dict(
+        hypermodel=CNNZoo(config.families),
+        objective=kt.Objective(config.objective, direction="max"),
+        seed=config.seed,
+        directory=str(directory),
+        project_name=project_name,
+    )
+    if config.tuner == "hyperband":
+        tuner = TrackedHyperband(max_epochs=config.max_epochs, factor=config.hyperband_factor, **common)
+        tuner.oracle.max_trials = config.max_trials  # Hyperband has no trial cap of its own
+    else:
+        tuner = TUNER_CLASSES[config.tuner](max_trials=config.max_trials, **common)
+    tuner.tracker = tracker
+    return tuner
+
+
+def active_values(hp: kt.HyperParameters) -> dict[str, object]:
+    """The trial's hyperparameter values, without those its choices switched off."""
+    return {name: value for name, value in hp.values.items() if hp.is_active(name)}
+
+
+def failure_reason(trial: kt.engine.trial.Trial) -> str:
+    """The last line of the trial's traceback: the error itself."""
+    lines = [line for line in (trial.message or "").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "the trial failed without a message"
+
+
+def write_trials_csv(tuner: kt.Tuner, path: Path) -> Path:
+    """One row per trial: id, status, score, best epoch and every hyperparameter."""
+    trials = sorted(tuner.oracle.trials.values(), key=lambda t: t.trial_id)
+    hp_names = sorted({name for t in trials for name in active_values(t.hyperparameters)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["trial_id", "status", "val_accuracy", "best_step", *hp_names])
+        writer.writeheader()
+        for t in trials:
+            writer.writerow({"trial_id": t.trial_id, "status": t.status, "val_accuracy": t.score, "best_step": t.best_step, **active_values(t.hyperparameters)})
+    return path
