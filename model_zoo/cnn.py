@@ -23,7 +23,8 @@ def make_cnn(
     Each entry of `conv_filters` is one block: `convs_per_block` convolutions
     (each optionally batch-normalised) followed by 2x2 max pooling. The head is
     dropout, an optional dense layer of `dense_units`, dropout, softmax. With
-    the defaults this is Keras' `mnist_convnet` example.
+    the defaults this is Keras' `mnist_convnet` example with "same" padding,
+    which lets three blocks (and 5x5 kernels) fit in 28x28 pixels.
     """
     inputs = keras.Input(shape=INPUT_SHAPE, name="digits")
     x = inputs

@@ -151,8 +151,13 @@ def search_run(experiment_name: str) -> Iterator[SearchTracker]:
 
 
 def config_params(config: object) -> dict[str, object]:
-    """A dataclass config as flat MLflow params (sequences joined by commas)."""
-    return {k: ",".join(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    """The resolved config as flat params `config.<field>` (sequences joined by commas).
+
+    Prefixed because `mlflow run` has already logged the raw entry-point
+    parameters (blank = "the profile's") under the plain names, and MLflow
+    params cannot change.
+    """
+    return {f"config.{k}": ",".join(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
 
 
 def _now_ms() -> int:

@@ -70,10 +70,12 @@ class TrackedRandomSearch(TrackedTuner, kt.RandomSearch):
 TUNER_CLASSES = {"hyperband": TrackedHyperband, "bayesian": TrackedBayesianOptimization, "random": TrackedRandomSearch}
 
 
-def make_tuner(config: SearchConfig, tracker: SearchTracker, directory: Path, project_name: str) -> kt.Tuner:
-    """The configured tuner over the model zoo, scored on `val_accuracy`."""
+def make_tuner(
+    config: SearchConfig, tracker: SearchTracker, directory: Path, project_name: str, hypermodel: kt.HyperModel | None = None
+) -> kt.Tuner:
+    """The configured tuner over `hypermodel` (default: the model zoo's families), scored on `val_accuracy`."""
     common = dict(
-        hypermodel=CNNZoo(config.families),
+        hypermodel=hypermodel or CNNZoo(config.families),
         objective=kt.Objective(config.objective, direction="max"),
         seed=config.seed,
         directory=str(directory),

@@ -1,0 +1,47 @@
+"""Fixtures: the real MNIST file, small data sets, and a private tracking store per test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of test logs
+
+
+@pytest.fixture(scope="session")
+def mnist_npz() -> Path:
+    """The offline MNIST copy: $MNIST_NPZ, else ../shared/data/mnist.npz beside the repository."""
+    path = Path(os.environ.get("MNIST_NPZ", REPO.parent / "shared" / "data" / "mnist.npz")).resolve()
+    if not path.is_file():
+        pytest.fail(f"MNIST file not found at {path}: set MNIST_NPZ (see README.md)")
+    return path
+
+
+def write_npz(path: Path, n_train: int = 120, n_test: int = 40, seed: int = 0, **replace) -> Path:
+    """A small MNIST-layout .npz of random digits; `replace` swaps in bad arrays."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "x_train": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "y_train": np.arange(n_train, dtype=np.uint8) % 10,
+        "x_test": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "y_test": np.arange(n_test, dtype=np.uint8) % 10,
+    }
+    arrays.update(replace)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return path
+
+
+@pytest.fixture
+def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh sqlite tracking store in this test's own directory, which is also the cwd
+    (so artifacts, outputs/ and tuner directories land there too)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    return uri

@@ -1,0 +1,61 @@
+"""Code tests: profiles and their defaults."""
+
+import dataclasses
+
+import pytest
+
+from experiments import FAMILIES, PROFILES, TUNERS, ConfigError, SearchConfig, resolve
+from model_zoo import FAMILIES as ZOO_FAMILIES
+
+
+def test_defaults_are_the_documented_ones():
+    config = resolve()
+    assert (config.profile, config.tuner, config.objective) == ("default", "hyperband", "val_accuracy")
+    assert (config.threshold, config.model_name, config.champion_alias) == (0.90, "mnist-cnn", "champion")
+    assert config.validation_size == 6_000
+    assert config.families == FAMILIES
+
+
+def test_every_family_named_in_experiments_is_in_the_zoo():
+    assert set(FAMILIES) == set(ZOO_FAMILIES)
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_profiles_only_override_known_settings_with_new_values(name):
+    fields = {f.name: f.default for f in dataclasses.fields(SearchConfig)}
+    for key, value in PROFILES[name].items():
+        assert key in fields and key != "profile"
+        assert value != fields[key], f"profile {name} repeats the default of {key}"
+    resolve(name)  # and the result is valid
+
+
+def test_smoke_profile_is_small():
+    smoke = resolve("smoke")
+    assert smoke.max_trials * smoke.max_epochs <= 10
+    assert 0 < smoke.train_subset <= 10_000
+
+
+def test_blank_and_zero_overrides_mean_the_profiles_value():
+    assert resolve("smoke", tuner="", max_trials=0, threshold=0, model_name="", seed=None) == resolve("smoke")
+    assert resolve("smoke", tuner="bayesian", max_trials=5).tuner == "bayesian"
+    assert resolve("smoke", max_trials=5).max_trials == 5
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"profile": "nope"}, "unknown profile 'nope': choose one of default, smoke"),
+        ({"tuner": "grid"}, "unknown tuner 'grid': choose one of " + ", ".join(TUNERS)),
+        ({"families": ("plain", "resnet")}, "unknown model family 'resnet': choose one of plain, batchnorm"),
+        ({"threshold": 1.5}, "threshold must be in (0, 1], got 1.5"),
+        ({"threshold": -0.1}, "threshold must be in (0, 1], got -0.1"),
+        ({"max_trials": -1}, "max_trials must be a positive integer, got -1"),
+        ({"max_epochs": -3}, "max_epochs must be a positive integer, got -3"),
+        ({"learning_rate": 0.1}, "unknown setting(s) learning_rate"),
+        ({"precision": "float16"}, "unknown precision 'float16'"),
+    ],
+)
+def test_bad_settings_raise_one_clear_error(kwargs, message):
+    with pytest.raises(ConfigError) as err:
+        resolve(**kwargs)
+    assert message in str(err.value)

@@ -1,0 +1,133 @@
+"""End to end: `mlflow run .` on the smoke profile, as a user runs it, against a private store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tests.conftest import REPO
+
+PROJECT_FILES = ("MLproject", "conda.yaml", "requirements.txt", "experiments", "model_zoo", "search")
+
+
+def mlflow_run(project: Path, store: str, mnist_npz: Path, *params: str) -> subprocess.CompletedProcess:
+    """`mlflow run <project> --env-manager local -P ...` with this test's python first on PATH."""
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": store,
+        "MNIST_NPZ": str(mnist_npz),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    env.pop("MLFLOW_RUN_ID", None)
+    args = [sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local"]
+    for param in params:
+        args += ["-P", param]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+
+
+def fresh_project(tmp_path: Path) -> Path:
+    """A copy of the project's files, as a fresh checkout has them (no outputs, no store)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in PROJECT_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, project / name)
+    return project
+
+
+@pytest.fixture(scope="module")
+def smoke_search(tmp_path_factory, mnist_npz):
+    """One smoke search through `mlflow run`, shared by the assertions below."""
+    tmp = tmp_path_factory.mktemp("smoke")
+    store = f"sqlite:///{tmp / 'mlflow.db'}"
+    result = mlflow_run(fresh_project(tmp), store, mnist_npz, "profile=smoke")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    mlflow.set_tracking_uri(store)
+    yield store, result
+    mlflow.set_tracking_uri(None)
+
+
+def runs(store):
+    mlflow.set_tracking_uri(store)
+    return mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def test_one_parent_and_one_finished_child_per_trial(smoke_search):
+    store, _ = smoke_search
+    all_runs = runs(store)
+    parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(all_runs) - 1 == 3  # smoke: max_trials 3
+    assert {r.info.status for r in all_runs} == {"FINISHED"}
+    for child in children:
+        assert child.info.run_name == f"trial-{child.data.tags['trial_id']}"
+        assert {"family", "conv_blocks", "conv_filters_0", "kernel_size", "dropout", "learning_rate"} <= set(child.data.params)
+        assert {"loss", "accuracy", "val_loss", "val_accuracy", "best_val_accuracy", "param_count", "wall_time_s"} <= set(child.data.metrics)
+
+
+def test_parent_run_records_settings_data_figures_and_results(smoke_search):
+    store, _ = smoke_search
+    parent = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags][0]
+    params = parent.data.params
+    assert params["profile"] == "smoke"  # as given to `mlflow run`
+    assert params["config.tuner"] == "random" and params["config.max_trials"] == "3" and params["config.threshold"] == "0.9"
+    assert params["config.seed"] == "42" and params["data_source"].endswith("mnist.npz")
+    assert len(params["data_sha256"]) == 64
+    assert (params["train_images"], params["validation_images"]) == ("6000", "6000")
+    metrics = parent.data.metrics
+    assert metrics["test_accuracy"] >= 0.90 and 0 < metrics["test_loss"] < 1
+    assert 0.9 <= metrics["best_val_accuracy"] <= 1
+    assert {f"test_accuracy_digit_{d}" for d in range(10)} <= set(metrics)
+    client = mlflow.MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    artifacts |= {a.path for d in ("eda", "evaluation") for a in client.list_artifacts(parent.info.run_id, d)}
+    assert {"trials.csv", "eda/sample_digits.png", "eda/label_distribution.png", "evaluation/confusion_matrix.png"} <= artifacts
+    trials_csv = Path(client.download_artifacts(parent.info.run_id, "trials.csv")).read_text().splitlines()
+    assert trials_csv[0].startswith("trial_id,status,val_accuracy,best_step") and len(trials_csv) == 4
+
+
+def test_best_model_is_registered_as_champion_and_loads_in_a_fresh_process(smoke_search, mnist_npz):
+    store, result = smoke_search
+    assert "registered mnist-cnn version 1 as @champion" in result.stdout
+    version = mlflow.MlflowClient(store).get_model_version_by_alias("mnist-cnn", "champion")
+    parent = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags][0]
+    assert version.tags["search_run_id"] == parent.info.run_id
+    assert float(version.tags["test_accuracy"]) == pytest.approx(parent.data.metrics["test_accuracy"], abs=1e-6)
+    # Only mlflow and numpy imported: no code of this project.
+    script = (
+        "import sys, numpy as np, mlflow\n"
+        "model = mlflow.pyfunc.load_model('models:/mnist-cnn@champion')\n"
+        f"d = np.load({str(mnist_npz)!r})\n"
+        "x = (d['x_test'][..., None] / 255).astype('float32')\n"
+        "accuracy = (model.predict(x).argmax(axis=1) == d['y_test']).mean()\n"
+        "assert not {'search', 'model_zoo', 'experiments'} & set(sys.modules)\n"
+        "print(f'accuracy={accuracy:.4f}')\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    loaded = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd="/")
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    accuracy = float(loaded.stdout.strip().rsplit("accuracy=", 1)[1])
+    assert accuracy >= 0.90
+    assert accuracy == pytest.approx(parent.data.metrics["test_accuracy"], abs=2e-3)
+
+
+def test_below_threshold_nothing_is_registered_and_the_run_says_why(tmp_path, mnist_npz):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = mlflow_run(fresh_project(tmp_path), store, mnist_npz, "profile=smoke", "threshold=0.999", "max_trials=1", "max_epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "not registered: test_accuracy" in result.stdout and "< threshold 0.9990" in result.stdout
+    assert mlflow.MlflowClient(store).search_registered_models() == []
+    (parent,) = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.tags["registry_decision"].startswith("not registered: test_accuracy")
+    assert parent.info.status == "FINISHED"

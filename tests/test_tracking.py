@@ -1,0 +1,117 @@
+"""Tracking tests on a real Keras Tuner search and a real sqlite MLflow store (no mocks)."""
+
+from __future__ import annotations
+
+import keras_tuner as kt
+import mlflow
+import numpy as np
+import pytest
+
+from experiments import resolve
+from model_zoo import PlainCNN, make_cnn
+from search import tracking
+from search.data import load_mnist
+from search.tuner import active_values, make_tuner
+
+
+class FailsOnSecondTrial(kt.HyperModel):
+    """PlainCNN whose second trial cannot build: a trial that raises."""
+
+    def __init__(self):
+        super().__init__()
+        self.trial_builds = None  # counting starts once the tuner has read the space
+
+    def build(self, hp):
+        if self.trial_builds is not None:
+            self.trial_builds += 1
+            if self.trial_builds == 2:
+                raise ValueError("cannot build this one")
+        return PlainCNN().build(hp)
+
+
+@pytest.fixture(scope="module")
+def small_mnist(mnist_npz):
+    data = load_mnist(str(mnist_npz))
+    return data.train.x[:600], data.train.y[:600], data.validation.x[:300], data.validation.y[:300]
+
+
+def run_tiny_search(tmp_path, small_mnist, hypermodel, max_trials=3):
+    config = resolve("smoke", max_trials=max_trials, max_epochs=2)
+    x, y, xv, yv = small_mnist
+    with tracking.search_run("tiny") as tracker:
+        tuner = make_tuner(config, tracker, tmp_path / "tuner", "tiny", hypermodel=hypermodel)
+        if isinstance(hypermodel, FailsOnSecondTrial):
+            hypermodel.trial_builds = 0
+        tuner.search(x, y, validation_data=(xv, yv), epochs=2, batch_size=64, verbose=0)
+    return tracker.run_id, tuner
+
+
+def child_runs(parent_id):
+    return mlflow.search_runs(
+        search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", output_format="list"
+    )
+
+
+def test_one_nested_run_per_trial_with_hyperparameters_and_epoch_metrics(tracking_store, tmp_path, small_mnist):
+    parent_id, tuner = run_tiny_search(tmp_path, small_mnist, PlainCNN())
+    children = {run.data.tags["trial_id"]: run for run in child_runs(parent_id)}
+    assert set(children) == set(tuner.oracle.trials)
+    assert mlflow.get_run(parent_id).info.status == "FINISHED"
+    client = mlflow.MlflowClient()
+    for trial_id, run in children.items():
+        trial = tuner.oracle.trials[trial_id]
+        assert run.info.run_name == f"trial-{trial_id}"
+        assert run.info.status == "FINISHED"
+        assert run.data.params == {k: str(v) for k, v in active_values(trial.hyperparameters).items()}
+        for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [0, 1]
+        assert run.data.metrics["best_val_accuracy"] == pytest.approx(trial.score)
+        assert run.data.metrics["param_count"] > 1000
+        assert run.data.metrics["wall_time_s"] > 0
+
+
+def test_a_trial_that_raises_is_a_failed_run_with_its_reason(tracking_store, tmp_path, small_mnist):
+    parent_id, tuner = run_tiny_search(tmp_path, small_mnist, FailsOnSecondTrial())
+    statuses = sorted((run.data.tags["trial_id"], run.info.status, run.data.tags.get("failure_reason")) for run in child_runs(parent_id))
+    assert [s[1] for s in statuses] == ["FINISHED", "FAILED", "FINISHED"]
+    assert statuses[1][2] == "ValueError: cannot build this one"
+    assert "RUNNING" not in {r.info.status for r in mlflow.search_runs(search_all_experiments=True, output_format="list")}
+
+
+@pytest.mark.parametrize("interrupt, status", [(KeyboardInterrupt, "KILLED"), (RuntimeError, "FAILED")])
+def test_interrupted_search_ends_parent_and_open_trial(tracking_store, interrupt, status):
+    with pytest.raises(interrupt):
+        with tracking.search_run("interrupted") as tracker:
+            tracker.start_trial("0", {"units": 8})
+            raise interrupt()
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert sorted(r.info.status for r in runs) == [status, status]
+
+
+def test_parent_adopts_the_run_that_mlflow_run_started(tracking_store, monkeypatch):
+    started = mlflow.MlflowClient().create_run(mlflow.create_experiment("projects"))
+    monkeypatch.setenv("MLFLOW_RUN_ID", started.info.run_id)
+    with tracking.search_run("ignored") as tracker:
+        assert tracker.run_id == started.info.run_id
+    assert mlflow.get_run(started.info.run_id).info.status == "FINISHED"
+
+
+def test_registry_gate_and_champion_alias(tracking_store):
+    model = make_cnn(conv_filters=(4,))
+    client = mlflow.MlflowClient()
+    with tracking.search_run("registry") as tracker:
+        below = tracker.register_if_better(model, 0.85, 0.90, "digits", "champion")
+        assert not below.registered and client.search_registered_models() == []
+        assert mlflow.get_run(tracker.run_id).data.tags["registry_decision"] == "not registered: test_accuracy 0.8500 < threshold 0.9000"
+
+        first = tracker.register_if_better(model, 0.95, 0.90, "digits", "champion")
+        worse = tracker.register_if_better(model, 0.93, 0.90, "digits", "champion")
+        better = tracker.register_if_better(model, 0.97, 0.90, "digits", "champion")
+    assert (first.version, first.champion) == ("1", True)
+    assert (worse.version, worse.champion) == ("2", False)
+    assert (better.version, better.champion) == ("3", True)
+    champion = client.get_model_version_by_alias("digits", "champion")
+    assert str(champion.version) == "3"
+    assert champion.tags == {"test_accuracy": "0.970000", "search_run_id": tracker.run_id}
+    loaded = mlflow.keras.load_model("models:/digits@champion")
+    np.testing.assert_allclose(loaded.predict(np.zeros((1, 28, 28, 1), np.float32), verbose=0), model.predict(np.zeros((1, 28, 28, 1), np.float32), verbose=0), rtol=1e-6)
