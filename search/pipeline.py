@@ -12,6 +12,7 @@ from experiments import SearchConfig
 from search import data as data_module
 from search import eda, evaluate, tracking
 from search.data import Split
+from search.train import train_final
 from search.tuner import make_tuner, write_trials_csv
 
 
@@ -69,13 +70,22 @@ def run_search(config: SearchConfig, verbose: int | None = None) -> SearchResult
         tracker.log_metrics({"best_val_accuracy": best_trial.score})
         tracker.set_tag("best_trial_id", best_trial.trial_id)
 
-        # 4. The test split, touched once: the best trial's checkpoint.
-        best_model = tuner.load_model(best_trial)
+        # 4. The model: the best trial's checkpoint, or its configuration retrained longer.
+        if config.final_epochs:
+            best_model = train_final(
+                tuner.hypermodel, best_trial.hyperparameters, data.train, data.validation,
+                config.final_epochs, config.batch_size, config.early_stopping_patience,
+                on_epoch_end=lambda epoch, logs: tracker.log_metrics({f"final_{k}": v for k, v in logs.items()}, step=epoch),
+            )
+        else:
+            best_model = tuner.load_model(best_trial)
+
+        # 5. The test split, touched once, after the search.
         report = evaluate.evaluate(best_model, data.test)
         tracker.log_metrics(report.metrics())
         tracker.log_artifact(evaluate.plot_confusion_matrix(report, out / "evaluation" / "confusion_matrix.png"), "evaluation")
 
-        # 5. Registry gate.
+        # 6. Registry gate.
         decision = tracker.register_if_better(best_model, report.accuracy, config.threshold, config.model_name, config.champion_alias)
         print(f"test_accuracy {report.accuracy:.4f} - {decision.reason}")
 

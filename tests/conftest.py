@@ -26,9 +26,9 @@ def write_npz(path: Path, n_train: int = 120, n_test: int = 40, seed: int = 0, *
     rng = np.random.default_rng(seed)
     arrays = {
         "x_train": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        "y_train": np.arange(n_train, dtype=np.uint8) % 10,
+        "y_train": (np.arange(n_train) % 10).astype(np.uint8),
         "x_test": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        "y_test": np.arange(n_test, dtype=np.uint8) % 10,
+        "y_test": (np.arange(n_test) % 10).astype(np.uint8),
     }
     arrays.update(replace)
     np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
