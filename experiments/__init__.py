@@ -92,7 +92,7 @@ PROFILES: dict[str, dict] = {
 def resolve(profile: str = "default", **overrides) -> SearchConfig:
     """The profile's config with `overrides` applied.
 
-    An override of None, "" or 0 means "the profile's value", so MLproject
+    An override of None, "", 0 or () means "the profile's value", so MLproject
     parameters can default to blank.
     """
     if profile not in PROFILES:
@@ -101,8 +101,20 @@ def resolve(profile: str = "default", **overrides) -> SearchConfig:
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(unknown)}: known are {', '.join(sorted(known))}")
-    given = {k: v for k, v in overrides.items() if v not in (None, "", 0)}
+    given = {k: v for k, v in overrides.items() if v not in (None, "", 0, ())}
     return SearchConfig(profile=profile, **{**PROFILES[profile], **given})
+
+
+def from_params(params: dict[str, str]) -> SearchConfig:
+    """The config a search logged as `config.<field>` params (strings), for resuming it."""
+    values = {}
+    for f in dataclasses.fields(SearchConfig):
+        text = params.get(f"config.{f.name}")
+        if text is None:
+            raise ConfigError(f"the run has no param config.{f.name}: it was not started by this version of the search")
+        default = f.default
+        values[f.name] = tuple(text.split(",")) if isinstance(default, tuple) else type(default)(text)
+    return SearchConfig(**values)
 
 
 def _check_choice(what: str, value: str, valid: tuple[str, ...]) -> None:

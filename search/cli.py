@@ -12,6 +12,7 @@ import sys
 import traceback
 
 from experiments import PROFILES, ConfigError, resolve
+from search import interrupts
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -32,22 +33,31 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model-name", default="", help="registered model name")
     run.add_argument("--data", default="", help="MNIST .npz (default: $MNIST_NPZ, else Keras' download)")
     run.add_argument("--seed", type=_whole, default=0, help="random seed")
+    run.add_argument("--families", default="", help="comma-separated model families, e.g. plain,batchnorm")
+
+    resume = commands.add_parser("resume", help="continue an interrupted search with the settings it logged")
+    resume.add_argument("run_id", nargs="?", default=os.environ.get("MLFLOW_RUN_ID", ""), help="the search's parent run id (default: $MLFLOW_RUN_ID, as `mlflow run --run-id` sets it)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("SEARCH_DEBUG") == "1"
+    if not debug:
+        _start_tensorflow_quietly()
+    # Ctrl-C and SIGTERM (a scheduler, `kill`, `mlflow run` cancelling): open runs
+    # are marked KILLED and the search can be resumed.
+    interrupts.install()
     try:
-        return _run(args)
+        return _resume(args) if args.command == "resume" else _run(args)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted; continue with `python -m search resume <run id>`", file=sys.stderr)
         return 130
     except Exception as err:
         if debug:
             traceback.print_exc()
         status = EXIT_USAGE if _is_user_error(err) else EXIT_FAILED
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_first_line(err)}", file=sys.stderr)
         return status
 
 
@@ -61,18 +71,57 @@ def _run(args: argparse.Namespace) -> int:
         model_name=args.model_name,
         data=args.data,
         seed=args.seed,
+        families=tuple(f.strip() for f in args.families.split(",") if f.strip()),
     )
     from search.pipeline import run_search  # TensorFlow loads only once the arguments are valid
 
-    result = run_search(config)
+    return _report(run_search(config))
+
+
+def _resume(args: argparse.Namespace) -> int:
+    if not args.run_id:
+        raise ConfigError("resume needs the search's run id (or MLFLOW_RUN_ID, as `mlflow run --run-id` sets it)")
+    from search.pipeline import resume_search
+
+    return _report(resume_search(args.run_id))
+
+
+def _report(result) -> int:
     print(f"search run {result.run_id}: {result.completed_trials}/{result.trials} trials completed, best val_accuracy {result.best_val_accuracy:.4f}")
     return 0
 
 
+def _start_tensorflow_quietly() -> None:
+    """Import TensorFlow and place its first op with file descriptor 2 closed off.
+
+    TensorFlow 2.21 writes start-up notices (oneDNN, CUDA not found) to fd 2
+    before TF_CPP_MIN_LOG_LEVEL applies; they would bury the one line an error
+    prints. Python errors raised here still surface after fd 2 is restored.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow as tf
+
+        tf.constant(0.0) + 1.0
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 def _is_user_error(err: Exception) -> bool:
     from search.data import DataError
+    from search.tracking import TrackingError
 
-    return isinstance(err, (ConfigError, DataError))
+    return isinstance(err, (ConfigError, DataError, TrackingError))
 
 
 def _whole(text: str) -> int:

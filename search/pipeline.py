@@ -7,13 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import keras_tuner as kt
 
-from experiments import SearchConfig
+from experiments import SearchConfig, from_params
 from search import data as data_module
 from search import eda, evaluate, tracking
-from search.data import Split
+from search.data import DataError, Split
+from search.tracking import TrackingError
 from search.train import train_final
-from search.tuner import make_tuner, write_trials_csv
+from search.tuner import failure_reason, make_tuner, write_trials_csv
 
 
 class SearchFailed(RuntimeError):
@@ -31,17 +33,34 @@ class SearchResult:
     decision: tracking.RegistryDecision
 
 
-def run_search(config: SearchConfig, verbose: int | None = None) -> SearchResult:
-    """Run the whole search described by `config` and return what it found."""
+@dataclass(frozen=True)
+class Resume:
+    run_id: str  # the search's parent run
+    data_sha256: str  # the data it started with
+
+
+def resume_search(run_id: str, verbose: int | None = None) -> SearchResult:
+    """Continue the interrupted search whose parent run is `run_id`, with the settings it logged."""
+    params = tracking.resumable_params(run_id)
+    return run_search(from_params(params), verbose, Resume(run_id, params.get("data_sha256", "")))
+
+
+def run_search(config: SearchConfig, verbose: int | None = None, resume: Resume | None = None, hypermodel: kt.HyperModel | None = None) -> SearchResult:
+    """Run the whole search described by `config` (or continue one) and return what it found."""
     verbose = (1 if sys.stdout.isatty() else 2) if verbose is None else verbose
 
     # 1. Data: loaded and validated before anything trains.
     data = data_module.load_mnist(data_module.data_source(config.data), config.validation_size)
+    if resume and resume.data_sha256 != data.digest:
+        raise DataError(f"{data.source}: not the data search {resume.run_id} started with (sha256 {data.digest[:12]}..., logged {resume.data_sha256[:12]}...)")
+    tuner_dir = Path(config.output_dir) / resume.run_id / "tuner" if resume else None
+    if tuner_dir and not (tuner_dir / "oracle.json").is_file():
+        raise TrackingError(f"no tuner state at {tuner_dir}: resume from the directory the search ran in")
     train = _subset(data.train, config.train_subset)
     precision = set_precision(config.precision)
     keras.utils.set_random_seed(config.seed)
 
-    with tracking.search_run(config.experiment_name) as tracker:
+    with tracking.search_run(config.experiment_name, resume.run_id if resume else "") as tracker:
         out = Path(config.output_dir) / tracker.run_id
         tracker.log_params(tracking.config_params(config))
         tracker.log_params({"data_source": data.source, "data_sha256": data.digest, "precision_used": precision, "train_images": len(train), "validation_images": len(data.validation)})
@@ -51,17 +70,24 @@ def run_search(config: SearchConfig, verbose: int | None = None) -> SearchResult
         tracker.log_artifact(eda.label_distribution(data, out / "eda" / "label_distribution.png"), "eda")
 
         # 3. The search, scored on the validation split.
-        tuner = make_tuner(config, tracker, out, project_name="tuner")
-        tuner.search(
-            train.x,
-            train.y,
-            validation_data=(data.validation.x, data.validation.y),
-            epochs=config.max_epochs,
-            batch_size=config.batch_size,
-            callbacks=_early_stopping(config),
-            verbose=verbose,
-        )
-        tracker.log_artifact(write_trials_csv(tuner, out / "trials.csv"))
+        tuner = make_tuner(config, tracker, out, project_name="tuner", hypermodel=hypermodel, resume=resume is not None)
+        try:
+            tuner.search(
+                train.x,
+                train.y,
+                validation_data=(data.validation.x, data.validation.y),
+                epochs=config.max_epochs,
+                batch_size=config.batch_size,
+                callbacks=_trial_callbacks(config),
+                verbose=verbose,
+            )
+        except RuntimeError as err:
+            if "consecutive failures" not in str(err):
+                raise
+            last = tuner.oracle.trials[tuner.oracle.end_order[-1]]
+            raise SearchFailed(f"{tuner.oracle.max_consecutive_failed_trials} trials failed in a row, the last with: {failure_reason(last)}") from None
+        finally:
+            tracker.log_artifact(write_trials_csv(tuner, out / "trials.csv"))
         trials = list(tuner.oracle.trials.values())
         completed = [t for t in trials if t.status == "COMPLETED"]
         if not completed:
@@ -121,7 +147,9 @@ def _subset(split: Split, n: int) -> Split:
     return split if not n or n >= len(split) else Split(split.x[:n], split.y[:n])
 
 
-def _early_stopping(config: SearchConfig) -> list[keras.callbacks.Callback]:
-    if not config.early_stopping_patience:
-        return []
-    return [keras.callbacks.EarlyStopping(monitor=config.objective, mode="max", patience=config.early_stopping_patience)]
+def _trial_callbacks(config: SearchConfig) -> list[keras.callbacks.Callback]:
+    """Per-trial callbacks (Keras Tuner deep-copies them for every trial): stop on NaN, stop early."""
+    callbacks = [keras.callbacks.TerminateOnNaN()]
+    if config.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=config.objective, mode="max", patience=config.early_stopping_patience))
+    return callbacks

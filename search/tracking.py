@@ -32,6 +32,15 @@ MODEL_SIGNATURE = ModelSignature(
     outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10), "probabilities")]),
 )
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+# Waits between retries while another process holds the sqlite write lock
+# (MLflow already waits 20 s inside each attempt).
+LOCK_RETRY_DELAYS_S = (0.5, 1, 2, 4, 8)
+# The reachability probe gives up within ~30 s rather than MLflow's minutes of retries.
+PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used, or the run asked for cannot be resumed."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +55,7 @@ class SearchTracker:
     """The search's parent run and the open trial runs under it."""
 
     def __init__(self, parent: mlflow.entities.Run):
-        self.client = mlflow.MlflowClient()
+        self.client = PatientClient()
         self.run_id = parent.info.run_id
         self.experiment_id = parent.info.experiment_id
         self._trial_runs: dict[str, str] = {}  # trial id -> open child run id
@@ -86,6 +95,15 @@ class SearchTracker:
         tags = [mlflow.entities.RunTag("failure_reason", reason[:5000])] if reason else []
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+    def end_orphaned_trials(self) -> int:
+        """Mark KILLED the trial runs a killed process left RUNNING; how many there were."""
+        orphans = self.client.search_runs(
+            [self.experiment_id], f"tags.mlflow.parentRunId = '{self.run_id}' and attributes.status = 'RUNNING'"
+        )
+        for run in orphans:
+            self.client.set_terminated(run.info.run_id, "KILLED")
+        return len(orphans)
 
     def end_open_trials(self, status: str) -> None:
         """End trial runs left open by an interruption (`KILLED`) or a crash (`FAILED`)."""
@@ -131,23 +149,91 @@ class SearchTracker:
 
 
 @contextlib.contextmanager
-def search_run(experiment_name: str) -> Iterator[SearchTracker]:
-    """The parent run of a search; ended FINISHED, KILLED on Ctrl-C, FAILED on an error."""
-    if "MLFLOW_RUN_ID" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ:
-        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", experiment_name))
-    parent = mlflow.start_run()
+def search_run(experiment_name: str, resume_run_id: str = "") -> Iterator[SearchTracker]:
+    """The parent run of a search; ended FINISHED, KILLED on Ctrl-C or SIGTERM, FAILED on an error.
+
+    With `resume_run_id` the search's existing parent run is reopened, and trial
+    runs a killed process left RUNNING are marked KILLED.
+    """
+    check_reachable()
+    if resume_run_id:
+        parent = _patient(mlflow.start_run)(run_id=resume_run_id)
+    else:
+        if "MLFLOW_RUN_ID" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ:
+            mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", experiment_name))
+        parent = _patient(mlflow.start_run)()
     tracker = SearchTracker(parent)
+    end_run = _patient(mlflow.end_run)
     try:
+        if resume_run_id:
+            tracker.end_orphaned_trials()
         yield tracker
     except KeyboardInterrupt:
         tracker.end_open_trials("KILLED")
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        end_run(RunStatus.to_string(RunStatus.KILLED))
         raise
     except BaseException:
         tracker.end_open_trials("FAILED")
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        end_run(RunStatus.to_string(RunStatus.FAILED))
         raise
-    mlflow.end_run()
+    end_run()
+
+
+def resumable_params(run_id: str) -> dict[str, str]:
+    """The params of search run `run_id`, checked to be a search that has not finished."""
+    check_reachable()
+    try:
+        run = PatientClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise TrackingError(f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()}") from None
+    if MLFLOW_PARENT_RUN_ID in run.data.tags and "trial_id" in run.data.tags:
+        raise TrackingError(f"run {run_id} is a trial run; resume its search run {run.data.tags[MLFLOW_PARENT_RUN_ID]}")
+    if "registry_decision" in run.data.tags:
+        raise TrackingError(f"search run {run_id} has already finished: {run.data.tags['registry_decision']}")
+    return run.data.params
+
+
+def check_reachable() -> None:
+    """Fail fast, with one clear error, if the tracking store cannot be reached."""
+    saved = {k: os.environ.get(k) for k in PROBE_ENV}
+    os.environ.update({k: os.environ.get(k) or v for k, v in PROBE_ENV.items()})
+    try:
+        mlflow.MlflowClient().search_experiments(max_results=1)
+    except Exception as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise TrackingError(f"tracking store {mlflow.get_tracking_uri()} is unreachable: {first_line[:300]}") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class PatientClient:
+    """`MlflowClient` whose calls wait and retry while another process holds the sqlite lock,
+    so two searches sharing one sqlite store lose no metric."""
+
+    def __init__(self) -> None:
+        self._client = mlflow.MlflowClient()
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self._client, name)
+        return _patient(attribute) if callable(attribute) else attribute
+
+
+def _patient(call):
+    def patient_call(*args, **kwargs):
+        for delay in LOCK_RETRY_DELAYS_S:
+            try:
+                return call(*args, **kwargs)
+            except Exception as err:
+                if "database is locked" not in str(err):
+                    raise
+                time.sleep(delay)
+        return call(*args, **kwargs)
+
+    return patient_call
 
 
 def config_params(config: object) -> dict[str, object]:

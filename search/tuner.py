@@ -9,6 +9,7 @@ deep-copies for every trial.
 from __future__ import annotations
 
 import csv
+import math
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import keras_tuner as kt
 
 from experiments import SearchConfig
 from model_zoo import CNNZoo
+from search import interrupts
 from search.tracking import SearchTracker
 
 
@@ -25,10 +27,23 @@ class TrackedTuner:
     tracker: SearchTracker
 
     def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
+        interrupts.raise_if_requested()
         super().on_trial_begin(trial)
         self._trial_started = time.perf_counter()
         self._param_count = None
         self.tracker.start_trial(trial.trial_id, active_values(trial.hyperparameters))
+
+    def run_trial(self, trial, *args, **kwargs):
+        histories = super().run_trial(trial, *args, **kwargs)
+        for history in histories:
+            losses = getattr(history, "history", {}).get("loss", [])
+            if any(math.isnan(loss) for loss in losses):
+                # Accuracy stays a number when the loss diverges: fail the trial explicitly.
+                raise kt.errors.FailedTrialError(f"loss became NaN after {len(losses)} epoch(s)")
+        return histories
+
+    def on_batch_end(self, trial, model, batch, logs=None) -> None:
+        interrupts.raise_if_requested()
 
     def on_epoch_end(self, trial, model, epoch, logs=None) -> None:
         super().on_epoch_end(trial, model, epoch, logs)
@@ -71,10 +86,20 @@ TUNER_CLASSES = {"hyperband": TrackedHyperband, "bayesian": TrackedBayesianOptim
 
 
 def make_tuner(
-    config: SearchConfig, tracker: SearchTracker, directory: Path, project_name: str, hypermodel: kt.HyperModel | None = None
+    config: SearchConfig,
+    tracker: SearchTracker,
+    directory: Path,
+    project_name: str,
+    hypermodel: kt.HyperModel | None = None,
+    resume: bool = False,
 ) -> kt.Tuner:
-    """The configured tuner over `hypermodel` (default: the model zoo's families), scored on `val_accuracy`."""
+    """The configured tuner over `hypermodel` (default: the model zoo's families), scored on `val_accuracy`.
+
+    With `resume`, Keras Tuner reloads the oracle from `directory`: completed
+    trials are kept and the interrupted one runs again.
+    """
     common = dict(
+        overwrite=not resume,
         hypermodel=hypermodel or CNNZoo(config.families),
         objective=kt.Objective(config.objective, direction="max"),
         seed=config.seed,

@@ -51,14 +51,12 @@ def smoke_search(tmp_path_factory, mnist_npz):
     store = f"sqlite:///{tmp / 'mlflow.db'}"
     result = mlflow_run(fresh_project(tmp), store, mnist_npz, "profile=smoke")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    mlflow.set_tracking_uri(store)
-    yield store, result
-    mlflow.set_tracking_uri(None)
+    return store, result
 
 
 def runs(store):
-    mlflow.set_tracking_uri(store)
-    return mlflow.search_runs(search_all_experiments=True, output_format="list")
+    client = mlflow.MlflowClient(store)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
 
 
 def test_one_parent_and_one_finished_child_per_trial(smoke_search):
@@ -89,7 +87,7 @@ def test_parent_run_records_settings_data_figures_and_results(smoke_search):
     assert metrics["test_accuracy"] >= 0.90 and 0 < metrics["test_loss"] < 1
     assert 0.9 <= metrics["best_val_accuracy"] <= 1
     assert {f"test_accuracy_digit_{d}" for d in range(10)} <= set(metrics)
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(store)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     artifacts |= {a.path for d in ("eda", "evaluation") for a in client.list_artifacts(parent.info.run_id, d)}
     assert {"trials.csv", "eda/sample_digits.png", "eda/label_distribution.png", "evaluation/confusion_matrix.png"} <= artifacts

@@ -22,7 +22,7 @@ def test_conda_yaml_and_requirements_pin_the_same_versions():
 def test_every_mlproject_parameter_is_passed_to_a_command_line_flag():
     project = yaml.safe_load((REPO / "MLproject").read_text())
     main = project["entry_points"]["main"]
-    assert set(main["parameters"]) == {"profile", "tuner", "max_trials", "max_epochs", "threshold", "model_name", "data", "seed"}
+    assert set(main["parameters"]) == {"profile", "tuner", "max_trials", "max_epochs", "threshold", "model_name", "data", "seed", "families"}
     run_parser = build_parser()._subparsers._group_actions[0].choices["run"]
     flags = {option for action in run_parser._actions for option in action.option_strings}
     for name in main["parameters"]:

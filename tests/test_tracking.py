@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import keras
 import keras_tuner as kt
 import mlflow
 import numpy as np
@@ -11,6 +12,7 @@ from experiments import resolve
 from model_zoo import PlainCNN, make_cnn
 from search import tracking
 from search.data import load_mnist
+from search.pipeline import SearchFailed, run_search
 from search.tuner import active_values, make_tuner
 
 
@@ -115,3 +117,39 @@ def test_registry_gate_and_champion_alias(tracking_store):
     assert champion.tags == {"test_accuracy": "0.970000", "search_run_id": tracker.run_id}
     loaded = mlflow.keras.load_model("models:/digits@champion")
     np.testing.assert_allclose(loaded.predict(np.zeros((1, 28, 28, 1), np.float32), verbose=0), model.predict(np.zeros((1, 28, 28, 1), np.float32), verbose=0), rtol=1e-6)
+
+
+class NaNLoss(kt.HyperModel):
+    """A model whose loss is NaN from the first batch: a diverged trial."""
+
+    def build(self, hp):
+        model = make_cnn(conv_filters=(4,), learning_rate=hp.Float("learning_rate", 1e-3, 1e-2))
+        model.compile(optimizer="adam", loss=lambda y, p: keras.ops.mean(p) * float("nan"), metrics=["accuracy"])
+        return model
+
+
+class NeverTrains(kt.HyperModel):
+    """Builds (so Keras Tuner can read its space) but every trial raises."""
+
+    def build(self, hp):
+        return make_cnn(conv_filters=(hp.Int("filters", 4, 8),))
+
+    def fit(self, hp, model, *args, **kwargs):
+        raise ValueError("cannot train")
+
+
+def test_a_trial_whose_loss_goes_nan_is_failed(tracking_store, tmp_path, small_mnist):
+    parent_id, _ = run_tiny_search(tmp_path, small_mnist, NaNLoss(), max_trials=2)
+    children = child_runs(parent_id)
+    assert len(children) == 2
+    for run in children:
+        assert run.info.status == "FAILED"
+        assert run.data.tags["failure_reason"].endswith("loss became NaN after 2 epoch(s)")
+
+
+def test_when_every_trial_fails_the_search_fails(tracking_store, mnist_npz):
+    config = resolve("smoke", data=str(mnist_npz))
+    with pytest.raises(SearchFailed, match="3 trials failed in a row, the last with: ValueError: cannot train"):
+        run_search(config, verbose=0, hypermodel=NeverTrains())
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert sorted(r.info.status for r in runs) == ["FAILED"] * 4  # the parent and its 3 trials

@@ -1,0 +1,113 @@
+"""Reliability tests: kill a real search (SIGKILL, SIGINT), resume it, and run two searches at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tests.conftest import REPO
+
+MAX_TRIALS = 4
+
+
+def search_env(store: str, mnist_npz: Path) -> dict:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MNIST_NPZ": str(mnist_npz), "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+def start(args: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
+    with log.open("a") as out:
+        return subprocess.Popen([sys.executable, "-m", "search", *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def all_runs(store: str):
+    return mlflow.MlflowClient(store).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(store).search_experiments()], max_results=1000
+    )
+
+
+def wait_until_mid_trial(store: str, process: subprocess.Popen, timeout_s: float = 300) -> str:
+    """Wait until one trial has finished and the next is running; return the parent run id."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the search ended before it could be interrupted"
+        statuses = Counter(r.info.status for r in all_runs(store) if "trial_id" in r.data.tags)
+        if statuses["FINISHED"] >= 1 and statuses["RUNNING"] == 1:
+            (parent,) = [r for r in all_runs(store) if "trial_id" not in r.data.tags]
+            return parent.info.run_id
+        time.sleep(0.2)
+    pytest.fail("no trial finished in time")
+
+
+def assert_completed_once(store: str, parent_id: str, killed_children: int) -> None:
+    runs = all_runs(store)
+    parents = [r for r in runs if "trial_id" not in r.data.tags]
+    assert [p.info.run_id for p in parents] == [parent_id]
+    assert parents[0].info.status == "FINISHED"
+    children = [r for r in runs if "trial_id" in r.data.tags]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent_id}
+    finished = Counter(r.data.tags["trial_id"] for r in children if r.info.status == "FINISHED")
+    assert len(finished) == MAX_TRIALS and set(finished.values()) == {1}
+    assert Counter(r.info.status for r in children)["KILLED"] == killed_children
+    assert "RUNNING" not in {r.info.status for r in runs}
+    versions = mlflow.MlflowClient(store).search_model_versions("name = 'mnist-cnn'")
+    assert len(versions) == 1 and versions[0].tags["search_run_id"] == parent_id
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_interrupted_search_resumes_without_repeating_trials(tmp_path, mnist_npz, sig):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env, log = search_env(store, mnist_npz), tmp_path / "search.log"
+    search = start(["run", "--profile", "smoke", "--max-trials", str(MAX_TRIALS)], tmp_path, env, log)
+    parent_id = wait_until_mid_trial(store, search)
+    search.send_signal(sig)
+    code = search.wait(timeout=60)
+    if sig == signal.SIGINT:
+        # Ctrl-C ends the open trial and the parent as KILLED before the process exits.
+        assert code == 130, log.read_text()[-2000:]
+        assert {r.info.status for r in all_runs(store) if r.info.status != "FINISHED"} == {"KILLED"}
+        assert mlflow.MlflowClient(store).get_run(parent_id).info.status == "KILLED"
+    else:
+        assert code == -signal.SIGKILL
+    resumed = start(["resume", parent_id], tmp_path, env, log)
+    assert resumed.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert_completed_once(store, parent_id, killed_children=1)
+
+
+def test_resuming_a_finished_search_is_refused(tmp_path, mnist_npz):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env, log = search_env(store, mnist_npz), tmp_path / "search.log"
+    assert start(["run", "--profile", "smoke", "--max-trials", "1", "--max-epochs", "1"], tmp_path, env, log).wait(timeout=300) == 0
+    (parent,) = [r for r in all_runs(store) if "trial_id" not in r.data.tags]
+    again = subprocess.run([sys.executable, "-m", "search", "resume", parent.info.run_id], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2
+    assert f"search run {parent.info.run_id} has already finished: " in again.stderr
+
+
+def test_two_searches_on_one_sqlite_store_log_everything(tmp_path, mnist_npz):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = search_env(store, mnist_npz)
+    # Create the store first, as a user's earlier runs would have.
+    mlflow.MlflowClient(store).search_experiments()
+    searches = [start(["run", "--profile", "smoke", "--seed", str(seed)], tmp_path, env, tmp_path / f"s{seed}.log") for seed in (1, 2)]
+    for seed, search in zip((1, 2), searches):
+        assert search.wait(timeout=400) == 0, (tmp_path / f"s{seed}.log").read_text()[-3000:]
+    runs = all_runs(store)
+    parents = [r for r in runs if "trial_id" not in r.data.tags]
+    assert len(parents) == 2 and {p.info.status for p in parents} == {"FINISHED"}
+    client = mlflow.MlflowClient(store)
+    for parent in parents:
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert len(children) == 3 and {c.info.status for c in children} == {"FINISHED"}
+        for child in children:
+            assert len(client.get_metric_history(child.info.run_id, "val_accuracy")) == 2
+    assert len(client.search_model_versions("name = 'mnist-cnn'")) == 2
