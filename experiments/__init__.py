@@ -105,6 +105,12 @@ def resolve(profile: str = "default", **overrides) -> SearchConfig:
     return SearchConfig(profile=profile, **{**PROFILES[profile], **given})
 
 
+def champion_uri(config: SearchConfig | None = None) -> str:
+    """The registry URI of the champion, `models:/mnist-cnn@champion` by default."""
+    config = config or SearchConfig()
+    return f"models:/{config.model_name}@{config.champion_alias}"
+
+
 def from_params(params: dict[str, str]) -> SearchConfig:
     """The config a search logged as `config.<field>` params (strings), for resuming it."""
     values = {}

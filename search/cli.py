@@ -11,7 +11,7 @@ import os
 import sys
 import traceback
 
-from experiments import PROFILES, ConfigError, resolve
+from experiments import PROFILES, ConfigError, champion_uri, resolve
 from search import interrupts
 
 EXIT_USAGE = 2
@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=_whole, default=0, help="random seed")
     run.add_argument("--families", default="", help="comma-separated model families, e.g. plain,batchnorm")
 
+    predict = commands.add_parser("predict", help="classify digit images (PNG/JPEG, a folder of them, or .npy/.npz)")
+    predict.add_argument("--model-uri", default=champion_uri(), help=f"a logged or registered model (default: {champion_uri()})")
+    predict.add_argument("--input", required=True, help="an image, a folder of images, or a .npy/.npz array of digits")
+    predict.add_argument("--json", action="store_true", help="print JSON lines")
+
     resume = commands.add_parser("resume", help="continue an interrupted search with the settings it logged")
     resume.add_argument("run_id", nargs="?", default=os.environ.get("MLFLOW_RUN_ID", ""), help="the search's parent run id (default: $MLFLOW_RUN_ID, as `mlflow run --run-id` sets it)")
     return parser
@@ -49,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     # are marked KILLED and the search can be resumed.
     interrupts.install()
     try:
-        return _resume(args) if args.command == "resume" else _run(args)
+        return {"run": _run, "resume": _resume, "predict": _predict}[args.command](args)
     except KeyboardInterrupt:
         print("error: interrupted; continue with `python -m search resume <run id>`", file=sys.stderr)
         return 130
@@ -86,6 +91,16 @@ def _resume(args: argparse.Namespace) -> int:
     return _report(resume_search(args.run_id))
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from search import images, predict, tracking
+
+    names, digits = images.read_inputs(args.input)  # bad input fails before the model loads
+    model = tracking.load_keras_model(args.model_uri)
+    for prediction in predict.predict(model, names, digits):
+        print(prediction.line(as_json=args.json))
+    return 0
+
+
 def _report(result) -> int:
     print(f"search run {result.run_id}: {result.completed_trials}/{result.trials} trials completed, best val_accuracy {result.best_val_accuracy:.4f}")
     return 0
@@ -119,9 +134,10 @@ def _first_line(err: Exception) -> str:
 
 def _is_user_error(err: Exception) -> bool:
     from search.data import DataError
+    from search.images import InputError
     from search.tracking import TrackingError
 
-    return isinstance(err, (ConfigError, DataError, TrackingError))
+    return isinstance(err, (ConfigError, DataError, InputError, TrackingError))
 
 
 def _whole(text: str) -> int:

@@ -179,6 +179,18 @@ def search_run(experiment_name: str, resume_run_id: str = "") -> Iterator[Search
     end_run()
 
 
+def load_keras_model(model_uri: str):
+    """The Keras model at `model_uri` (e.g. `models:/mnist-cnn@champion`), loaded with Keras' safe mode."""
+    check_reachable()
+    import mlflow.keras  # noqa: PLC0415 - TensorFlow glue only when a model is loaded
+
+    try:
+        return mlflow.keras.load_model(model_uri)
+    except Exception as err:  # MLflow raises several types for a missing model or alias
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise TrackingError(f"cannot load model {model_uri!r}: {first_line[:300]}") from None
+
+
 def resumable_params(run_id: str) -> dict[str, str]:
     """The params of search run `run_id`, checked to be a search that has not finished."""
     check_reachable()

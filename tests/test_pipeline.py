@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -129,3 +130,25 @@ def test_below_threshold_nothing_is_registered_and_the_run_says_why(tmp_path, mn
     (parent,) = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.tags["registry_decision"].startswith("not registered: test_accuracy")
     assert parent.info.status == "FINISHED"
+
+
+def test_predict_reads_hand_made_digits_with_the_champion(smoke_search):
+    store, _ = smoke_search
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(REPO)}
+    digits = REPO / "tests" / "fixtures" / "digits"
+    result = subprocess.run([sys.executable, "-m", "search", "predict", "--input", str(digits), "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [Path(line["input"]).name for line in lines] == sorted(p.name for p in digits.iterdir())
+    right = [int(Path(line["input"]).name[0]) == line["digit"] for line in lines]
+    assert sum(right) >= len(lines) - 1, lines  # the smoke model is small: allow one miss
+    assert all(0.1 < line["probability"] <= 1.0 for line in lines)
+
+
+def test_predict_with_a_model_that_does_not_exist(smoke_search):
+    store, _ = smoke_search
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(REPO)}
+    digits = REPO / "tests" / "fixtures" / "digits"
+    result = subprocess.run([sys.executable, "-m", "search", "predict", "--input", str(digits), "--model-uri", "models:/mnist-cnn@nobody"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: cannot load model 'models:/mnist-cnn@nobody'") and result.stderr.count("\n") == 1

@@ -1,0 +1,120 @@
+"""Read digits to classify: image files, folders of them, or arrays; made into MNIST digits.
+
+A photo or a drawing is not an MNIST image. `to_mnist` makes it one the way
+MNIST was made: grayscale; a dark digit on a light background inverted to
+light on dark; cropped to the digit; scaled so its longer side is 20 px,
+keeping the aspect ratio; centred by its centre of mass in 28x28.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# A digit needs no more: larger inputs are refused before they are decoded.
+MAX_FILE_BYTES = 10 * 1024 * 1024
+MAX_PIXELS = 4096 * 4096
+DIGIT_BOX = 20  # MNIST: the digit's longer side, in pixels
+SIZE = 28
+
+
+class InputError(ValueError):
+    """An input that cannot be read as digits: the message names the file and the problem."""
+
+
+def read_inputs(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """Names and digits (float32 (N, 28, 28, 1) in [0, 1]) of an image, a folder of images, or a .npy/.npz array."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise InputError(f"{path}: no {'/'.join(IMAGE_SUFFIXES)} images in this folder")
+        return [str(f) for f in files], np.stack([read_image(f) for f in files])[..., None]
+    if path.suffix.lower() in (".npy", ".npz"):
+        digits = read_array(path)
+        return [f"{path}[{i}]" for i in range(len(digits))], digits
+    return [str(path)], read_image(path)[None, ..., None]
+
+
+def read_image(path: Path) -> np.ndarray:
+    """One image file as an MNIST digit, (28, 28) float32 in [0, 1]."""
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise InputError(f"{path}: {size:,} bytes is too large for a digit image (limit {MAX_FILE_BYTES:,})")
+    try:
+        with Image.open(path) as image:  # reads the header only
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise InputError(f"{path}: {width}x{height} pixels is too large for a digit image (limit {MAX_PIXELS:,} pixels)")
+            gray = np.asarray(image.convert("L"), dtype=np.float32)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+        raise InputError(f"{path}: not a readable PNG or JPEG image ({type(err).__name__})") from None
+    return to_mnist(gray)
+
+
+def read_array(path: Path) -> np.ndarray:
+    """A .npy array, or the first array of a .npz, of (N, 28, 28[, 1]) digits as float32 in [0, 1]."""
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                if not npz.files:
+                    raise InputError(f"{path}: the .npz holds no array")
+                array = npz[npz.files[0]]
+        else:
+            array = np.load(path, allow_pickle=False)
+    except InputError:
+        raise
+    except (ValueError, OSError, EOFError) as err:
+        raise InputError(f"{path}: not a readable {path.suffix} array ({type(err).__name__})") from None
+    return as_digits(array, str(path))
+
+
+def as_digits(array: np.ndarray, where: str = "input") -> np.ndarray:
+    """(N, 28, 28) or (N, 28, 28, 1) digits, uint8 0..255 or float 0..1, as float32 (N, 28, 28, 1)."""
+    if array.ndim not in (3, 4) or array.shape[1:3] != (SIZE, SIZE) or (array.ndim == 4 and array.shape[3] != 1) or len(array) == 0:
+        raise InputError(f"{where}: expected digits of shape (N, 28, 28) or (N, 28, 28, 1), got {array.shape}")
+    if np.issubdtype(array.dtype, np.integer):
+        if array.min() < 0 or array.max() > 255:
+            raise InputError(f"{where}: integer pixels must be in 0..255")
+        return (array.reshape(-1, SIZE, SIZE, 1) / 255.0).astype(np.float32)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise InputError(f"{where}: float pixels must be finite and in [0, 1]")
+        return array.reshape(-1, SIZE, SIZE, 1).astype(np.float32)
+    raise InputError(f"{where}: dtype {array.dtype} is not uint8 0..255 or float 0..1")
+
+
+def to_mnist(gray: np.ndarray) -> np.ndarray:
+    """A grayscale image (H, W) in 0..255 as an MNIST digit, (28, 28) float32 in [0, 1]."""
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    background = float(np.median(border))
+    ink = gray - background if background < 128 else background - gray  # light digit on dark
+    ink = np.clip(ink, 0, None)
+    if ink.max() <= 0:
+        return np.zeros((SIZE, SIZE), np.float32)  # a blank image: nothing to crop
+    rows, cols = np.nonzero(ink > 0.2 * ink.max())  # faint noise is not the digit
+    digit = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] / ink.max()
+    height, width = digit.shape
+    scale = DIGIT_BOX / max(height, width)
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    digit = np.asarray(Image.fromarray((digit * 255).astype(np.uint8)).resize(new_size, Image.LANCZOS), np.float32) / 255
+    return _centre_by_mass(digit)
+
+
+def _centre_by_mass(digit: np.ndarray) -> np.ndarray:
+    canvas = np.zeros((SIZE, SIZE), np.float32)
+    height, width = digit.shape
+    total = digit.sum()
+    rows, cols = np.indices(digit.shape)
+    mass_row = (rows * digit).sum() / total if total else height / 2
+    mass_col = (cols * digit).sum() / total if total else width / 2
+    # Put the centre of mass at the canvas centre, keeping the digit inside.
+    top = int(np.clip(round(SIZE / 2 - mass_row), 0, SIZE - height))
+    left = int(np.clip(round(SIZE / 2 - mass_col), 0, SIZE - width))
+    canvas[top : top + height, left : left + width] = digit
+    return np.clip(canvas, 0, 1)

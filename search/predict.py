@@ -1,0 +1,26 @@
+"""Classify digits with a logged or registered model: one line per input."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import keras
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Prediction:
+    input: str  # file name, or `array.npy[i]`
+    digit: int
+    probability: float
+
+    def line(self, as_json: bool = False) -> str:
+        return json.dumps(asdict(self)) if as_json else f"{self.input}\t{self.digit}\t{self.probability:.4f}"
+
+
+def predict(model: keras.Model, names: list[str], digits: np.ndarray, batch_size: int = 1024) -> list[Prediction]:
+    """The most probable digit of each of `digits` (float32 (N, 28, 28, 1) in [0, 1]) and its probability."""
+    probabilities = model.predict(digits, batch_size=batch_size, verbose=0)
+    best = probabilities.argmax(axis=1)
+    return [Prediction(name, int(d), float(p[d])) for name, d, p in zip(names, best, probabilities)]
