@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import REPO
 
+SECRET = "s3cr3t-token-value"  # in the environment of the search; must not reach the store
 PROJECT_FILES = ("MLproject", "conda.yaml", "requirements.txt", "experiments", "model_zoo", "search")
 
 
@@ -24,6 +25,8 @@ def mlflow_run(project: Path, store: str, mnist_npz: Path, *params: str) -> subp
         "MLFLOW_TRACKING_URI": store,
         "MNIST_NPZ": str(mnist_npz),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "DATABASE_PASSWORD": SECRET,
     }
     env.pop("MLFLOW_RUN_ID", None)
     args = [sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local"]
@@ -94,6 +97,13 @@ def test_parent_run_records_settings_data_figures_and_results(smoke_search):
     assert {"trials.csv", "eda/sample_digits.png", "eda/label_distribution.png", "evaluation/confusion_matrix.png"} <= artifacts
     trials_csv = Path(client.download_artifacts(parent.info.run_id, "trials.csv")).read_text().splitlines()
     assert trials_csv[0].startswith("trial_id,status,val_accuracy,best_step") and len(trials_csv) == 4
+
+
+def test_nothing_from_the_environment_is_logged(smoke_search):
+    store, _ = smoke_search
+    for run in runs(store):
+        logged = {**run.data.params, **run.data.tags}
+        assert not [key for key, value in logged.items() if SECRET in value]
 
 
 def test_best_model_is_registered_as_champion_and_loads_in_a_fresh_process(smoke_search, mnist_npz):

@@ -63,7 +63,7 @@ def assert_completed_once(store: str, parent_id: str, killed_children: int) -> N
     assert len(versions) == 1 and versions[0].tags["search_run_id"] == parent_id
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["SIGKILL", "SIGINT", "SIGTERM"])
 def test_interrupted_search_resumes_without_repeating_trials(tmp_path, mnist_npz, sig):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env, log = search_env(store, mnist_npz), tmp_path / "search.log"
@@ -71,8 +71,8 @@ def test_interrupted_search_resumes_without_repeating_trials(tmp_path, mnist_npz
     parent_id = wait_until_mid_trial(store, search)
     search.send_signal(sig)
     code = search.wait(timeout=60)
-    if sig == signal.SIGINT:
-        # Ctrl-C ends the open trial and the parent as KILLED before the process exits.
+    if sig in (signal.SIGINT, signal.SIGTERM):
+        # Ctrl-C and SIGTERM end the open trial and the parent as KILLED before the process exits.
         assert code == 130, log.read_text()[-2000:]
         assert {r.info.status for r in all_runs(store) if r.info.status != "FINISHED"} == {"KILLED"}
         assert mlflow.MlflowClient(store).get_run(parent_id).info.status == "KILLED"
