@@ -65,9 +65,10 @@ def run_search(config: SearchConfig, verbose: int | None = None, resume: Resume 
         tracker.log_params(tracking.config_params(config))
         tracker.log_params({"data_source": data.source, "data_sha256": data.digest, "precision_used": precision, "train_images": len(train), "validation_images": len(data.validation)})
 
-        # 2. EDA figures.
-        tracker.log_artifact(eda.sample_grid(data.train, out / "eda" / "sample_digits.png", config.seed), "eda")
-        tracker.log_artifact(eda.label_distribution(data, out / "eda" / "label_distribution.png"), "eda")
+        # 2. EDA figures (a resumed search has them already).
+        if not resume:
+            tracker.log_artifact(eda.sample_grid(data.train, out / "eda" / "sample_digits.png", config.seed), "eda")
+            tracker.log_artifact(eda.label_distribution(data, out / "eda" / "label_distribution.png"), "eda")
 
         # 3. The search, scored on the validation split.
         tuner = make_tuner(config, tracker, out, project_name="tuner", hypermodel=hypermodel, resume=resume is not None)
