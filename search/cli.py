@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=_whole, default=0, help="random seed")
     run.add_argument("--families", default="", help="comma-separated model families, e.g. plain,batchnorm")
 
+    evaluate = commands.add_parser("evaluate", help="evaluate a logged or registered model on the MNIST test split, in its own run")
+    evaluate.add_argument("--model-uri", default=champion_uri(), help=f"default: {champion_uri()}")
+    evaluate.add_argument("--data", default="", help="MNIST .npz (default: $MNIST_NPZ, else Keras' download)")
+
     predict = commands.add_parser("predict", help="classify digit images (PNG/JPEG, a folder of them, or .npy/.npz)")
     predict.add_argument("--model-uri", default=champion_uri(), help=f"a logged or registered model (default: {champion_uri()})")
     predict.add_argument("--input", required=True, help="an image, a folder of images, or a .npy/.npz array of digits")
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     # are marked KILLED and the search can be resumed.
     interrupts.install()
     try:
-        return {"run": _run, "resume": _resume, "predict": _predict}[args.command](args)
+        return {"run": _run, "resume": _resume, "evaluate": _evaluate, "predict": _predict}[args.command](args)
     except KeyboardInterrupt:
         print("error: interrupted; continue with `python -m search resume <run id>`", file=sys.stderr)
         return 130
@@ -89,6 +93,13 @@ def _resume(args: argparse.Namespace) -> int:
     from search.pipeline import resume_search
 
     return _report(resume_search(args.run_id))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from search.pipeline import evaluate_model
+
+    evaluate_model(args.model_uri, args.data)
+    return 0
 
 
 def _predict(args: argparse.Namespace) -> int:

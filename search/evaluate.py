@@ -1,7 +1,8 @@
-"""Evaluate a trained model on the test split, once, and draw its confusion matrix."""
+"""Evaluate a model on the test split; compare a challenger with the champion (McNemar)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,27 +18,67 @@ class TestReport:
     accuracy: float
     loss: float
     confusion: np.ndarray  # (10, 10): rows true digit, columns predicted digit
+    predicted: np.ndarray  # (N,): the predicted digit of each test image
 
     @property
-    def per_class_accuracy(self) -> np.ndarray:
-        """Recall of each digit: correct / images of that digit."""
+    def recall(self) -> np.ndarray:
+        """Per-digit accuracy: correct / images of that digit."""
         return np.diag(self.confusion) / np.maximum(self.confusion.sum(axis=1), 1)
 
+    @property
+    def precision(self) -> np.ndarray:
+        """Per digit: correct / images predicted as that digit."""
+        return np.diag(self.confusion) / np.maximum(self.confusion.sum(axis=0), 1)
+
     def metrics(self) -> dict[str, float]:
-        """Flat MLflow metrics: test_accuracy, test_loss, test_accuracy_digit_<d>."""
-        per_digit = {f"test_accuracy_digit_{d}": float(a) for d, a in enumerate(self.per_class_accuracy)}
-        return {"test_accuracy": self.accuracy, "test_loss": self.loss, **per_digit}
+        """Flat MLflow metrics: test_accuracy, test_loss, test_recall_digit_<d>, test_precision_digit_<d>."""
+        recall = {f"test_recall_digit_{d}": float(v) for d, v in enumerate(self.recall)}
+        precision = {f"test_precision_digit_{d}": float(v) for d, v in enumerate(self.precision)}
+        return {"test_accuracy": self.accuracy, "test_loss": self.loss, **recall, **precision}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A challenger against the champion on the same test images (McNemar's exact test)."""
+
+    challenger_accuracy: float
+    champion_accuracy: float
+    challenger_only_right: int  # discordant: the challenger right, the champion wrong
+    champion_only_right: int  # discordant: the champion right, the challenger wrong
+    p_value: float  # two-sided exact binomial test on the discordant pairs
+
+    @property
+    def challenger_wins(self) -> bool:
+        """The promotion rule: strictly higher accuracy on the same test images."""
+        return self.challenger_accuracy > self.champion_accuracy
 
 
 def evaluate(model: keras.Model, test: Split, batch_size: int = 1024) -> TestReport:
-    """Accuracy, cross-entropy loss and confusion matrix of `model` on `test`."""
+    """Accuracy, cross-entropy loss, confusion matrix and predictions of `model` on `test`."""
     probabilities = model.predict(test.x, batch_size=batch_size, verbose=0).astype(np.float64)
     predicted = probabilities.argmax(axis=1)
     picked = probabilities[np.arange(len(test)), test.y]
     loss = float(-np.log(np.clip(picked, 1e-7, 1.0)).mean())  # as Keras clips
     confusion = np.zeros((10, 10), dtype=np.int64)
     np.add.at(confusion, (test.y, predicted), 1)
-    return TestReport(accuracy=float((predicted == test.y).mean()), loss=loss, confusion=confusion)
+    return TestReport(accuracy=float((predicted == test.y).mean()), loss=loss, confusion=confusion, predicted=predicted)
+
+
+def compare(challenger: TestReport, champion: TestReport, labels: np.ndarray) -> Comparison:
+    """McNemar's exact test of two models' predictions on the same labelled images."""
+    challenger_right, champion_right = challenger.predicted == labels, champion.predicted == labels
+    b = int((challenger_right & ~champion_right).sum())
+    c = int((champion_right & ~challenger_right).sum())
+    return Comparison(challenger.accuracy, champion.accuracy, b, c, mcnemar_p_value(b, c))
+
+
+def mcnemar_p_value(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value: P(as uneven a split of b + c discordant pairs | no difference)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
+    return min(1.0, 2 * tail / 2**n)
 
 
 def plot_confusion_matrix(report: TestReport, path: Path) -> Path:
@@ -54,4 +95,19 @@ def plot_confusion_matrix(report: TestReport, path: Path) -> Path:
     ax.set_ylabel("true digit")
     ax.set_title(f"Test confusion matrix (accuracy {report.accuracy:.2%})")
     fig.colorbar(image, ax=ax, label="log(1 + images)")
+    return save(fig, path)
+
+
+def plot_misclassified(test: Split, report: TestReport, path: Path, limit: int = 40, cols: int = 10) -> Path:
+    """The first `limit` misclassified test digits, titled true -> predicted."""
+    wrong = np.flatnonzero(report.predicted != test.y)[:limit]
+    rows = max(1, math.ceil(len(wrong) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong):
+        ax.imshow(test.x[i, :, :, 0], cmap="gray", vmin=0.0, vmax=1.0)
+        ax.set_title(f"{test.y[i]} -> {report.predicted[i]}", fontsize=9, color="crimson")
+    total = int((report.predicted != test.y).sum())
+    fig.suptitle(f"Misclassified test digits (true -> predicted): {len(wrong)} of {total}")
     return save(fig, path)

@@ -9,7 +9,7 @@ from pathlib import Path
 import keras
 import keras_tuner as kt
 
-from experiments import SearchConfig, from_params
+from experiments import SearchConfig, champion_uri, from_params
 from search import data as data_module
 from search import eda, evaluate, tracking
 from search.data import DataError, Split
@@ -60,7 +60,7 @@ def run_search(config: SearchConfig, verbose: int | None = None, resume: Resume 
     precision = set_precision(config.precision)
     keras.utils.set_random_seed(config.seed)
 
-    with tracking.search_run(config.experiment_name, resume.run_id if resume else "") as tracker:
+    with tracking.tracked_run(config.experiment_name, resume.run_id if resume else "") as tracker:
         out = Path(config.output_dir) / tracker.run_id
         tracker.log_params(tracking.config_params(config))
         tracker.log_params({"data_source": data.source, "data_sha256": data.digest, "precision_used": precision, "train_images": len(train), "validation_images": len(data.validation)})
@@ -109,11 +109,14 @@ def run_search(config: SearchConfig, verbose: int | None = None, resume: Resume 
 
         # 5. The test split, touched once, after the search.
         report = evaluate.evaluate(best_model, data.test)
-        tracker.log_metrics(report.metrics())
-        tracker.log_artifact(evaluate.plot_confusion_matrix(report, out / "evaluation" / "confusion_matrix.png"), "evaluation")
+        log_evaluation(tracker, report, data.test, out / "evaluation")
 
-        # 6. Registry gate.
-        decision = tracker.register_if_better(best_model, report.accuracy, config.threshold, config.model_name, config.champion_alias)
+        # 6. Registry gate; a challenger is compared with the champion on the same test images.
+        comparison = None
+        if report.accuracy >= config.threshold and tracker.champion_version(config.model_name, config.champion_alias):
+            champion = tracking.load_keras_model(champion_uri(config))
+            comparison = evaluate.compare(report, evaluate.evaluate(champion, data.test), data.test.y)
+        decision = tracker.register_if_better(best_model, report.accuracy, config.threshold, config.model_name, config.champion_alias, comparison)
         print(f"test_accuracy {report.accuracy:.4f} - {decision.reason}")
 
     return SearchResult(
@@ -125,6 +128,27 @@ def run_search(config: SearchConfig, verbose: int | None = None, resume: Resume 
         test=report,
         decision=decision,
     )
+
+
+def evaluate_model(model_uri: str, data_path: str = "", config: SearchConfig | None = None) -> evaluate.TestReport:
+    """Evaluate any logged or registered model on the MNIST test split, in a run of its own."""
+    config = config or SearchConfig()
+    data = data_module.load_mnist(data_module.data_source(data_path), config.validation_size)
+    model = tracking.load_keras_model(model_uri)
+    with tracking.tracked_run(config.experiment_name) as run:
+        run.log_params({"model_uri": model_uri, "data_source": data.source, "data_sha256": data.digest})
+        run.set_tag("command", "evaluate")
+        report = evaluate.evaluate(model, data.test)
+        log_evaluation(run, report, data.test, Path(config.output_dir) / run.run_id / "evaluation")
+    print(f"{model_uri}: test_accuracy {report.accuracy:.4f}, test_loss {report.loss:.4f} (run {run.run_id})")
+    return report
+
+
+def log_evaluation(run: tracking.SearchTracker, report: evaluate.TestReport, test: Split, out: Path) -> None:
+    """Test metrics, confusion matrix and misclassified digits, under `evaluation/`."""
+    run.log_metrics(report.metrics())
+    run.log_artifact(evaluate.plot_confusion_matrix(report, out / "confusion_matrix.png"), "evaluation")
+    run.log_artifact(evaluate.plot_misclassified(test, report, out / "misclassified.png"), "evaluation")
 
 
 def set_precision(precision: str) -> str:

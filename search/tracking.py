@@ -24,6 +24,8 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from search.evaluate import Comparison
+
 # What the logged model needs to be loaded and served; given explicitly
 # because inferring it costs seconds per call.
 MODEL_REQUIREMENTS = tuple(f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "tensorflow", "keras"))
@@ -112,10 +114,25 @@ class SearchTracker:
         self._trial_runs.clear()
 
     # --- registry -------------------------------------------------------------
-    def register_if_better(self, model, test_accuracy: float, threshold: float, model_name: str, alias: str) -> RegistryDecision:
-        """Register `model` if it clears `threshold`; move `alias` to it unless the champion is better."""
+    def champion_version(self, model_name: str, alias: str) -> str | None:
+        """The version `alias` points to, or None when there is no champion yet."""
+        try:
+            return str(self.client.get_model_version_by_alias(model_name, alias).version)
+        except mlflow.exceptions.MlflowException:
+            return None
+
+    def register_if_better(
+        self, model, test_accuracy: float, threshold: float, model_name: str, alias: str, comparison: Comparison | None
+    ) -> RegistryDecision:
+        """Register `model` if it clears `threshold`; move `alias` to it if it beats the champion.
+
+        `comparison` is the challenger against the current champion on the same
+        test images (None: there is no champion). The champion it replaces gets
+        alias `previous_champion`, so a rollback is one call.
+        """
         if test_accuracy < threshold:
             return self._decided(RegistryDecision(False, f"not registered: test_accuracy {test_accuracy:.4f} < threshold {threshold:.4f}"))
+        previous = self.champion_version(model_name, alias)
         import mlflow.keras  # noqa: PLC0415 - loads TensorFlow glue only when a model is logged
 
         info = mlflow.keras.log_model(
@@ -126,22 +143,33 @@ class SearchTracker:
             registered_model_name=model_name,
         )
         version = str(info.registered_model_version)
-        self.client.set_model_version_tag(model_name, version, "test_accuracy", f"{test_accuracy:.6f}")
-        self.client.set_model_version_tag(model_name, version, "search_run_id", self.run_id)
-        champion_accuracy = self._alias_accuracy(model_name, alias)
-        if champion_accuracy is not None and champion_accuracy > test_accuracy:
+        tags = {"test_accuracy": f"{test_accuracy:.6f}", "search_run_id": self.run_id}
+        if comparison is not None:
+            tags.update(
+                {
+                    "champion_version": previous,
+                    "champion_test_accuracy": f"{comparison.champion_accuracy:.6f}",
+                    "mcnemar_challenger_only_right": str(comparison.challenger_only_right),
+                    "mcnemar_champion_only_right": str(comparison.champion_only_right),
+                    "mcnemar_p_value": f"{comparison.p_value:.6g}",
+                }
+            )
+        for key, value in tags.items():
+            self.client.set_model_version_tag(model_name, version, key, value)
+        if comparison is not None and not comparison.challenger_wins:
             return self._decided(
-                RegistryDecision(True, f"registered {model_name} version {version}; {alias} stays (test_accuracy {champion_accuracy:.4f} > {test_accuracy:.4f})", version)
+                RegistryDecision(
+                    True,
+                    f"registered {model_name} version {version}; @{alias} stays version {previous} "
+                    f"(test_accuracy {comparison.champion_accuracy:.4f} >= {test_accuracy:.4f}, McNemar p={comparison.p_value:.3g})",
+                    version,
+                )
             )
         self.client.set_registered_model_alias(model_name, alias, version)
-        return self._decided(RegistryDecision(True, f"registered {model_name} version {version} as @{alias} (test_accuracy {test_accuracy:.4f})", version, True))
-
-    def _alias_accuracy(self, model_name: str, alias: str) -> float | None:
-        try:
-            current = self.client.get_model_version_by_alias(model_name, alias)
-        except mlflow.exceptions.MlflowException:
-            return None  # no champion yet
-        return float(current.tags.get("test_accuracy", "nan"))
+        if previous is not None:
+            self.client.set_registered_model_alias(model_name, f"previous_{alias}", previous)
+        against = f", beating version {previous} ({comparison.champion_accuracy:.4f}, McNemar p={comparison.p_value:.3g})" if comparison else ""
+        return self._decided(RegistryDecision(True, f"registered {model_name} version {version} as @{alias} (test_accuracy {test_accuracy:.4f}{against})", version, True))
 
     def _decided(self, decision: RegistryDecision) -> RegistryDecision:
         self.set_tag("registry_decision", decision.reason)
@@ -149,7 +177,7 @@ class SearchTracker:
 
 
 @contextlib.contextmanager
-def search_run(experiment_name: str, resume_run_id: str = "") -> Iterator[SearchTracker]:
+def tracked_run(experiment_name: str, resume_run_id: str = "") -> Iterator[SearchTracker]:
     """The parent run of a search; ended FINISHED, KILLED on Ctrl-C or SIGTERM, FAILED on an error.
 
     With `resume_run_id` the search's existing parent run is reopened, and trial

@@ -8,7 +8,7 @@ import pytest
 from model_zoo import make_cnn
 from search import eda
 from search.data import load_mnist
-from search.evaluate import evaluate, plot_confusion_matrix
+from search.evaluate import TestReport, compare, evaluate, mcnemar_p_value, plot_confusion_matrix, plot_misclassified
 from tests.conftest import write_npz
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -34,13 +34,38 @@ def test_evaluation_agrees_with_keras(small):
     assert report.confusion.sum() == len(small.test)
     np.testing.assert_array_equal(report.confusion.sum(axis=1), np.bincount(small.test.y, minlength=10))
     metrics = report.metrics()
-    assert set(metrics) == {"test_accuracy", "test_loss", *(f"test_accuracy_digit_{d}" for d in range(10))}
-    per_digit_correct = sum(metrics[f"test_accuracy_digit_{d}"] * 30 for d in range(10))  # 30 test images per digit
+    assert set(metrics) == {"test_accuracy", "test_loss", *(f"test_{k}_digit_{d}" for k in ("recall", "precision") for d in range(10))}
+    per_digit_correct = sum(metrics[f"test_recall_digit_{d}"] * 30 for d in range(10))  # 30 test images per digit
     assert per_digit_correct == pytest.approx(report.accuracy * 300)
+    np.testing.assert_array_equal(report.predicted, model.predict(small.test.x, verbose=0).argmax(axis=1))
 
 
 def test_figures_are_pngs(small, tmp_path):
     report = evaluate(make_cnn(conv_filters=(8,)), small.test)
     assert_png(plot_confusion_matrix(report, tmp_path / "evaluation" / "confusion_matrix.png"))
+    assert_png(plot_misclassified(small.test, report, tmp_path / "evaluation" / "misclassified.png"))
     assert_png(eda.sample_grid(small.train, tmp_path / "eda" / "sample.png", seed=0))
     assert_png(eda.label_distribution(small, tmp_path / "eda" / "labels.png"))
+
+
+def report_of(predicted, labels):
+    predicted = np.asarray(predicted)
+    return TestReport(float((predicted == labels).mean()), 0.0, np.zeros((10, 10), int), predicted)
+
+
+def test_mcnemar_counts_discordant_pairs_and_gives_the_exact_p_value():
+    labels = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    challenger = report_of([0, 1, 2, 3, 4, 5, 6, 7, 8, 0], labels)  # 9 right
+    champion = report_of([0, 1, 2, 3, 4, 5, 0, 0, 0, 9], labels)  # 7 right
+    result = compare(challenger, champion, labels)
+    assert (result.challenger_only_right, result.champion_only_right) == (3, 1)
+    assert result.p_value == pytest.approx(2 * (1 + 4) / 16)  # binomial(4, 1/2): P(X <= 1) twice
+    assert result.challenger_wins and not compare(champion, challenger, labels).challenger_wins
+    assert not compare(challenger, challenger, labels).challenger_wins  # a tie keeps the champion
+
+
+def test_mcnemar_p_value_reference_values():
+    assert mcnemar_p_value(0, 0) == 1.0
+    assert mcnemar_p_value(5, 5) == 1.0
+    assert mcnemar_p_value(10, 0) == pytest.approx(2 / 1024)
+    assert mcnemar_p_value(30, 12) == pytest.approx(0.00792, abs=1e-5)  # exact binomial, as scipy's binomtest

@@ -90,11 +90,11 @@ def test_parent_run_records_settings_data_figures_and_results(smoke_search):
     metrics = parent.data.metrics
     assert metrics["test_accuracy"] >= 0.90 and 0 < metrics["test_loss"] < 1
     assert 0.9 <= metrics["best_val_accuracy"] <= 1
-    assert {f"test_accuracy_digit_{d}" for d in range(10)} <= set(metrics)
+    assert {f"test_{kind}_digit_{d}" for kind in ("recall", "precision") for d in range(10)} <= set(metrics)
     client = mlflow.MlflowClient(store)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     artifacts |= {a.path for d in ("eda", "evaluation") for a in client.list_artifacts(parent.info.run_id, d)}
-    assert {"trials.csv", "eda/sample_digits.png", "eda/label_distribution.png", "evaluation/confusion_matrix.png"} <= artifacts
+    assert {"trials.csv", "eda/sample_digits.png", "eda/label_distribution.png", "evaluation/confusion_matrix.png", "evaluation/misclassified.png"} <= artifacts
     trials_csv = Path(client.download_artifacts(parent.info.run_id, "trials.csv")).read_text().splitlines()
     assert trials_csv[0].startswith("trial_id,status,val_accuracy,best_step") and len(trials_csv) == 4
 

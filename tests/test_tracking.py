@@ -12,6 +12,7 @@ from experiments import resolve
 from model_zoo import PlainCNN, make_cnn
 from search import tracking
 from search.data import load_mnist
+from search.evaluate import Comparison
 from search.pipeline import SearchFailed, run_search
 from search.tuner import active_values, make_tuner
 
@@ -40,7 +41,7 @@ def small_mnist(mnist_npz):
 def run_tiny_search(tmp_path, small_mnist, hypermodel, max_trials=3):
     config = resolve("smoke", max_trials=max_trials, max_epochs=2)
     x, y, xv, yv = small_mnist
-    with tracking.search_run("tiny") as tracker:
+    with tracking.tracked_run("tiny") as tracker:
         tuner = make_tuner(config, tracker, tmp_path / "tuner", "tiny", hypermodel=hypermodel)
         if isinstance(hypermodel, FailsOnSecondTrial):
             hypermodel.trial_builds = 0
@@ -83,7 +84,7 @@ def test_a_trial_that_raises_is_a_failed_run_with_its_reason(tracking_store, tmp
 @pytest.mark.parametrize("interrupt, status", [(KeyboardInterrupt, "KILLED"), (RuntimeError, "FAILED")])
 def test_interrupted_search_ends_parent_and_open_trial(tracking_store, interrupt, status):
     with pytest.raises(interrupt):
-        with tracking.search_run("interrupted") as tracker:
+        with tracking.tracked_run("interrupted") as tracker:
             tracker.start_trial("0", {"units": 8})
             raise interrupt()
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
@@ -93,30 +94,44 @@ def test_interrupted_search_ends_parent_and_open_trial(tracking_store, interrupt
 def test_parent_adopts_the_run_that_mlflow_run_started(tracking_store, monkeypatch):
     started = mlflow.MlflowClient().create_run(mlflow.create_experiment("projects"))
     monkeypatch.setenv("MLFLOW_RUN_ID", started.info.run_id)
-    with tracking.search_run("ignored") as tracker:
+    with tracking.tracked_run("ignored") as tracker:
         assert tracker.run_id == started.info.run_id
     assert mlflow.get_run(started.info.run_id).info.status == "FINISHED"
 
 
-def test_registry_gate_and_champion_alias(tracking_store):
+def test_registry_gate_champion_and_previous_champion(tracking_store):
     model = make_cnn(conv_filters=(4,))
     client = mlflow.MlflowClient()
-    with tracking.search_run("registry") as tracker:
-        below = tracker.register_if_better(model, 0.85, 0.90, "digits", "champion")
+
+    def against_champion(challenger, champion):
+        return Comparison(challenger, champion, challenger_only_right=30, champion_only_right=12, p_value=0.0079)
+
+    with tracking.tracked_run("registry") as tracker:
+        below = tracker.register_if_better(model, 0.85, 0.90, "digits", "champion", None)
         assert not below.registered and client.search_registered_models() == []
         assert mlflow.get_run(tracker.run_id).data.tags["registry_decision"] == "not registered: test_accuracy 0.8500 < threshold 0.9000"
 
-        first = tracker.register_if_better(model, 0.95, 0.90, "digits", "champion")
-        worse = tracker.register_if_better(model, 0.93, 0.90, "digits", "champion")
-        better = tracker.register_if_better(model, 0.97, 0.90, "digits", "champion")
+        first = tracker.register_if_better(model, 0.95, 0.90, "digits", "champion", None)
+        worse = tracker.register_if_better(model, 0.93, 0.90, "digits", "champion", against_champion(0.93, 0.95))
+        better = tracker.register_if_better(model, 0.97, 0.90, "digits", "champion", against_champion(0.97, 0.95))
     assert (first.version, first.champion) == ("1", True)
     assert (worse.version, worse.champion) == ("2", False)
+    assert worse.reason == "registered digits version 2; @champion stays version 1 (test_accuracy 0.9500 >= 0.9300, McNemar p=0.0079)"
     assert (better.version, better.champion) == ("3", True)
-    champion = client.get_model_version_by_alias("digits", "champion")
-    assert str(champion.version) == "3"
-    assert champion.tags == {"test_accuracy": "0.970000", "search_run_id": tracker.run_id}
+    assert str(client.get_model_version_by_alias("digits", "champion").version) == "3"
+    assert str(client.get_model_version_by_alias("digits", "previous_champion").version) == "1"
+    assert client.get_model_version("digits", "3").tags == {
+        "test_accuracy": "0.970000",
+        "search_run_id": tracker.run_id,
+        "champion_version": "1",
+        "champion_test_accuracy": "0.950000",
+        "mcnemar_challenger_only_right": "30",
+        "mcnemar_champion_only_right": "12",
+        "mcnemar_p_value": "0.0079",
+    }
     loaded = mlflow.keras.load_model("models:/digits@champion")
-    np.testing.assert_allclose(loaded.predict(np.zeros((1, 28, 28, 1), np.float32), verbose=0), model.predict(np.zeros((1, 28, 28, 1), np.float32), verbose=0), rtol=1e-6)
+    x = np.zeros((1, 28, 28, 1), np.float32)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
 
 
 class NaNLoss(kt.HyperModel):

@@ -1,0 +1,112 @@
+"""Using the registered model: evaluate it, serve it over REST, and promote only a better challenger."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from tests.test_cli import free_port
+
+
+def search_command(store: str, mnist_npz: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MNIST_NPZ": str(mnist_npz), "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_RUN_ID", None)
+    return subprocess.run([sys.executable, "-m", "search", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, mnist_npz):
+    """A store in which one smoke search registered version 1 as @champion."""
+    tmp = tmp_path_factory.mktemp("registry")
+    store = f"sqlite:///{tmp / 'mlflow.db'}"
+    result = search_command(store, mnist_npz, tmp, "run", "--profile", "smoke")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return store, tmp
+
+
+def test_evaluate_logs_its_own_run(registry, mnist_npz):
+    store, tmp = registry
+    result = search_command(store, mnist_npz, tmp, "evaluate")
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow.MlflowClient(store)
+    champion = client.get_model_version_by_alias("mnist-cnn", "champion")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.command = 'evaluate'")
+    (run,) = runs
+    assert run.data.params["model_uri"] == "models:/mnist-cnn@champion"
+    assert run.data.metrics["test_accuracy"] == pytest.approx(float(champion.tags["test_accuracy"]), abs=1e-6)
+    assert {f"test_{k}_digit_{d}" for k in ("precision", "recall") for d in range(10)} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert artifacts == {"evaluation/confusion_matrix.png", "evaluation/misclassified.png"}
+    assert f"models:/mnist-cnn@champion: test_accuracy {run.data.metrics['test_accuracy']:.4f}" in result.stdout
+
+
+def test_evaluate_a_model_that_does_not_exist(registry, mnist_npz):
+    store, tmp = registry
+    result = search_command(store, mnist_npz, tmp, "evaluate", "--model-uri", "models:/mnist-cnn/99")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: cannot load model 'models:/mnist-cnn/99'") and result.stderr.count("\n") == 1
+
+
+def test_served_champion_answers_rest_requests(registry, mnist_npz):
+    store, tmp = registry
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/mnist-cnn@champion", "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "w"),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp / "serve.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the model server did not start in 180 s"
+                time.sleep(1)
+        test = np.load(mnist_npz)
+        digits = (test["x_test"][:200, :, :, None] / 255).astype(np.float32)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": digits.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        probabilities = np.array(json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"])
+        assert probabilities.shape == (200, 10)
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-4)
+        assert (probabilities.argmax(axis=1) == test["y_test"][:200]).mean() >= 0.9
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_second_search_is_compared_with_the_champion(registry, mnist_npz):
+    store, tmp = registry
+    result = search_command(store, mnist_npz, tmp, "run", "--profile", "smoke", "--seed", "7")
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow.MlflowClient(store)
+    first, second = client.get_model_version("mnist-cnn", "1"), client.get_model_version("mnist-cnn", "2")
+    assert second.tags["champion_version"] == "1"
+    assert second.tags["champion_test_accuracy"] == first.tags["test_accuracy"]
+    b, c = int(second.tags["mcnemar_challenger_only_right"]), int(second.tags["mcnemar_champion_only_right"])
+    # On the same 10,000 digits the accuracy difference is exactly the discordant difference.
+    assert float(second.tags["test_accuracy"]) - float(first.tags["test_accuracy"]) == pytest.approx((b - c) / 10_000, abs=2e-6)
+    assert 0 < float(second.tags["mcnemar_p_value"]) <= 1
+    champion = str(client.get_model_version_by_alias("mnist-cnn", "champion").version)
+    if b > c:
+        assert champion == "2"
+        assert str(client.get_model_version_by_alias("mnist-cnn", "previous_champion").version) == "1"
+    else:
+        assert champion == "1"
+    print(result.stdout.strip().splitlines()[-2])  # the decision, for the record
