@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,11 +12,12 @@ import keras_tuner as kt
 
 from experiments import SearchConfig, champion_uri, from_params
 from search import data as data_module
-from search import eda, evaluate, tracking
+from search import eda, evaluate, report, tracking
 from search.data import DataError, Split
 from search.tracking import TrackingError
 from search.train import train_final
-from search.tuner import failure_reason, make_tuner, write_trials_csv
+from search.progress import top_table
+from search.tuner import failure_reason, make_tuner, trial_rows, write_trials_csv
 
 
 class SearchFailed(RuntimeError):
@@ -47,7 +49,8 @@ def resume_search(run_id: str, verbose: int | None = None) -> SearchResult:
 
 def run_search(config: SearchConfig, verbose: int | None = None, resume: Resume | None = None, hypermodel: kt.HyperModel | None = None) -> SearchResult:
     """Run the whole search described by `config` (or continue one) and return what it found."""
-    verbose = (1 if sys.stdout.isatty() else 2) if verbose is None else verbose
+    # Keras' progress bars and Keras Tuner's tables in a terminal; in logs, our lines only.
+    verbose = (1 if sys.stdout.isatty() else 0) if verbose is None else verbose
 
     # 1. Data: loaded and validated before anything trains.
     data = data_module.load_mnist(data_module.data_source(config.data), config.validation_size)
@@ -88,7 +91,8 @@ def run_search(config: SearchConfig, verbose: int | None = None, resume: Resume 
             last = tuner.oracle.trials[tuner.oracle.end_order[-1]]
             raise SearchFailed(f"{tuner.oracle.max_consecutive_failed_trials} trials failed in a row, the last with: {failure_reason(last)}") from None
         finally:
-            tracker.log_artifact(write_trials_csv(tuner, out / "trials.csv"))
+            tracker.log_artifact(write_trials_csv(trial_rows(tuner), out / "trials.csv"))
+        print(top_table(trial_rows(tuner)))
         trials = list(tuner.oracle.trials.values())
         completed = [t for t in trials if t.status == "COMPLETED"]
         if not completed:
@@ -105,19 +109,25 @@ def run_search(config: SearchConfig, verbose: int | None = None, resume: Resume 
                 on_epoch_end=lambda epoch, logs: tracker.log_metrics({f"final_{k}": v for k, v in logs.items()}, step=epoch),
             )
         else:
-            best_model = tuner.load_model(best_trial)
+            with warnings.catch_warnings():  # checkpoints hold weights only, not the optimizer state
+                warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+                best_model = tuner.load_model(best_trial)
 
         # 5. The test split, touched once, after the search.
-        report = evaluate.evaluate(best_model, data.test)
-        log_evaluation(tracker, report, data.test, out / "evaluation")
+        test_report = evaluate.evaluate(best_model, data.test)
+        log_evaluation(tracker, test_report, data.test, out / "evaluation")
 
         # 6. Registry gate; a challenger is compared with the champion on the same test images.
         comparison = None
-        if report.accuracy >= config.threshold and tracker.champion_version(config.model_name, config.champion_alias):
+        if test_report.accuracy >= config.threshold and tracker.champion_version(config.model_name, config.champion_alias):
             champion = tracking.load_keras_model(champion_uri(config))
-            comparison = evaluate.compare(report, evaluate.evaluate(champion, data.test), data.test.y)
-        decision = tracker.register_if_better(best_model, report.accuracy, config.threshold, config.model_name, config.champion_alias, comparison)
-        print(f"test_accuracy {report.accuracy:.4f} - {decision.reason}")
+            comparison = evaluate.compare(test_report, evaluate.evaluate(champion, data.test), data.test.y)
+        decision = tracker.register_if_better(best_model, test_report.accuracy, config.threshold, config.model_name, config.champion_alias, comparison)
+        print(f"test_accuracy {test_report.accuracy:.4f} - {decision.reason}")
+
+        # 7. The report: figures comparing the trials, and report.html.
+        tracker.log_artifacts(write_report(tracker.trial_records(), config, decision, out), "report")
+        print(f"report: {tracker.artifact_uri('report/report.html')}")
 
     return SearchResult(
         run_id=tracker.run_id,
@@ -125,9 +135,24 @@ def run_search(config: SearchConfig, verbose: int | None = None, resume: Resume 
         completed_trials=len(completed),
         best_val_accuracy=best_trial.score,
         best_hyperparameters=best_trial.hyperparameters.values,
-        test=report,
+        test=test_report,
         decision=decision,
     )
+
+
+def write_report(records: list[dict], config: SearchConfig, decision: tracking.RegistryDecision, out: Path) -> Path:
+    """The report folder: trial figures, the winner's evaluation figures and report.html."""
+    folder = out / "report"
+    figures = {
+        "Learning curves of the top trials": report.learning_curves(records, folder / "learning_curves.png"),
+        "Hyperparameters against validation accuracy": report.hyperparameter_effects(records, folder / "hyperparameters.png"),
+        "Accuracy against model size": report.accuracy_vs_size(records, folder / "accuracy_vs_size.png"),
+        "Winner: test confusion matrix": out / "evaluation" / "confusion_matrix.png",
+        "Winner: misclassified test digits": out / "evaluation" / "misclassified.png",
+    }
+    settings = {k.removeprefix("config."): v for k, v in tracking.config_params(config).items()}
+    report.write_html(folder / "report.html", f"MNIST CNN search ({config.profile} profile)", settings, records, figures, decision.reason)
+    return folder
 
 
 def evaluate_model(model_uri: str, data_path: str = "", config: SearchConfig | None = None) -> evaluate.TestReport:
@@ -138,10 +163,10 @@ def evaluate_model(model_uri: str, data_path: str = "", config: SearchConfig | N
     with tracking.tracked_run(config.experiment_name) as run:
         run.log_params({"model_uri": model_uri, "data_source": data.source, "data_sha256": data.digest})
         run.set_tag("command", "evaluate")
-        report = evaluate.evaluate(model, data.test)
-        log_evaluation(run, report, data.test, Path(config.output_dir) / run.run_id / "evaluation")
-    print(f"{model_uri}: test_accuracy {report.accuracy:.4f}, test_loss {report.loss:.4f} (run {run.run_id})")
-    return report
+        test_report = evaluate.evaluate(model, data.test)
+        log_evaluation(run, test_report, data.test, Path(config.output_dir) / run.run_id / "evaluation")
+    print(f"{model_uri}: test_accuracy {test_report.accuracy:.4f}, test_loss {test_report.loss:.4f} (run {run.run_id})")
+    return test_report
 
 
 def log_evaluation(run: tracking.SearchTracker, report: evaluate.TestReport, test: Split, out: Path) -> None:

@@ -76,6 +76,9 @@ class SearchTracker:
     def log_artifact(self, path: Path, artifact_dir: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_dir)
 
+    def log_artifacts(self, folder: Path, artifact_dir: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_dir)
+
     # --- one nested run per trial ---------------------------------------------
     def start_trial(self, trial_id: str, hyperparameters: Mapping[str, object]) -> None:
         run = self.client.create_run(
@@ -97,6 +100,30 @@ class SearchTracker:
         tags = [mlflow.entities.RunTag("failure_reason", reason[:5000])] if reason else []
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+    def trial_records(self) -> list[dict]:
+        """Every trial run of this search as logged: trial_id, status, hyperparameters,
+        val_accuracy (best), param_count, wall_time_s and the val_accuracy curve [(epoch, value)]."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=10_000)
+        records = []
+        for run in runs:
+            curve = self.client.get_metric_history(run.info.run_id, "val_accuracy")
+            records.append(
+                {
+                    "trial_id": run.data.tags.get("trial_id", ""),
+                    "status": run.info.status,
+                    "hyperparameters": run.data.params,
+                    "val_accuracy": run.data.metrics.get("best_val_accuracy"),
+                    "param_count": run.data.metrics.get("param_count"),
+                    "wall_time_s": run.data.metrics.get("wall_time_s"),
+                    "curve": sorted((m.step, m.value) for m in curve),
+                }
+            )
+        return sorted(records, key=lambda r: r["trial_id"])
+
+    def artifact_uri(self, path: str = "") -> str:
+        root = self.client.get_run(self.run_id).info.artifact_uri
+        return f"{root}/{path}" if path else root
 
     def end_orphaned_trials(self) -> int:
         """Mark KILLED the trial runs a killed process left RUNNING; how many there were."""

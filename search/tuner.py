@@ -18,6 +18,7 @@ import keras_tuner as kt
 from experiments import SearchConfig
 from model_zoo import CNNZoo
 from search import interrupts
+from search.progress import Progress
 from search.tracking import SearchTracker
 
 
@@ -25,6 +26,7 @@ class TrackedTuner:
     """Mixin: logs each trial as a nested MLflow run through `self.tracker`."""
 
     tracker: SearchTracker
+    progress: Progress
 
     def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
         interrupts.raise_if_requested()
@@ -32,6 +34,7 @@ class TrackedTuner:
         self._trial_started = time.perf_counter()
         self._param_count = None
         self.tracker.start_trial(trial.trial_id, active_values(trial.hyperparameters))
+        self.progress.trial_started(trial.trial_id, active_values(trial.hyperparameters))
 
     def run_trial(self, trial, *args, **kwargs):
         histories = super().run_trial(trial, *args, **kwargs)
@@ -67,7 +70,9 @@ class TrackedTuner:
                 "param_count": self._param_count,
                 "wall_time_s": time.perf_counter() - self._trial_started,
             }
-            self.tracker.end_trial(trial.trial_id, failed, summary, failure_reason(ended) if failed else "")
+            reason = failure_reason(ended) if failed else ""
+            self.tracker.end_trial(trial.trial_id, failed, summary, reason)
+            self.progress.trial_ended(trial.trial_id, summary["best_val_accuracy"], summary["wall_time_s"], reason)
 
 
 class TrackedHyperband(TrackedTuner, kt.Hyperband):
@@ -112,6 +117,7 @@ def make_tuner(
     else:
         tuner = TUNER_CLASSES[config.tuner](max_trials=config.max_trials, **common)
     tuner.tracker = tracker
+    tuner.progress = Progress(config.max_trials)
     return tuner
 
 
@@ -126,14 +132,27 @@ def failure_reason(trial: kt.engine.trial.Trial) -> str:
     return lines[-1].strip() if lines else "the trial failed without a message"
 
 
-def write_trials_csv(tuner: kt.Tuner, path: Path) -> Path:
-    """One row per trial: id, status, score, best epoch and every hyperparameter."""
-    trials = sorted(tuner.oracle.trials.values(), key=lambda t: t.trial_id)
-    hp_names = sorted({name for t in trials for name in active_values(t.hyperparameters)})
+def trial_rows(tuner: kt.Tuner) -> list[dict]:
+    """One dict per trial: trial_id, status, val_accuracy (None unless completed), best_step, hyperparameters."""
+    return [
+        {
+            "trial_id": t.trial_id,
+            "status": t.status,
+            "val_accuracy": t.score if t.status == "COMPLETED" else None,
+            "best_step": t.best_step,
+            "hyperparameters": active_values(t.hyperparameters),
+        }
+        for t in sorted(tuner.oracle.trials.values(), key=lambda t: t.trial_id)
+    ]
+
+
+def write_trials_csv(rows: list[dict], path: Path) -> Path:
+    """The trials table: id, status, score, best epoch and every hyperparameter, one row per trial."""
+    hp_names = sorted({name for row in rows for name in row["hyperparameters"]})
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, ["trial_id", "status", "val_accuracy", "best_step", *hp_names])
         writer.writeheader()
-        for t in trials:
-            writer.writerow({"trial_id": t.trial_id, "status": t.status, "val_accuracy": t.score, "best_step": t.best_step, **active_values(t.hyperparameters)})
+        for row in rows:
+            writer.writerow({k: v for k, v in row.items() if k != "hyperparameters"} | row["hyperparameters"])
     return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -97,6 +98,22 @@ def test_parent_run_records_settings_data_figures_and_results(smoke_search):
     assert {"trials.csv", "eda/sample_digits.png", "eda/label_distribution.png", "evaluation/confusion_matrix.png", "evaluation/misclassified.png"} <= artifacts
     trials_csv = Path(client.download_artifacts(parent.info.run_id, "trials.csv")).read_text().splitlines()
     assert trials_csv[0].startswith("trial_id,status,val_accuracy,best_step") and len(trials_csv) == 4
+
+
+def test_report_is_logged_and_linked(smoke_search):
+    store, result = smoke_search
+    parent = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags][0]
+    client = mlflow.MlflowClient(store)
+    files = {Path(a.path).name: a.file_size for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert set(files) == {"report.html", "learning_curves.png", "hyperparameters.png", "accuracy_vs_size.png"}
+    assert all(size > 10_000 for size in files.values())
+    page = Path(client.download_artifacts(parent.info.run_id, "report/report.html")).read_text()
+    assert page.count("src='data:image/png;base64,") == 5 and "registered mnist-cnn version 1 as @champion" in page
+    assert f"report: {parent.info.artifact_uri}/report/report.html" in result.stdout
+    # Progress: a line per trial start and end, and the top trials table.
+    assert len(re.findall(r"\] trial \d/3 \(id \d\): family=plain", result.stdout)) == 3
+    assert len(re.findall(r"\] trial \d/3 \(id \d\) val_accuracy 0\.\d{4} in \d+s; best so far", result.stdout)) == 3
+    assert "top 3 trials" in result.stdout
 
 
 def test_nothing_from_the_environment_is_logged(smoke_search):

@@ -1,0 +1,59 @@
+"""What the terminal shows while a search runs: a line per trial, the best so far, the time left."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Mapping, TextIO
+
+
+def describe(hyperparameters: Mapping[str, object]) -> str:
+    """The trial's choices in one line; Hyperband's bookkeeping shown as bracket/round."""
+    parts = []
+    for name, value in hyperparameters.items():
+        if name.startswith("tuner/"):
+            continue
+        parts.append(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}")
+    if "tuner/bracket" in hyperparameters:
+        parts.append(f"(bracket {hyperparameters['tuner/bracket']} round {hyperparameters['tuner/round']}, {hyperparameters['tuner/epochs']} epochs)")
+    return " ".join(parts)
+
+
+class Progress:
+    """Prints a line when a trial starts and when it ends; `max_trials` bounds the estimate of time left."""
+
+    def __init__(self, max_trials: int, out: TextIO | None = None):
+        self.max_trials = max_trials
+        self.out = out or sys.stdout
+        self.durations: list[float] = []
+        self.best: float | None = None
+
+    def trial_started(self, trial_id: str, hyperparameters: Mapping[str, object]) -> None:
+        self._print(f"trial {len(self.durations) + 1}/{self.max_trials} (id {trial_id}): {describe(hyperparameters)}")
+
+    def trial_ended(self, trial_id: str, val_accuracy: float | None, seconds: float, failure: str = "") -> None:
+        self.durations.append(seconds)
+        if val_accuracy is not None and (self.best is None or val_accuracy > self.best):
+            self.best = val_accuracy
+        outcome = f"FAILED ({failure})" if failure else f"val_accuracy {val_accuracy:.4f}"
+        best = f"best so far {self.best:.4f}" if self.best is not None else "no trial completed yet"
+        left = max(0, self.max_trials - len(self.durations))
+        eta = f", about {_duration(statistics.fmean(self.durations) * left)} left for up to {left} more" if left else ""
+        self._print(f"trial {len(self.durations)}/{self.max_trials} (id {trial_id}) {outcome} in {_duration(seconds)}; {best}{eta}")
+
+    def _print(self, line: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {line}", file=self.out, flush=True)
+
+
+def top_table(rows: list[Mapping[str, object]], k: int = 5) -> str:
+    """The `k` best completed trials as a fixed-width table (rows: trial_id, val_accuracy, hyperparameters)."""
+    done = sorted((r for r in rows if r.get("val_accuracy") is not None), key=lambda r: -float(r["val_accuracy"]))[:k]
+    lines = [f"top {len(done)} trials", f"{'trial':>6}  {'val_accuracy':>12}  hyperparameters"]
+    lines += [f"{r['trial_id']:>6}  {float(r['val_accuracy']):>12.4f}  {describe(r['hyperparameters'])}" for r in done]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

@@ -1,0 +1,136 @@
+"""The search report: figures comparing the trials, and one self-contained report.html.
+
+Every function takes the trial records the tracker read back from MLflow
+(`SearchTracker.trial_records`), so a resumed search reports all its trials.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+
+from search.plots import plt, save
+
+
+def completed(records: list[dict]) -> list[dict]:
+    """Trials that finished with a score, best first."""
+    return sorted((r for r in records if r["val_accuracy"] is not None), key=lambda r: -r["val_accuracy"])
+
+
+def learning_curves(records: list[dict], path: Path, top: int = 5) -> Path:
+    """Validation accuracy per epoch of the `top` best trials."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in completed(records)[:top]:
+        steps, values = zip(*r["curve"]) if r["curve"] else ((), ())
+        ax.plot([s + 1 for s in steps], values, marker="o", label=f"trial {r['trial_id']} ({r['val_accuracy']:.4f})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(f"Learning curves of the top {min(top, len(completed(records)))} trials")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def hyperparameter_effects(records: list[dict], path: Path, cols: int = 4) -> Path:
+    """One panel per hyperparameter: its value against the trial's best validation accuracy."""
+    done = completed(records)
+    names = sorted({n for r in done for n in r["hyperparameters"] if not n.startswith("tuner/")})
+    rows = max(1, math.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.2, rows * 2.8), squeeze=False)
+    for ax in axes.flat[len(names) :]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
+        points = [(r["hyperparameters"][name], r["val_accuracy"]) for r in done if name in r["hyperparameters"]]
+        values = [_number(v) for v, _ in points]
+        if all(v is not None for v in values):  # numeric: on a value axis
+            ax.scatter(values, [a for _, a in points], s=18)
+            if name == "learning_rate":
+                ax.set_xscale("log")
+            elif len(set(values)) <= 6:
+                ax.set_xticks(sorted(set(values)), [f"{v:g}" for v in sorted(set(values))])
+        else:  # categorical: one column per category
+            categories = sorted({str(v) for v, _ in points})
+            ax.scatter([categories.index(str(v)) for v, _ in points], [a for _, a in points], s=18)
+            ax.set_xticks(range(len(categories)), categories)
+            ax.set_xlim(-0.5, len(categories) - 0.5)
+        ax.set_xlabel(name)
+        ax.set_ylabel("best val_accuracy")
+    fig.suptitle("Effect of each hyperparameter on the best validation accuracy")
+    return save(fig, path)
+
+
+def accuracy_vs_size(records: list[dict], path: Path) -> Path:
+    """Best validation accuracy against parameter count, with the Pareto front (no smaller model is better)."""
+    done = [r for r in completed(records) if r["param_count"]]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sizes = np.array([r["param_count"] for r in done])
+    accuracies = np.array([r["val_accuracy"] for r in done])
+    ax.scatter(sizes, accuracies, s=20, label="trial")
+    front = pareto_front(sizes, accuracies)
+    ax.plot(sizes[front], accuracies[front], color="crimson", marker="D", label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (log scale)")
+    ax.set_ylabel("best validation accuracy")
+    ax.set_title("Accuracy against model size")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save(fig, path)
+
+
+def pareto_front(sizes: np.ndarray, accuracies: np.ndarray) -> np.ndarray:
+    """Indices, by increasing size, of the trials that no smaller-or-equal trial beats."""
+    front, best = [], -np.inf
+    for i in np.lexsort((-accuracies, sizes)):
+        if accuracies[i] > best:
+            front.append(i)
+            best = accuracies[i]
+    return np.array(front, dtype=int)
+
+
+def write_html(path: Path, title: str, settings: Mapping[str, object], records: list[dict], figures: Mapping[str, Path], decision: str) -> Path:
+    """One page, images embedded, so it can be mailed or opened from the MLflow UI."""
+    top = completed(records)[:10]
+    setting_rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items())
+    trial_rows = "".join(
+        f"<tr><td>{html.escape(r['trial_id'])}</td><td>{r['val_accuracy']:.4f}</td><td>{int(r['param_count'] or 0):,}</td>"
+        f"<td>{(r['wall_time_s'] or 0):.0f}</td><td>{html.escape(_describe(r['hyperparameters']))}</td></tr>"
+        for r in top
+    )
+    failed = sum(r["status"] == "FAILED" for r in records)
+    images = "".join(
+        f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(caption)}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
+        for caption, p in figures.items()
+    )
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;margin-bottom:1em}}
+th,td{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:90%}}img{{max-width:100%}}</style></head>
+<body><h1>{html.escape(title)}</h1>
+<p><b>Registry decision:</b> {html.escape(decision)}</p>
+<p>{len(records)} trials, {len(completed(records))} completed, {failed} failed.</p>
+<h2>Settings</h2><table>{setting_rows}</table>
+<h2>Top trials</h2><table><tr><th>trial</th><th>best val_accuracy</th><th>parameters</th><th>seconds</th><th>hyperparameters</th></tr>{trial_rows}</table>
+{images}
+</body></html>
+"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page)
+    return path
+
+
+def _number(value: object) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _describe(hyperparameters: Mapping[str, object]) -> str:
+    return " ".join(f"{k}={v}" for k, v in hyperparameters.items() if not k.startswith("tuner/"))

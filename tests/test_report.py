@@ -1,0 +1,71 @@
+"""Code tests of the progress lines and the report figures, on hand-made trial records."""
+
+import io
+import re
+
+import numpy as np
+
+from search import report
+from search.progress import Progress, describe, top_table
+from tests.test_evaluate import assert_png
+
+
+def records():
+    rows = []
+    for i, (family, lr, acc, params) in enumerate(
+        [("plain", 1e-3, 0.97, 50_000), ("batchnorm", 3e-3, 0.98, 90_000), ("plain", 1e-2, 0.95, 20_000), ("plain", 1e-4, None, None)]
+    ):
+        rows.append(
+            {
+                "trial_id": str(i),
+                "status": "FAILED" if acc is None else "FINISHED",
+                "hyperparameters": {"family": family, "learning_rate": str(lr), "conv_blocks": str(1 + i % 2), "tuner/epochs": "2"},
+                "val_accuracy": acc,
+                "param_count": params,
+                "wall_time_s": 3.0,
+                "curve": [] if acc is None else [(0, acc - 0.02), (1, acc)],
+            }
+        )
+    return rows
+
+
+def test_pareto_front_keeps_only_trials_no_smaller_trial_beats():
+    sizes = np.array([50, 20, 90, 60, 20])
+    accuracies = np.array([0.97, 0.95, 0.98, 0.96, 0.94])
+    assert list(report.pareto_front(sizes, accuracies)) == [1, 0, 2]
+
+
+def test_figures_and_html(tmp_path):
+    rows = records()
+    figures = {
+        "curves": report.learning_curves(rows, tmp_path / "learning_curves.png"),
+        "hyperparameters": report.hyperparameter_effects(rows, tmp_path / "hyperparameters.png"),
+        "size": report.accuracy_vs_size(rows, tmp_path / "accuracy_vs_size.png"),
+    }
+    for path in figures.values():
+        assert_png(path, min_bytes=10_000)
+    page = report.write_html(tmp_path / "report.html", "A search", {"tuner": "random"}, rows, figures, "registered x version 1").read_text()
+    assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
+    assert len(re.findall(r"<img alt='[^']+' src='data:image/png;base64,", page)) == 3
+    assert "registered x version 1" in page and "4 trials, 3 completed, 1 failed." in page
+    assert page.index(">1</td><td>0.9800") < page.index(">0</td><td>0.9700")  # best first
+
+
+def test_progress_lines_give_trial_count_best_so_far_and_time_left():
+    out = io.StringIO()
+    progress = Progress(max_trials=4, out=out)
+    progress.trial_started("00", {"family": "plain", "learning_rate": 0.00123456, "tuner/bracket": 1, "tuner/round": 0, "tuner/epochs": 2})
+    progress.trial_ended("00", 0.9512, 10.0)
+    progress.trial_ended("01", None, 20.0, failure="ValueError: boom")
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("trial 1/4 (id 00): family=plain learning_rate=0.00123 (bracket 1 round 0, 2 epochs)")
+    assert lines[1].endswith("trial 1/4 (id 00) val_accuracy 0.9512 in 10s; best so far 0.9512, about 30s left for up to 3 more")
+    assert lines[2].endswith("trial 2/4 (id 01) FAILED (ValueError: boom) in 20s; best so far 0.9512, about 30s left for up to 2 more")
+
+
+def test_top_table_lists_the_best_completed_trials_first():
+    rows = [{"trial_id": r["trial_id"], "val_accuracy": r["val_accuracy"], "hyperparameters": r["hyperparameters"]} for r in records()]
+    table = top_table(rows, k=2).splitlines()
+    assert table[0] == "top 2 trials"
+    assert [line.split()[0] for line in table[2:]] == ["1", "0"]
+    assert describe({"tuner/epochs": 2, "dropout": 0.25}) == "dropout=0.25"
