@@ -36,12 +36,16 @@ def write_npz(path: Path, n_train: int = 120, n_test: int = 40, seed: int = 0, *
 
 
 @pytest.fixture
-def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A fresh sqlite tracking store in this test's own directory, which is also the cwd
     (so artifacts, outputs/ and tuner directories land there too)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.delenv(var, raising=False)
-    return uri
+    yield uri
+    # mlflow.set_experiment() exports MLFLOW_EXPERIMENT_ID: keep it from reaching later tests' processes.
+    for var in MLFLOW_RUN_ENV:
+        os.environ.pop(var, None)
+
+
+MLFLOW_RUN_ENV = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import MLFLOW_RUN_ENV, REPO
 
 SECRET = "s3cr3t-token-value"  # in the environment of the search; must not reach the store
 PROJECT_FILES = ("MLproject", "conda.yaml", "requirements.txt", "experiments", "model_zoo", "search")
@@ -29,7 +29,8 @@ def mlflow_run(project: Path, store: str, mnist_npz: Path, *params: str) -> subp
         "AWS_SECRET_ACCESS_KEY": SECRET,
         "DATABASE_PASSWORD": SECRET,
     }
-    env.pop("MLFLOW_RUN_ID", None)
+    for var in MLFLOW_RUN_ENV:
+        env.pop(var, None)
     args = [sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local"]
     for param in params:
         args += ["-P", param]

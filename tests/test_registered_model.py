@@ -14,13 +14,14 @@ import mlflow
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import MLFLOW_RUN_ENV, REPO
 from tests.test_cli import free_port
 
 
 def search_command(store: str, mnist_npz: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MNIST_NPZ": str(mnist_npz), "PYTHONPATH": str(REPO)}
-    env.pop("MLFLOW_RUN_ID", None)
+    for var in MLFLOW_RUN_ENV:
+        env.pop(var, None)
     return subprocess.run([sys.executable, "-m", "search", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 

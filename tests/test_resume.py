@@ -13,14 +13,15 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import MLFLOW_RUN_ENV, REPO
 
 MAX_TRIALS = 4
 
 
 def search_env(store: str, mnist_npz: Path) -> dict:
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MNIST_NPZ": str(mnist_npz), "PYTHONPATH": str(REPO)}
-    env.pop("MLFLOW_RUN_ID", None)
+    for var in MLFLOW_RUN_ENV:
+        env.pop(var, None)
     return env
 
 
