@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+SECRET = "s3cr3t-token-value"  # in the environment of the smoke search; must not reach the store
+PROJECT_FILES = ("MLproject", "conda.yaml", "requirements.txt", "experiments", "model_zoo", "search")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of test logs
 
 
@@ -49,3 +54,44 @@ def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 MLFLOW_RUN_ENV = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
+def mlflow_run(project: Path, store: str, mnist_npz: Path, *params: str) -> subprocess.CompletedProcess:
+    """`mlflow run <project> --env-manager local -P ...` with this test's python first on PATH."""
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": store,
+        "MNIST_NPZ": str(mnist_npz),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "DATABASE_PASSWORD": SECRET,
+    }
+    for var in MLFLOW_RUN_ENV:
+        env.pop(var, None)
+    args = [sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local"]
+    for param in params:
+        args += ["-P", param]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+
+
+def fresh_project(tmp_path: Path) -> Path:
+    """A copy of the project's files, as a fresh checkout has them (no outputs, no store)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in PROJECT_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, project / name)
+    return project
+
+
+@pytest.fixture(scope="session")
+def smoke_search(tmp_path_factory, mnist_npz):
+    """One smoke search through `mlflow run`, shared by the end-to-end and UI tests: (store, result)."""
+    tmp = tmp_path_factory.mktemp("smoke")
+    store = f"sqlite:///{tmp / 'mlflow.db'}"
+    result = mlflow_run(fresh_project(tmp), store, mnist_npz, "profile=smoke")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return store, result

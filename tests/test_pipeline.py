@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,51 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import MLFLOW_RUN_ENV, REPO
-
-SECRET = "s3cr3t-token-value"  # in the environment of the search; must not reach the store
-PROJECT_FILES = ("MLproject", "conda.yaml", "requirements.txt", "experiments", "model_zoo", "search")
-
-
-def mlflow_run(project: Path, store: str, mnist_npz: Path, *params: str) -> subprocess.CompletedProcess:
-    """`mlflow run <project> --env-manager local -P ...` with this test's python first on PATH."""
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": store,
-        "MNIST_NPZ": str(mnist_npz),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "DATABASE_PASSWORD": SECRET,
-    }
-    for var in MLFLOW_RUN_ENV:
-        env.pop(var, None)
-    args = [sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local"]
-    for param in params:
-        args += ["-P", param]
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
-
-
-def fresh_project(tmp_path: Path) -> Path:
-    """A copy of the project's files, as a fresh checkout has them (no outputs, no store)."""
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in PROJECT_FILES:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, project / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, project / name)
-    return project
-
-
-@pytest.fixture(scope="module")
-def smoke_search(tmp_path_factory, mnist_npz):
-    """One smoke search through `mlflow run`, shared by the assertions below."""
-    tmp = tmp_path_factory.mktemp("smoke")
-    store = f"sqlite:///{tmp / 'mlflow.db'}"
-    result = mlflow_run(fresh_project(tmp), store, mnist_npz, "profile=smoke")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return store, result
+from tests.conftest import REPO, SECRET, fresh_project, mlflow_run
 
 
 def runs(store):
