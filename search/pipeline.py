@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass
@@ -143,12 +144,13 @@ def run_search(config: SearchConfig, verbose: int | None = None, resume: Resume 
 def write_report(records: list[dict], config: SearchConfig, decision: tracking.RegistryDecision, out: Path) -> Path:
     """The report folder: trial figures, the winner's evaluation figures and report.html."""
     folder = out / "report"
+    folder.mkdir(parents=True, exist_ok=True)
     figures = {
         "Learning curves of the top trials": report.learning_curves(records, folder / "learning_curves.png"),
         "Hyperparameters against validation accuracy": report.hyperparameter_effects(records, folder / "hyperparameters.png"),
-        "Accuracy against model size": report.accuracy_vs_size(records, folder / "accuracy_vs_size.png"),
-        "Winner: test confusion matrix": out / "evaluation" / "confusion_matrix.png",
-        "Winner: misclassified test digits": out / "evaluation" / "misclassified.png",
+        "Accuracy against model cost": report.accuracy_vs_cost(records, folder / "accuracy_vs_cost.png"),
+        "Winner: test confusion matrix": Path(shutil.copy(out / "evaluation" / "confusion_matrix.png", folder)),
+        "Winner: misclassified test digits": Path(shutil.copy(out / "evaluation" / "misclassified.png", folder)),
     }
     settings = {k.removeprefix("config."): v for k, v in tracking.config_params(config).items()}
     report.write_html(folder / "report.html", f"MNIST CNN search ({config.profile} profile)", settings, records, figures, decision.reason)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from search.plots import plt, save
 
@@ -53,6 +53,7 @@ def hyperparameter_effects(records: list[dict], path: Path, cols: int = 4) -> Pa
             ax.scatter(values, [a for _, a in points], s=18)
             if name == "learning_rate":
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap in a small panel
             elif len(set(values)) <= 6:
                 ax.set_xticks(sorted(set(values)), [f"{v:g}" for v in sorted(set(values))])
         else:  # categorical: one column per category
@@ -66,21 +67,25 @@ def hyperparameter_effects(records: list[dict], path: Path, cols: int = 4) -> Pa
     return save(fig, path)
 
 
-def accuracy_vs_size(records: list[dict], path: Path) -> Path:
-    """Best validation accuracy against parameter count, with the Pareto front (no smaller model is better)."""
-    done = [r for r in completed(records) if r["param_count"]]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    sizes = np.array([r["param_count"] for r in done])
-    accuracies = np.array([r["val_accuracy"] for r in done])
-    ax.scatter(sizes, accuracies, s=20, label="trial")
-    front = pareto_front(sizes, accuracies)
-    ax.plot(sizes[front], accuracies[front], color="crimson", marker="D", label="Pareto front")
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters (log scale)")
-    ax.set_ylabel("best validation accuracy")
-    ax.set_title("Accuracy against model size")
-    ax.grid(alpha=0.3)
-    ax.legend()
+def accuracy_vs_cost(records: list[dict], path: Path) -> Path:
+    """Best validation accuracy against parameter count and inference time, each with its Pareto front."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, label in (
+        (axes[0], "param_count", "parameters (log scale)"),
+        (axes[1], "inference_ms_per_digit", "inference time per digit, ms (batches of 256, log scale)"),
+    ):
+        done = [r for r in completed(records) if r.get(key)]
+        costs = np.array([r[key] for r in done], dtype=float)
+        accuracies = np.array([r["val_accuracy"] for r in done])
+        ax.scatter(costs, accuracies, s=20, label="trial")
+        front = pareto_front(costs, accuracies)
+        ax.plot(costs[front], accuracies[front], color="crimson", marker="D", label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("best validation accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Accuracy against model cost")
     return save(fig, path)
 
 

@@ -115,6 +115,7 @@ class SearchTracker:
                     "hyperparameters": run.data.params,
                     "val_accuracy": run.data.metrics.get("best_val_accuracy"),
                     "param_count": run.data.metrics.get("param_count"),
+                    "inference_ms_per_digit": run.data.metrics.get("inference_ms_per_digit"),
                     "wall_time_s": run.data.metrics.get("wall_time_s"),
                     "curve": sorted((m.step, m.value) for m in curve),
                 }

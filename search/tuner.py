@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import keras_tuner as kt
+import numpy as np
 
 from experiments import SearchConfig
 from model_zoo import CNNZoo
@@ -32,7 +33,7 @@ class TrackedTuner:
         interrupts.raise_if_requested()
         super().on_trial_begin(trial)
         self._trial_started = time.perf_counter()
-        self._param_count = None
+        self._param_count = self._inference_ms = None
         self.tracker.start_trial(trial.trial_id, active_values(trial.hyperparameters))
         self.progress.trial_started(trial.trial_id, active_values(trial.hyperparameters))
 
@@ -51,8 +52,9 @@ class TrackedTuner:
     def on_epoch_end(self, trial, model, epoch, logs=None) -> None:
         super().on_epoch_end(trial, model, epoch, logs)
         try:
-            if self._param_count is None:
+            if self._param_count is None:  # once per trial, after its first epoch
                 self._param_count = model.count_params()
+                self._inference_ms = inference_ms_per_digit(model)
             self.tracker.log_epoch(trial.trial_id, epoch, logs or {})
         except Exception as err:
             # Keras Tuner would swallow an ordinary exception here and mark the
@@ -68,6 +70,7 @@ class TrackedTuner:
             summary = {
                 "best_val_accuracy": None if failed else ended.score,
                 "param_count": self._param_count,
+                "inference_ms_per_digit": self._inference_ms,
                 "wall_time_s": time.perf_counter() - self._trial_started,
             }
             reason = failure_reason(ended) if failed else ""
@@ -119,6 +122,15 @@ def make_tuner(
     tuner.tracker = tracker
     tuner.progress = Progress(config.max_trials)
     return tuner
+
+
+def inference_ms_per_digit(model, digits: int = 1024, batch_size: int = 256) -> float:
+    """Milliseconds per digit for batched prediction (timed after one warm-up batch)."""
+    batch = np.zeros((digits, 28, 28, 1), np.float32)
+    model.predict(batch[:batch_size], batch_size=batch_size, verbose=0)
+    started = time.perf_counter()
+    model.predict(batch, batch_size=batch_size, verbose=0)
+    return (time.perf_counter() - started) * 1000 / digits
 
 
 def active_values(hp: kt.HyperParameters) -> dict[str, object]:

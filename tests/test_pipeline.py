@@ -32,7 +32,7 @@ def test_one_parent_and_one_finished_child_per_trial(smoke_search):
     for child in children:
         assert child.info.run_name == f"trial-{child.data.tags['trial_id']}"
         assert {"family", "conv_blocks", "conv_filters_0", "kernel_size", "dropout", "learning_rate"} <= set(child.data.params)
-        assert {"loss", "accuracy", "val_loss", "val_accuracy", "best_val_accuracy", "param_count", "wall_time_s"} <= set(child.data.metrics)
+        assert {"loss", "accuracy", "val_loss", "val_accuracy", "best_val_accuracy", "param_count", "wall_time_s", "inference_ms_per_digit"} <= set(child.data.metrics)
 
 
 def test_parent_run_records_settings_data_figures_and_results(smoke_search):
@@ -61,7 +61,7 @@ def test_report_is_logged_and_linked(smoke_search):
     parent = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags][0]
     client = mlflow.MlflowClient(store)
     files = {Path(a.path).name: a.file_size for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert set(files) == {"report.html", "learning_curves.png", "hyperparameters.png", "accuracy_vs_size.png"}
+    assert set(files) == {"report.html", "learning_curves.png", "hyperparameters.png", "accuracy_vs_cost.png", "confusion_matrix.png", "misclassified.png"}
     assert all(size > 10_000 for size in files.values())
     page = Path(client.download_artifacts(parent.info.run_id, "report/report.html")).read_text()
     assert page.count("src='data:image/png;base64,") == 5 and "registered mnist-cnn version 1 as @champion" in page

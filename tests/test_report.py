@@ -22,6 +22,7 @@ def records():
                 "hyperparameters": {"family": family, "learning_rate": str(lr), "conv_blocks": str(1 + i % 2), "tuner/epochs": "2"},
                 "val_accuracy": acc,
                 "param_count": params,
+                "inference_ms_per_digit": None if params is None else params / 1e6,
                 "wall_time_s": 3.0,
                 "curve": [] if acc is None else [(0, acc - 0.02), (1, acc)],
             }
@@ -40,7 +41,7 @@ def test_figures_and_html(tmp_path):
     figures = {
         "curves": report.learning_curves(rows, tmp_path / "learning_curves.png"),
         "hyperparameters": report.hyperparameter_effects(rows, tmp_path / "hyperparameters.png"),
-        "size": report.accuracy_vs_size(rows, tmp_path / "accuracy_vs_size.png"),
+        "cost": report.accuracy_vs_cost(rows, tmp_path / "accuracy_vs_cost.png"),
     }
     for path in figures.values():
         assert_png(path, min_bytes=10_000)
