@@ -13,16 +13,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from search.pyfunc_model import SIZE, InputError, as_digits
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # A digit needs no more: larger inputs are refused before they are decoded.
 MAX_FILE_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 4096 * 4096
 DIGIT_BOX = 20  # MNIST: the digit's longer side, in pixels
-SIZE = 28
-
-
-class InputError(ValueError):
-    """An input that cannot be read as digits: the message names the file and the problem."""
 
 
 def read_inputs(path: str | Path) -> tuple[list[str], np.ndarray]:
@@ -72,21 +69,6 @@ def read_array(path: Path) -> np.ndarray:
     except (ValueError, OSError, EOFError) as err:
         raise InputError(f"{path}: not a readable {path.suffix} array ({type(err).__name__})") from None
     return as_digits(array, str(path))
-
-
-def as_digits(array: np.ndarray, where: str = "input") -> np.ndarray:
-    """(N, 28, 28) or (N, 28, 28, 1) digits, uint8 0..255 or float 0..1, as float32 (N, 28, 28, 1)."""
-    if array.ndim not in (3, 4) or array.shape[1:3] != (SIZE, SIZE) or (array.ndim == 4 and array.shape[3] != 1) or len(array) == 0:
-        raise InputError(f"{where}: expected digits of shape (N, 28, 28) or (N, 28, 28, 1), got {array.shape}")
-    if np.issubdtype(array.dtype, np.integer):
-        if array.min() < 0 or array.max() > 255:
-            raise InputError(f"{where}: integer pixels must be in 0..255")
-        return (array.reshape(-1, SIZE, SIZE, 1) / 255.0).astype(np.float32)
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-            raise InputError(f"{where}: float pixels must be finite and in [0, 1]")
-        return array.reshape(-1, SIZE, SIZE, 1).astype(np.float32)
-    raise InputError(f"{where}: dtype {array.dtype} is not uint8 0..255 or float 0..1")
 
 
 def to_mnist(gray: np.ndarray) -> np.ndarray:

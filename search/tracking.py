@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -20,19 +22,30 @@ from typing import Iterator, Mapping
 import mlflow
 import numpy as np
 from mlflow.entities import Metric, Param, RunStatus
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from search import pyfunc_model
 from search.evaluate import Comparison
 
 # What the logged model needs to be loaded and served; given explicitly
 # because inferring it costs seconds per call.
 MODEL_REQUIREMENTS = tuple(f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "tensorflow", "keras"))
-MODEL_SIGNATURE = ModelSignature(
+# The Keras model's own tensors (mlflow.keras.save_model requires an input schema).
+KERAS_SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28, 1), "digits")]),
     outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10), "probabilities")]),
 )
+# The registered model's pyfunc (search/pyfunc_model.py): its input is left open,
+# as it takes (N, 28, 28) or (N, 28, 28, 1), integers 0..255 or floats 0..1.
+MODEL_SIGNATURE = ModelSignature(
+    inputs=None,
+    outputs=Schema(
+        [TensorSpec(np.dtype(np.float32), (-1, 10), "probabilities"), TensorSpec(np.dtype(np.int64), (-1,), "digit")]
+    ),
+)
+PYFUNC_MODULE = "mnist_digits_pyfunc"
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 # Waits between retries while another process holds the sqlite write lock
 # (MLflow already waits 20 s inside each attempt).
@@ -161,16 +174,8 @@ class SearchTracker:
         if test_accuracy < threshold:
             return self._decided(RegistryDecision(False, f"not registered: test_accuracy {test_accuracy:.4f} < threshold {threshold:.4f}"))
         previous = self.champion_version(model_name, alias)
-        import mlflow.keras  # noqa: PLC0415 - loads TensorFlow glue only when a model is logged
-
-        info = mlflow.keras.log_model(
-            model,
-            name="model",
-            signature=MODEL_SIGNATURE,
-            pip_requirements=list(MODEL_REQUIREMENTS),
-            registered_model_name=model_name,
-        )
-        version = str(info.registered_model_version)
+        self._log_model(model)
+        version = str(_patient(mlflow.register_model)(f"runs:/{self.run_id}/model", model_name).version)
         tags = {"test_accuracy": f"{test_accuracy:.6f}", "search_run_id": self.run_id}
         if comparison is not None:
             tags.update(
@@ -198,6 +203,22 @@ class SearchTracker:
             self.client.set_registered_model_alias(model_name, f"previous_{alias}", previous)
         against = f", beating version {previous} ({comparison.champion_accuracy:.4f}, McNemar p={comparison.p_value:.3g})" if comparison else ""
         return self._decided(RegistryDecision(True, f"registered {model_name} version {version} as @{alias} (test_accuracy {test_accuracy:.4f}{against})", version, True))
+
+    def _log_model(self, model) -> None:
+        """The model under artifact `model/`: Keras' native format (flavor `keras`) and the
+        pyfunc of search/pyfunc_model.py, shipped with it (flavor `python_function`)."""
+        import mlflow.keras  # noqa: PLC0415 - TensorFlow glue only when a model is logged
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model"
+            mlflow.keras.save_model(model, str(path), signature=KERAS_SIGNATURE, pip_requirements=list(MODEL_REQUIREMENTS))
+            (path / "code").mkdir()
+            shutil.copy(pyfunc_model.__file__, path / "code" / f"{PYFUNC_MODULE}.py")
+            mlmodel = Model.load(str(path / "MLmodel"))
+            mlmodel.flavors["python_function"].update(loader_module=PYFUNC_MODULE, code="code", data="data")
+            mlmodel.signature = MODEL_SIGNATURE
+            mlmodel.save(str(path / "MLmodel"))
+            self.client.log_artifacts(self.run_id, str(path), "model")
 
     def _decided(self, decision: RegistryDecision) -> RegistryDecision:
         self.set_tag("registry_decision", decision.reason)

@@ -77,16 +77,19 @@ def test_served_champion_answers_rest_requests(registry, mnist_npz):
                 assert time.monotonic() < deadline, "the model server did not start in 180 s"
                 time.sleep(1)
         test = np.load(mnist_npz)
-        digits = (test["x_test"][:200, :, :, None] / 255).astype(np.float32)
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps({"inputs": digits.tolist()}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        probabilities = np.array(json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"])
-        assert probabilities.shape == (200, 10)
-        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-4)
-        assert (probabilities.argmax(axis=1) == test["y_test"][:200]).mean() >= 0.9
+        labels = test["y_test"][:200]
+        for digits in (test["x_test"][:200], test["x_test"][:200, :, :, None] / 255):  # uint8 (N, 28, 28); float (N, 28, 28, 1)
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations",
+                data=json.dumps({"inputs": digits.tolist()}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            predictions = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
+            probabilities, digit = np.array(predictions["probabilities"]), np.array(predictions["digit"])
+            assert probabilities.shape == (200, 10) and digit.shape == (200,)
+            np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-4)
+            np.testing.assert_array_equal(digit, probabilities.argmax(axis=1))
+            assert (digit == labels).mean() >= 0.9
     finally:
         server.terminate()
         server.wait(timeout=30)

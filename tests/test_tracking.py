@@ -129,9 +129,19 @@ def test_registry_gate_champion_and_previous_champion(tracking_store):
         "mcnemar_champion_only_right": "12",
         "mcnemar_p_value": "0.0079",
     }
+    digits = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    expected = model.predict((digits / 255.0).astype(np.float32)[..., None], verbose=0)
+    # The keras flavor: the Keras model itself.
     loaded = mlflow.keras.load_model("models:/digits@champion")
-    x = np.zeros((1, 28, 28, 1), np.float32)
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
+    np.testing.assert_allclose(loaded.predict((digits / 255.0).astype(np.float32)[..., None], verbose=0), expected, rtol=1e-5)
+    # The pyfunc flavor: (N, 28, 28) or (N, 28, 28, 1), uint8 or float, in; probabilities and digits out.
+    pyfunc = mlflow.pyfunc.load_model("models:/digits@champion")
+    for batch in (digits, digits[..., None], digits / 255.0, (digits / 255.0).astype(np.float32)[..., None]):
+        out = pyfunc.predict(batch)
+        np.testing.assert_allclose(out["probabilities"], expected, rtol=1e-5)
+        np.testing.assert_array_equal(out["digit"], expected.argmax(axis=1))
+    with pytest.raises(ValueError, match=r"expected digits of shape \(N, 28, 28\) or \(N, 28, 28, 1\), got \(3, 32, 32\)"):
+        pyfunc.predict(np.zeros((3, 32, 32), np.uint8))
 
 
 class NaNLoss(kt.HyperModel):
