@@ -67,6 +67,8 @@ def load_mnist(source: str, validation_size: int = 6_000) -> MnistData:
 def _read_npz(path: str) -> dict[str, np.ndarray]:
     if not Path(path).is_file():
         raise DataError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not a readable .npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in KEYS if k not in npz.files]

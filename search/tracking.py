@@ -289,8 +289,9 @@ def check_reachable() -> None:
     try:
         mlflow.MlflowClient().search_experiments(max_results=1)
     except Exception as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise TrackingError(f"tracking store {mlflow.get_tracking_uri()} is unreachable: {first_line[:300]}") from None
+        text = str(err)
+        reason = "no connection" if "Max retries exceeded" in text or "Connection" in text else (text.strip().splitlines() or [type(err).__name__])[0][:200]
+        raise TrackingError(f"tracking store {mlflow.get_tracking_uri()} is unreachable ({reason})") from None
     finally:
         for k, v in saved.items():
             if v is None:
