@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -95,3 +100,37 @@ def smoke_search(tmp_path_factory, mnist_npz):
     result = mlflow_run(fresh_project(tmp), store, mnist_npz, "profile=smoke")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return store, result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_listening(args: list[str], probe: str, cwd: Path, env: dict | None = None, timeout_s: float = 180) -> Iterator[str]:
+    """`python -m mlflow <args> --host 127.0.0.1 --port <free port>`, yielding its base URL once
+    GET `probe` answers; stopped afterwards."""
+    port = free_port()
+    env = {**os.environ, **(env or {}), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log_path = cwd / f"mlflow-{port}.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", *args, "--host", "127.0.0.1", "--port", str(port)], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            try:
+                urllib.request.urlopen(url + probe, timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"mlflow {args[0]} did not answer in {timeout_s:.0f} s"
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,13 +12,7 @@ import numpy as np
 import pytest
 
 from search.cli import main
-from tests.conftest import REPO, write_npz
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import REPO, free_port, write_npz
 
 
 def bad_input(case: str, tmp_path) -> tuple[list[str], str]:

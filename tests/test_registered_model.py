@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -14,8 +13,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from tests.conftest import MLFLOW_RUN_ENV, REPO
-from tests.test_cli import free_port
+from tests.conftest import MLFLOW_RUN_ENV, REPO, mlflow_listening
 
 
 def search_command(store: str, mnist_npz: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -60,27 +58,13 @@ def test_evaluate_a_model_that_does_not_exist(registry, mnist_npz):
 
 def test_served_champion_answers_rest_requests(registry, mnist_npz):
     store, tmp = registry
-    port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/mnist-cnn@champion", "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "w"),
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (tmp / "serve.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the model server did not start in 180 s"
-                time.sleep(1)
+    serve = ["models", "serve", "-m", "models:/mnist-cnn@champion", "--env-manager", "local"]
+    with mlflow_listening(serve, "/ping", tmp, {"MLFLOW_TRACKING_URI": store}) as url:
         test = np.load(mnist_npz)
         labels = test["y_test"][:200]
         for digits in (test["x_test"][:200], test["x_test"][:200, :, :, None] / 255):  # uint8 (N, 28, 28); float (N, 28, 28, 1)
             request = urllib.request.Request(
-                f"http://127.0.0.1:{port}/invocations",
+                f"{url}/invocations",
                 data=json.dumps({"inputs": digits.tolist()}).encode(),
                 headers={"Content-Type": "application/json"},
             )
@@ -90,9 +74,6 @@ def test_served_champion_answers_rest_requests(registry, mnist_npz):
             np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-4)
             np.testing.assert_array_equal(digit, probabilities.argmax(axis=1))
             assert (digit == labels).mean() >= 0.9
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_second_search_is_compared_with_the_champion(registry, mnist_npz):

@@ -7,20 +7,14 @@ report.html among its artifacts. Screenshots go to test-outputs/.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 from playwright.sync_api import sync_playwright
 
-from tests.conftest import REPO
-from tests.test_cli import free_port
+from tests.conftest import REPO, mlflow_listening
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # No background traffic: this machine reaches nothing but loopback.
@@ -32,26 +26,8 @@ SCREENSHOTS = REPO / "test-outputs"
 def ui(smoke_search, tmp_path):
     """The base URL of an `mlflow server` over the smoke search's store."""
     store, _ = smoke_search
-    port = free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
-            time.sleep(0.5)
-    yield url
-    server.terminate()
-    server.wait(timeout=30)
+    with mlflow_listening(["server", "--backend-store-uri", store, "--workers", "1"], "/health", tmp_path) as url:
+        yield url
 
 
 def test_search_run_trials_and_report_are_in_the_ui(ui, smoke_search):
