@@ -92,8 +92,9 @@ def run_search(config: SearchConfig, verbose: int | None = None, resume: Resume 
             last = tuner.oracle.trials[tuner.oracle.end_order[-1]]
             raise SearchFailed(f"{tuner.oracle.max_consecutive_failed_trials} trials failed in a row, the last with: {failure_reason(last)}") from None
         finally:
-            tracker.log_artifact(write_trials_csv(trial_rows(tuner), out / "trials.csv"))
-        print(top_table(trial_rows(tuner)))
+            rows = trial_rows(tuner)
+            tracker.log_artifact(write_trials_csv(rows, out / "trials.csv"))
+        print(top_table(rows))
         trials = list(tuner.oracle.trials.values())
         completed = [t for t in trials if t.status == "COMPLETED"]
         if not completed:
