@@ -71,14 +71,13 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: not a readable .npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in KEYS if k not in npz.files]
-            if missing:
-                raise DataError(f"{path}: missing key(s) {', '.join(missing)} (expected {', '.join(KEYS)})")
-            return {k: npz[k] for k in KEYS}
+            arrays = {k: npz[k] for k in KEYS if k in npz.files}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
-        if isinstance(err, DataError):
-            raise
         raise DataError(f"{path}: not a readable .npz file ({err})") from None
+    missing = [k for k in KEYS if k not in arrays]
+    if missing:
+        raise DataError(f"{path}: missing key(s) {', '.join(missing)} (expected {', '.join(KEYS)})")
+    return arrays
 
 
 def _read_keras() -> dict[str, np.ndarray]:

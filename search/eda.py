@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 
 from search.data import MnistData, Split
-from search.plots import plt, save
+from search.plots import save, subplots
 
 
 def sample_grid(split: Split, path: Path, seed: int, rows: int = 4, cols: int = 8) -> Path:
     """A grid of random images of `split`, each titled with its label."""
     picks = np.random.default_rng(seed).choice(len(split), size=rows * cols, replace=False)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.2, rows * 1.4))
+    fig, axes = subplots(rows, cols, figsize=(cols * 1.2, rows * 1.4))
     for ax, i in zip(axes.flat, picks):
         ax.imshow(split.x[i, :, :, 0], cmap="gray", vmin=0.0, vmax=1.0)
         ax.set_title(f"label {split.y[i]}", fontsize=9)
@@ -27,7 +27,7 @@ def label_distribution(data: MnistData, path: Path) -> Path:
     splits = {"train": data.train, "validation": data.validation, "test": data.test}
     digits = np.arange(10)
     width = 0.8 / len(splits)
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = subplots(figsize=(8, 4))
     for k, (name, split) in enumerate(splits.items()):
         counts = np.bincount(split.y, minlength=10)
         ax.bar(digits + (k - 1) * width, counts, width, label=f"{name} ({len(split):,})")

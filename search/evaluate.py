@@ -10,7 +10,7 @@ import keras
 import numpy as np
 
 from search.data import Split
-from search.plots import plt, save
+from search.plots import save, subplots
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def mcnemar_p_value(b: int, c: int) -> float:
 
 def plot_confusion_matrix(report: TestReport, path: Path) -> Path:
     """The confusion matrix with counts in every non-empty cell."""
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    fig, ax = subplots(figsize=(6.5, 5.5))
     image = ax.imshow(np.log1p(report.confusion), cmap="Blues")
     for (true, pred), count in np.ndenumerate(report.confusion):
         if count:
@@ -102,7 +102,7 @@ def plot_misclassified(test: Split, report: TestReport, path: Path, limit: int =
     """The first `limit` misclassified test digits, titled true -> predicted."""
     wrong = np.flatnonzero(report.predicted != test.y)[:limit]
     rows = max(1, math.ceil(len(wrong) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.3), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(cols * 1.1, rows * 1.3), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong):

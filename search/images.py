@@ -59,15 +59,13 @@ def read_array(path: Path) -> np.ndarray:
     try:
         if path.suffix.lower() == ".npz":
             with np.load(path, allow_pickle=False) as npz:
-                if not npz.files:
-                    raise InputError(f"{path}: the .npz holds no array")
-                array = npz[npz.files[0]]
+                array = npz[npz.files[0]] if npz.files else None
         else:
             array = np.load(path, allow_pickle=False)
-    except InputError:
-        raise
     except (ValueError, OSError, EOFError) as err:
         raise InputError(f"{path}: not a readable {path.suffix} array ({type(err).__name__})") from None
+    if array is None:
+        raise InputError(f"{path}: the .npz holds no array")
     return as_digits(array, str(path))
 
 

@@ -1,21 +1,23 @@
-"""Matplotlib for files only (no display on servers and CI), and one way to save a figure."""
+"""Figures for files only: matplotlib's object API, so no GUI backend is chosen at import."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-__all__ = ["plt", "save"]
+__all__ = ["save", "subplots"]
 
 
-def save(fig: plt.Figure, path: Path) -> Path:
-    """Write `fig` as a PNG at `path` (parents created) and free it."""
+def subplots(rows: int = 1, cols: int = 1, **kwargs):
+    """A figure and its axes, as `pyplot.subplots` returns them, without pyplot's global state."""
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(rows, cols, **kwargs)
+
+
+def save(fig: Figure, path: Path) -> Path:
+    """Write `fig` as a PNG at `path` (parents created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

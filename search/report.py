@@ -15,7 +15,7 @@ from typing import Mapping
 import numpy as np
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
-from search.plots import plt, save
+from search.plots import save, subplots
 
 
 def completed(records: list[dict]) -> list[dict]:
@@ -25,7 +25,7 @@ def completed(records: list[dict]) -> list[dict]:
 
 def learning_curves(records: list[dict], path: Path, top: int = 5) -> Path:
     """Validation accuracy per epoch of the `top` best trials."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = subplots(figsize=(7, 4.5))
     for r in completed(records)[:top]:
         steps, values = zip(*r["curve"]) if r["curve"] else ((), ())
         ax.plot([s + 1 for s in steps], values, marker="o", label=f"trial {r['trial_id']} ({r['val_accuracy']:.4f})")
@@ -43,7 +43,7 @@ def hyperparameter_effects(records: list[dict], path: Path, cols: int = 4) -> Pa
     done = completed(records)
     names = sorted({n for r in done for n in r["hyperparameters"] if not n.startswith("tuner/")})
     rows = max(1, math.ceil(len(names) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.2, rows * 2.8), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(cols * 3.2, rows * 2.8), squeeze=False)
     for ax in axes.flat[len(names) :]:
         ax.axis("off")
     for ax, name in zip(axes.flat, names):
@@ -69,7 +69,7 @@ def hyperparameter_effects(records: list[dict], path: Path, cols: int = 4) -> Pa
 
 def accuracy_vs_cost(records: list[dict], path: Path) -> Path:
     """Best validation accuracy against parameter count and inference time, each with its Pareto front."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = subplots(1, 2, figsize=(12, 4.5))
     for ax, key, label in (
         (axes[0], "param_count", "parameters (log scale)"),
         (axes[1], "inference_ms_per_digit", "inference time per digit, ms (batches of 256, log scale)"),
@@ -109,6 +109,7 @@ def write_html(path: Path, title: str, settings: Mapping[str, object], records: 
         for r in top
     )
     failed = sum(r["status"] == "FAILED" for r in records)
+    killed = sum(r["status"] == "KILLED" for r in records)  # interrupted, then run again on resume
     images = "".join(
         f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(caption)}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
         for caption, p in figures.items()
@@ -119,7 +120,7 @@ def write_html(path: Path, title: str, settings: Mapping[str, object], records: 
 th,td{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:90%}}img{{max-width:100%}}</style></head>
 <body><h1>{html.escape(title)}</h1>
 <p><b>Registry decision:</b> {html.escape(decision)}</p>
-<p>{len(records)} trials, {len(completed(records))} completed, {failed} failed.</p>
+<p>{len(records)} trial runs: {len(completed(records))} completed, {failed} failed, {killed} interrupted.</p>
 <h2>Settings</h2><table>{setting_rows}</table>
 <h2>Top trials</h2><table><tr><th>trial</th><th>best val_accuracy</th><th>parameters</th><th>seconds</th><th>hyperparameters</th></tr>{trial_rows}</table>
 {images}

@@ -48,7 +48,7 @@ def test_figures_and_html(tmp_path):
     page = report.write_html(tmp_path / "report.html", "A search", {"tuner": "random"}, rows, figures, "registered x version 1").read_text()
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
     assert len(re.findall(r"<img alt='[^']+' src='data:image/png;base64,", page)) == 3
-    assert "registered x version 1" in page and "4 trials, 3 completed, 1 failed." in page
+    assert "registered x version 1" in page and "4 trial runs: 3 completed, 1 failed, 0 interrupted." in page
     assert page.index(">1</td><td>0.9800") < page.index(">0</td><td>0.9700")  # best first
 
 
