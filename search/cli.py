@@ -24,16 +24,21 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a hyperparameter search (what `mlflow run .` does)")
-    run.add_argument("--profile", default="default", help=f"one of {', '.join(PROFILES)} (default: default)")
-    # Blank or 0 means "the profile's value", as in the MLproject.
-    run.add_argument("--tuner", default="", help="hyperband, bayesian or random")
-    run.add_argument("--max-trials", type=_whole, default=0, help="most trials to run")
-    run.add_argument("--max-epochs", type=_whole, default=0, help="most epochs per trial")
-    run.add_argument("--threshold", type=float, default=0.0, help="test accuracy needed to register, in (0, 1]")
-    run.add_argument("--model-name", default="", help="registered model name")
-    run.add_argument("--data", default="", help="MNIST .npz (default: $MNIST_NPZ, else Keras' download)")
-    run.add_argument("--seed", type=_whole, default=0, help="random seed")
-    run.add_argument("--families", default="", help="comma-separated model families, e.g. plain,batchnorm")
+    _add_search_arguments(run)
+
+    distributed = commands.add_parser("distributed", help="run a search on Keras Tuner's chief and N worker processes")
+    _add_search_arguments(distributed)
+    distributed.add_argument("--workers", type=_whole, default=2, help="local worker processes (default 2; 0: start workers yourself)")
+    distributed.add_argument("--threads", type=_whole, default=1, help="TensorFlow threads per local worker (default 1)")
+    distributed.add_argument("--oracle-host", default="127.0.0.1", help="address the oracle binds (0.0.0.0 for other machines; default 127.0.0.1)")
+    distributed.add_argument("--oracle-port", type=_whole, default=0, help="oracle port (default: a free one)")
+    distributed.add_argument("--worker-timeout", type=float, default=0, help="end a trial that reports no epoch for this many seconds (default: off)")
+
+    worker = commands.add_parser("worker", help="train trials of a distributed search (started by `distributed`, or by hand on other machines)")
+    worker.add_argument("--parent-run-id", required=True, help="the search's parent run, which the chief printed")
+    worker.add_argument("--oracle", required=True, help="host:port of the chief's oracle")
+    worker.add_argument("--tuner-id", required=True, help="a name unique among the workers, e.g. worker-3")
+    worker.add_argument("--threads", type=_whole, default=1, help="TensorFlow threads (default 1; 0: all cores)")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a logged or registered model on the MNIST test split, in its own run")
     evaluate.add_argument("--model-uri", default=champion_uri(), help=f"default: {champion_uri()}")
@@ -49,16 +54,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default="default", help=f"one of {', '.join(PROFILES)} (default: default)")
+    # Blank or 0 means "the profile's value", as in the MLproject.
+    parser.add_argument("--tuner", default="", help="hyperband, bayesian or random")
+    parser.add_argument("--max-trials", type=_whole, default=0, help="most trials to run")
+    parser.add_argument("--max-epochs", type=_whole, default=0, help="most epochs per trial")
+    parser.add_argument("--threshold", type=float, default=0.0, help="test accuracy needed to register, in (0, 1]")
+    parser.add_argument("--model-name", default="", help="registered model name")
+    parser.add_argument("--data", default="", help="MNIST .npz (default: $MNIST_NPZ, else Keras' download)")
+    parser.add_argument("--seed", type=_whole, default=0, help="random seed")
+    parser.add_argument("--families", default="", help="comma-separated model families, e.g. plain,batchnorm")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("SEARCH_DEBUG") == "1"
+    if args.command == "worker" and args.threads:
+        # Before TensorFlow starts: N single-threaded workers use N cores.
+        for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
+            os.environ[name] = str(args.threads)
     if not debug:
         _start_tensorflow_quietly()
     # Ctrl-C and SIGTERM (a scheduler, `kill`, `mlflow run` cancelling): open runs
     # are marked KILLED and the search can be resumed.
     interrupts.install()
     try:
-        return {"run": _run, "resume": _resume, "evaluate": _evaluate, "predict": _predict}[args.command](args)
+        commands = {"run": _run, "distributed": _distributed, "worker": _worker, "resume": _resume, "evaluate": _evaluate, "predict": _predict}
+        return commands[args.command](args)
     except KeyboardInterrupt:
         print("error: interrupted; continue with `python -m search resume <run id>`", file=sys.stderr)
         return 130
@@ -71,7 +94,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = resolve(
+    config = _config(args)
+    from search.pipeline import run_search  # TensorFlow loads only once the arguments are valid
+
+    return _report(run_search(config))
+
+
+def _distributed(args: argparse.Namespace) -> int:
+    config = _config(args)
+    from search.distributed import Chief
+    from search.pipeline import run_search
+
+    chief = Chief(workers=args.workers, threads=args.threads, host=args.oracle_host, port=args.oracle_port, worker_timeout_s=args.worker_timeout)
+    return _report(run_search(config, chief=chief))
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from search.distributed import run_worker
+
+    trials = run_worker(args.parent_run_id, args.oracle, args.tuner_id)
+    print(f"[{args.tuner_id}] done: {trials} trial(s) run")
+    return 0
+
+
+def _config(args: argparse.Namespace):
+    return resolve(
         args.profile,
         tuner=args.tuner,
         max_trials=args.max_trials,
@@ -82,9 +129,6 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         families=tuple(f.strip() for f in args.families.split(",") if f.strip()),
     )
-    from search.pipeline import run_search  # TensorFlow loads only once the arguments are valid
-
-    return _report(run_search(config))
 
 
 def _resume(args: argparse.Namespace) -> int:

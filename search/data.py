@@ -36,6 +36,11 @@ class MnistData:
     digest: str  # sha256 of the four raw arrays
 
 
+def subset(split: Split, n: int) -> Split:
+    """The first `n` examples of `split` (all of them when n is 0 or too large)."""
+    return split if not n or n >= len(split) else Split(split.x[:n], split.y[:n])
+
+
 def data_source(path: str = "") -> str:
     """Where the data comes from: `path`, else $MNIST_NPZ, else Keras' download."""
     return path or os.environ.get("MNIST_NPZ", "") or KERAS_SOURCE

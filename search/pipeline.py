@@ -16,9 +16,9 @@ from search import data as data_module
 from search import eda, evaluate, report, tracking
 from search.data import DataError, Split
 from search.tracking import TrackingError
-from search.train import train_final
+from search.train import choose_precision, train_final, training_dataset
 from search.progress import top_table
-from search.tuner import failure_reason, make_tuner, trial_rows, write_trials_csv
+from search.tuner import failure_reason, make_tuner, trial_callbacks, trial_rows, write_trials_csv
 
 
 class SearchFailed(RuntimeError):
@@ -48,8 +48,14 @@ def resume_search(run_id: str, verbose: int | None = None) -> SearchResult:
     return run_search(from_params(params), verbose, Resume(run_id, params.get("data_sha256", "")))
 
 
-def run_search(config: SearchConfig, verbose: int | None = None, resume: Resume | None = None, hypermodel: kt.HyperModel | None = None) -> SearchResult:
-    """Run the whole search described by `config` (or continue one) and return what it found."""
+def run_search(
+    config: SearchConfig, verbose: int | None = None, resume: Resume | None = None, hypermodel: kt.HyperModel | None = None, chief=None
+) -> SearchResult:
+    """Run the whole search described by `config` (or continue one) and return what it found.
+
+    With a `chief` (search.distributed.Chief), the trials run on its workers;
+    everything else still happens here, once.
+    """
     # Keras' progress bars and Keras Tuner's tables in a terminal; in logs, our lines only.
     verbose = (1 if sys.stdout.isatty() else 0) if verbose is None else verbose
 
@@ -60,7 +66,7 @@ def run_search(config: SearchConfig, verbose: int | None = None, resume: Resume 
     tuner_dir = Path(config.output_dir) / resume.run_id / "tuner" if resume else None
     if tuner_dir and not (tuner_dir / "oracle.json").is_file():
         raise TrackingError(f"no tuner state at {tuner_dir}: resume from the directory the search ran in")
-    train = _subset(data.train, config.train_subset)
+    train = data_module.subset(data.train, config.train_subset)
     precision = set_precision(config.precision)
     keras.utils.set_random_seed(config.seed)
 
@@ -77,15 +83,17 @@ def run_search(config: SearchConfig, verbose: int | None = None, resume: Resume 
         # 3. The search, scored on the validation split.
         tuner = make_tuner(config, tracker, out, project_name="tuner", hypermodel=hypermodel, resume=resume is not None)
         try:
-            tuner.search(
-                train.x,
-                train.y,
-                validation_data=(data.validation.x, data.validation.y),
-                epochs=config.max_epochs,
-                batch_size=config.batch_size,
-                callbacks=_trial_callbacks(config),
-                verbose=verbose,
-            )
+            if chief:
+                chief.search(tuner, tracker)
+            else:
+                tuner.search(
+                    training_dataset(train, config.batch_size, config.seed),
+                    validation_data=(data.validation.x, data.validation.y),
+                    epochs=config.max_epochs,
+                    callbacks=trial_callbacks(config),
+                    shuffle=False,  # the dataset shuffles
+                    verbose=verbose,
+                )
         except RuntimeError as err:
             if "consecutive failures" not in str(err):
                 raise
@@ -107,7 +115,7 @@ def run_search(config: SearchConfig, verbose: int | None = None, resume: Resume 
         if config.final_epochs:
             best_model = train_final(
                 tuner.hypermodel, best_trial.hyperparameters, data.train, data.validation,
-                config.final_epochs, config.batch_size, config.early_stopping_patience,
+                config.final_epochs, config.batch_size, config.augment, config.seed,
                 on_epoch_end=lambda epoch, logs: tracker.log_metrics({f"final_{k}": v for k, v in logs.items()}, step=epoch),
             )
         else:
@@ -180,9 +188,8 @@ def log_evaluation(run: tracking.SearchTracker, report: evaluate.TestReport, tes
 
 
 def set_precision(precision: str) -> str:
-    """Set Keras' global dtype policy; `auto` picks bf16 where the CPU computes it natively."""
-    if precision == "auto":
-        precision = "mixed_bfloat16" if cpu_has_bf16() else "float32"
+    """Set Keras' global dtype policy; `auto` picks bf16 where the CPU computes it natively and faster."""
+    precision = choose_precision(precision, cpu_has_bf16())
     keras.mixed_precision.set_global_policy(precision)
     return precision
 
@@ -194,15 +201,3 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def _subset(split: Split, n: int) -> Split:
-    return split if not n or n >= len(split) else Split(split.x[:n], split.y[:n])
-
-
-def _trial_callbacks(config: SearchConfig) -> list[keras.callbacks.Callback]:
-    """Per-trial callbacks (Keras Tuner deep-copies them for every trial): stop on NaN, stop early."""
-    callbacks = [keras.callbacks.TerminateOnNaN()]
-    if config.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor=config.objective, mode="max", patience=config.early_stopping_patience))
-    return callbacks

@@ -28,6 +28,7 @@ class Progress:
         self.out = out or sys.stdout
         self.durations: list[float] = []
         self.best: float | None = None
+        self.prefix = ""  # a distributed worker's name
 
     def trial_started(self, trial_id: str, hyperparameters: Mapping[str, object]) -> None:
         self._print(f"trial {len(self.durations) + 1}/{self.max_trials} (id {trial_id}): {describe(hyperparameters)}")
@@ -43,7 +44,7 @@ class Progress:
         self._print(f"trial {len(self.durations)}/{self.max_trials} (id {trial_id}) {outcome} in {_duration(seconds)}; {best}{eta}")
 
     def _print(self, line: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {line}", file=self.out, flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {self.prefix}{line}", file=self.out, flush=True)
 
 
 def top_table(rows: list[Mapping[str, object]], k: int = 5) -> str:

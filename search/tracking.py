@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -69,11 +70,17 @@ class RegistryDecision:
 class SearchTracker:
     """The search's parent run and the open trial runs under it."""
 
-    def __init__(self, parent: mlflow.entities.Run):
+    def __init__(self, parent: mlflow.entities.Run, worker: str = ""):
         self.client = PatientClient()
         self.run_id = parent.info.run_id
         self.experiment_id = parent.info.experiment_id
+        self.worker = worker  # the `worker` tag of trial runs in a distributed search
+        self.trials_logged = 0
         self._trial_runs: dict[str, str] = {}  # trial id -> open child run id
+        # Trial logging runs in order on one background thread, so training never
+        # waits for the store; its first error is raised by the next trial call.
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-trials")
+        self._pending: list[Future] = []
 
     # --- parent run ---------------------------------------------------------
     def log_params(self, params: Mapping[str, object]) -> None:
@@ -94,29 +101,49 @@ class SearchTracker:
 
     # --- one nested run per trial ---------------------------------------------
     def start_trial(self, trial_id: str, hyperparameters: Mapping[str, object]) -> None:
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=f"trial-{trial_id}",
-            tags={MLFLOW_PARENT_RUN_ID: self.run_id, "trial_id": trial_id},
-        )
-        self._trial_runs[trial_id] = run.info.run_id
-        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in hyperparameters.items()])
+        tags = {MLFLOW_PARENT_RUN_ID: self.run_id, "trial_id": trial_id} | ({"worker": self.worker} if self.worker else {})
+        params = [Param(k, str(v)) for k, v in hyperparameters.items()]
+        self.trials_logged += 1
+
+        def start() -> None:
+            run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_id}", tags=tags)
+            self._trial_runs[trial_id] = run.info.run_id
+            self.client.log_batch(run.info.run_id, params=params)
+
+        self._submit(start)
 
     def log_epoch(self, trial_id: str, epoch: int, logs: Mapping[str, float]) -> None:
         now = _now_ms()
         metrics = [Metric(k, float(logs[k]), now, epoch) for k in EPOCH_METRICS if k in logs]
-        self.client.log_batch(self._trial_runs[trial_id], metrics=metrics)
+        self._submit(lambda: self.client.log_batch(self._trial_runs[trial_id], metrics=metrics))
 
     def end_trial(self, trial_id: str, failed: bool, summary: Mapping[str, float], reason: str = "") -> None:
-        run_id = self._trial_runs.pop(trial_id)
         metrics = [Metric(k, float(v), _now_ms(), 0) for k, v in summary.items() if v is not None]
         tags = [mlflow.entities.RunTag("failure_reason", reason[:5000])] if reason else []
-        self.client.log_batch(run_id, metrics=metrics, tags=tags)
-        self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+        def end() -> None:
+            run_id = self._trial_runs.pop(trial_id)
+            self.client.log_batch(run_id, metrics=metrics, tags=tags)
+            self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+        self._submit(end)
+
+    def flush(self) -> None:
+        """Wait until every trial call so far is in the store; raise the first that failed."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def _submit(self, call) -> None:
+        for future in [f for f in self._pending if f.done()]:
+            self._pending.remove(future)
+            future.result()  # raises the error of a failed call
+        self._pending.append(self._background.submit(call))
 
     def trial_records(self) -> list[dict]:
         """Every trial run of this search as logged: trial_id, status, hyperparameters,
         val_accuracy (best), param_count, wall_time_s and the val_accuracy curve [(epoch, value)]."""
+        self.flush()
         runs = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=10_000)
         records = []
         for run in runs:
@@ -148,8 +175,20 @@ class SearchTracker:
             self.client.set_terminated(run.info.run_id, "KILLED")
         return len(orphans)
 
+    def end_trial_runs(self, trial_id: str, status: str, reason: str) -> int:
+        """End the RUNNING runs of trial `trial_id` (another process's, e.g. a dead
+        worker's) with `status` and a `failure_reason`; how many there were."""
+        query = f"tags.mlflow.parentRunId = '{self.run_id}' and tags.trial_id = '{trial_id}' and attributes.status = 'RUNNING'"
+        runs = self.client.search_runs([self.experiment_id], query)
+        for run in runs:
+            self.client.set_tag(run.info.run_id, "failure_reason", reason)
+            self.client.set_terminated(run.info.run_id, status)
+        return len(runs)
+
     def end_open_trials(self, status: str) -> None:
         """End trial runs left open by an interruption (`KILLED`) or a crash (`FAILED`)."""
+        with contextlib.suppress(Exception):  # what could be logged is; the runs still end
+            self.flush()
         for run_id in self._trial_runs.values():
             self.client.set_terminated(run_id, status)
         self._trial_runs.clear()
@@ -253,7 +292,15 @@ def tracked_run(experiment_name: str, resume_run_id: str = "") -> Iterator[Searc
         tracker.end_open_trials("FAILED")
         end_run(RunStatus.to_string(RunStatus.FAILED))
         raise
+    tracker.flush()
     end_run()
+
+
+def attach(parent_run_id: str, worker: str) -> SearchTracker:
+    """A distributed search's worker: logs trial runs under the chief's parent run,
+    tagged `worker`, without becoming that run's owner."""
+    check_reachable()
+    return SearchTracker(PatientClient().get_run(parent_run_id), worker)
 
 
 def load_keras_model(model_uri: str):
@@ -266,6 +313,12 @@ def load_keras_model(model_uri: str):
     except Exception as err:  # MLflow raises several types for a missing model or alias
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise TrackingError(f"cannot load model {model_uri!r}: {first_line[:300]}") from None
+
+
+def load_pyfunc_model(model_uri: str):
+    """The model at `model_uri` as MLflow's generic pyfunc, as a serving process loads it."""
+    check_reachable()
+    return mlflow.pyfunc.load_model(model_uri)
 
 
 def resumable_params(run_id: str) -> dict[str, str]:

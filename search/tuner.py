@@ -13,10 +13,11 @@ import math
 import time
 from pathlib import Path
 
+import keras
 import keras_tuner as kt
 import numpy as np
 
-from experiments import SearchConfig
+from experiments import ConfigError, SearchConfig
 from model_zoo import CNNZoo
 from search import interrupts
 from search.progress import Progress
@@ -91,11 +92,13 @@ class TrackedRandomSearch(TrackedTuner, kt.RandomSearch):
 
 
 TUNER_CLASSES = {"hyperband": TrackedHyperband, "bayesian": TrackedBayesianOptimization, "random": TrackedRandomSearch}
+# Keras Tuner's own classes: the same search with tracking switched off (benchmarks).
+UNTRACKED_CLASSES = {"hyperband": kt.Hyperband, "bayesian": kt.BayesianOptimization, "random": kt.RandomSearch}
 
 
 def make_tuner(
     config: SearchConfig,
-    tracker: SearchTracker,
+    tracker: SearchTracker | None,
     directory: Path,
     project_name: str,
     hypermodel: kt.HyperModel | None = None,
@@ -104,27 +107,66 @@ def make_tuner(
     """The configured tuner over `hypermodel` (default: the model zoo's families), scored on `val_accuracy`.
 
     With `resume`, Keras Tuner reloads the oracle from `directory`: completed
-    trials are kept and the interrupted one runs again.
+    trials are kept and the interrupted one runs again. With no `tracker`,
+    Keras Tuner's own tuner runs the same search untracked.
     """
+    classes = TUNER_CLASSES if tracker else UNTRACKED_CLASSES
+    hypermodel = hypermodel or CNNZoo(config.families)
     common = dict(
         overwrite=not resume,
-        hypermodel=hypermodel or CNNZoo(config.families),
+        hypermodel=hypermodel,
+        hyperparameters=fixed_hyperparameters(hypermodel, config.fixed),
+        tune_new_entries=True,
         objective=kt.Objective(config.objective, direction="max"),
         seed=config.seed,
         directory=str(directory),
         project_name=project_name,
     )
     if config.tuner == "hyperband":
-        tuner = TrackedHyperband(max_epochs=config.max_epochs, factor=config.hyperband_factor, **common)
+        tuner = classes["hyperband"](max_epochs=config.max_epochs, factor=config.hyperband_factor, **common)
         tuner.oracle.max_trials = config.max_trials  # Hyperband has no trial cap of its own
     else:
-        tuner = TUNER_CLASSES[config.tuner](max_trials=config.max_trials, **common)
-    tuner.tracker = tracker
-    tuner.progress = Progress(config.max_trials)
+        tuner = classes[config.tuner](max_trials=config.max_trials, **common)
+    if tracker:
+        tuner.tracker = tracker
+        tuner.progress = Progress(config.max_trials)
     return tuner
 
 
-def inference_ms_per_digit(model, digits: int = 1024, batch_size: int = 256) -> float:
+def fixed_hyperparameters(hypermodel: kt.HyperModel, pins: tuple[str, ...]) -> kt.HyperParameters:
+    """`name=value` pins as Keras Tuner `Fixed` hyperparameters; a name not in the space raises."""
+    space = kt.HyperParameters()
+    hypermodel.build(space)
+    known = {hp.name for hp in space.space}
+    fixed = kt.HyperParameters()
+    for pin in pins:
+        name, text = (part.strip() for part in pin.split("="))
+        if name not in known:
+            raise ConfigError(f"fixed hyperparameter {name!r} is not in the search space: known are {', '.join(sorted(known))}")
+        fixed.Fixed(name, _value(text))
+    return fixed
+
+
+def _value(text: str) -> object:
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def trial_callbacks(config: SearchConfig) -> list[keras.callbacks.Callback]:
+    """Per-trial callbacks (Keras Tuner deep-copies them for every trial): stop on NaN, stop early."""
+    callbacks = [keras.callbacks.TerminateOnNaN()]
+    if config.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=config.objective, mode="max", patience=config.early_stopping_patience))
+    return callbacks
+
+
+def inference_ms_per_digit(model, digits: int = 512, batch_size: int = 256) -> float:
     """Milliseconds per digit for batched prediction (timed after one warm-up batch)."""
     batch = np.zeros((digits, 28, 28, 1), np.float32)
     model.predict(batch[:batch_size], batch_size=batch_size, verbose=0)

@@ -37,7 +37,7 @@ def bad_input(case: str, tmp_path) -> tuple[list[str], str]:
     return {
         "threshold above 1": (["--threshold", "1.5"], "threshold must be in (0, 1], got 1.5"),
         "threshold below 0": (["--threshold", "-0.5"], "threshold must be in (0, 1], got -0.5"),
-        "unknown profile": (["--profile", "huge"], "unknown profile 'huge': choose one of default, smoke"),
+        "unknown profile": (["--profile", "huge"], "unknown profile 'huge': choose one of default, fast, thorough, smoke"),
         "unknown tuner": (["--tuner", "grid"], "unknown tuner 'grid': choose one of hyperband, bayesian, random"),
         "unknown model family": (["--families", "plain,resnet"], "unknown model family 'resnet': choose one of plain, batchnorm"),
         "negative max_trials": (["--max-trials", "-2"], "max_trials must be a positive integer, got -2"),

@@ -13,7 +13,8 @@ def test_defaults_are_the_documented_ones():
     assert (config.profile, config.tuner, config.objective) == ("default", "hyperband", "val_accuracy")
     assert (config.threshold, config.model_name, config.champion_alias) == (0.90, "mnist-cnn", "champion")
     assert config.validation_size == 6_000
-    assert config.families == FAMILIES
+    assert config.families == ("batchnorm",)
+    assert (config.final_epochs, config.augment, config.fixed) == (10, True, ())
 
 
 def test_every_family_named_in_experiments_is_in_the_zoo():
@@ -35,6 +36,27 @@ def test_smoke_profile_is_small():
     assert 0 < smoke.train_subset <= 10_000
 
 
+def test_fast_profile_pins_a_small_architecture_the_search_space_knows():
+    from model_zoo import CNNZoo
+    from search.tuner import fixed_hyperparameters
+
+    fast = resolve("fast")
+    pinned = fixed_hyperparameters(CNNZoo(fast.families), fast.fixed)
+    assert pinned.values == {"conv_blocks": 2, "convs_per_block": 1, "conv_filters_0": 32, "conv_filters_1": 64}
+
+
+def test_a_pinned_hyperparameter_outside_the_space_raises():
+    from model_zoo import CNNZoo
+    from search.tuner import fixed_hyperparameters
+
+    with pytest.raises(ConfigError, match="fixed hyperparameter 'width' is not in the search space"):
+        fixed_hyperparameters(CNNZoo(), ("width=3",))
+
+
+def test_false_is_a_value_not_a_blank():
+    assert resolve("default", augment=False).augment is False
+
+
 def test_blank_and_zero_overrides_mean_the_profiles_value():
     assert resolve("smoke", tuner="", max_trials=0, threshold=0, model_name="", seed=None) == resolve("smoke")
     assert resolve("smoke", tuner="bayesian", max_trials=5).tuner == "bayesian"
@@ -44,7 +66,8 @@ def test_blank_and_zero_overrides_mean_the_profiles_value():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"profile": "nope"}, "unknown profile 'nope': choose one of default, smoke"),
+        ({"profile": "nope"}, "unknown profile 'nope': choose one of default, fast, thorough, smoke"),
+        ({"fixed": ("conv_blocks",)}, "fixed hyperparameter 'conv_blocks' is not of the form name=value"),
         ({"tuner": "grid"}, "unknown tuner 'grid': choose one of " + ", ".join(TUNERS)),
         ({"families": ("plain", "resnet")}, "unknown model family 'resnet': choose one of plain, batchnorm"),
         ({"threshold": 1.5}, "threshold must be in (0, 1], got 1.5"),

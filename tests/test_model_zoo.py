@@ -10,7 +10,6 @@ SHARED_DEFAULTS = {
     "conv_blocks": 2,
     "conv_filters_0": 32,
     "conv_filters_1": 64,
-    "kernel_size": 3,
     "dropout": 0.5,
     "dense_units": 0,
     "learning_rate": 1e-3,
@@ -24,10 +23,10 @@ def active(hp):
 @pytest.mark.parametrize(
     "hypermodel, extra",
     [
-        (PlainCNN(), {}),
-        (BatchNormCNN(), {"batch_norm": True}),
-        (CNNZoo(), {"family": "plain"}),
-        (CNNZoo(("batchnorm", "plain")), {"family": "batchnorm", "batch_norm": True}),
+        (PlainCNN(), {"kernel_size": 3}),
+        (BatchNormCNN(), {"convs_per_block": 2}),
+        (CNNZoo(), {"family": "plain", "kernel_size": 3}),
+        (CNNZoo(("batchnorm", "plain")), {"family": "batchnorm", "convs_per_block": 2}),
     ],
     ids=["plain", "batchnorm", "zoo", "zoo-batchnorm-first"],
 )
@@ -44,7 +43,8 @@ def test_space_covers_architecture_not_just_learning_rate():
     hp = kt.HyperParameters()
     CNNZoo().build(hp)
     names = {p.name for p in hp.space}
-    assert {"family", "conv_blocks", "conv_filters_0", "kernel_size", "dropout", "dense_units", "learning_rate"} <= names
+    # Both families' own choices are in the space from the first build.
+    assert {"family", "conv_blocks", "conv_filters_0", "kernel_size", "convs_per_block", "dropout", "dense_units", "learning_rate"} <= names
     assert hp.get("learning_rate") == 1e-3
     assert [p for p in hp.space if p.name == "learning_rate"][0].sampling == "log"
 

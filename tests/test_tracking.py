@@ -178,3 +178,25 @@ def test_when_every_trial_fails_the_search_fails(tracking_store, mnist_npz):
         run_search(config, verbose=0, hypermodel=NeverTrains())
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert sorted(r.info.status for r in runs) == ["FAILED"] * 4  # the parent and its 3 trials
+
+
+def test_a_failed_background_logging_call_is_raised_not_lost(tracking_store):
+    with pytest.raises(KeyError):
+        with tracking.tracked_run("background") as tracker:
+            tracker.log_epoch("no-such-trial", 0, {"loss": 1.0})  # runs on the logging thread
+            tracker.flush()
+    assert [r.info.status for r in mlflow.search_runs(search_all_experiments=True, output_format="list")] == ["FAILED"]
+
+
+def test_worker_trials_are_tagged_and_a_dead_workers_trial_is_ended_by_the_chief(tracking_store):
+    with tracking.tracked_run("distributed") as chief:
+        worker = tracking.attach(chief.run_id, worker="worker-3")
+        worker.start_trial("7", {"units": 8})
+        worker.flush()
+        assert chief.end_trial_runs("7", "KILLED", "worker worker-3 exited with status -9 during the trial") == 1
+        assert chief.end_trial_runs("7", "KILLED", "again") == 0  # only RUNNING runs
+    [trial] = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list") if "trial_id" in r.data.tags]
+    assert trial.data.tags["mlflow.parentRunId"] == chief.run_id
+    assert trial.data.tags["worker"] == "worker-3"
+    assert trial.info.status == "KILLED"
+    assert trial.data.tags["failure_reason"].startswith("worker worker-3 exited")

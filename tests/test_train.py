@@ -1,21 +1,62 @@
-"""Model tests of retraining the winning configuration."""
+"""Model tests of the training path: the data pipeline, the schedule, retraining the winner."""
 
+import keras
 import keras_tuner as kt
 import numpy as np
+import pytest
 
 from model_zoo import PlainCNN
 from search.data import Split
-from search.train import train_final
+from search.train import augmentation, choose_precision, train_final, training_dataset, warmup_cosine
+
+
+def random_split(n: int = 256) -> Split:
+    rng = np.random.default_rng(0)
+    return Split(rng.random((n, 28, 28, 1), dtype=np.float32), np.arange(n) % 10)
 
 
 def test_train_final_reports_every_epoch_and_keeps_a_working_model():
-    rng = np.random.default_rng(0)
-    x = rng.random((256, 28, 28, 1), dtype=np.float32)
-    y = np.arange(256) % 10
+    split = random_split()
     hp = kt.HyperParameters()
-    hp.Fixed("conv_filters_0", 8)
+    hp.Fixed("conv_filters_0", 16)
     seen = []
-    model = train_final(PlainCNN(), hp, Split(x, y), Split(x[:64], y[:64]), epochs=3, batch_size=64, patience=0, on_epoch_end=lambda epoch, logs: seen.append((epoch, sorted(logs))))
+    model = train_final(PlainCNN(), hp, split, Split(split.x[:64], split.y[:64]), epochs=3, batch_size=64, augment=True, seed=1, on_epoch_end=lambda epoch, logs: seen.append((epoch, sorted(logs))))
     assert [epoch for epoch, _ in seen] == [0, 1, 2]
     assert seen[0][1] == ["accuracy", "loss", "val_accuracy", "val_loss"]
-    assert model.predict(x[:5], verbose=0).shape == (5, 10)
+    assert model.predict(split.x[:5], verbose=0).shape == (5, 10)
+    # The schedule peaked at the searched learning rate (1e-3) and has decayed to ~0.
+    assert float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) < 1e-5
+
+
+def test_warmup_cosine_rises_over_the_first_epoch_then_decays_to_zero():
+    schedule = warmup_cosine(3e-3, epochs=4, steps_per_epoch=100)
+    rates = [float(schedule(step)) for step in (0, 50, 100, 250, 400)]
+    assert rates[0] == pytest.approx(3e-4)
+    assert rates[0] < rates[1] < rates[2] == pytest.approx(3e-3)
+    assert rates[2] > rates[3] > rates[4]
+    assert rates[4] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_training_dataset_batches_every_example_once_per_epoch():
+    split = random_split(100)
+    batches = list(training_dataset(split, batch_size=32, seed=0))
+    assert [len(y) for _, y in batches] == [32, 32, 32, 4]
+    assert sorted(np.concatenate([y.numpy() for _, y in batches])) == sorted(split.y)
+
+
+def test_augmentation_moves_pixels_but_keeps_shape_range_and_ink():
+    digit = np.zeros((8, 28, 28, 1), np.float32)
+    digit[:, 10:18, 12:16] = 1.0
+    jittered = keras.ops.convert_to_numpy(augmentation(seed=0)(digit, training=True))
+    assert jittered.shape == digit.shape
+    assert jittered.min() >= 0.0 and jittered.max() <= 1.0 + 1e-6
+    assert not np.allclose(jittered, digit)
+    assert np.all(jittered.sum(axis=(1, 2, 3)) > 0.5 * digit[0].sum())  # the digit stays in the frame
+    # At inference the layers do nothing.
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(augmentation(seed=0)(digit, training=False)), digit)
+
+
+def test_precision_choice():
+    assert choose_precision("float32", cpu_has_bf16=True) == "float32"
+    assert choose_precision("mixed_bfloat16", cpu_has_bf16=False) == "mixed_bfloat16"
+    assert choose_precision("auto", cpu_has_bf16=False) == "float32"

@@ -1,0 +1,1 @@
+"""Benchmarks of the search: `python -m benchmarks` (see README, Performance)."""

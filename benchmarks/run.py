@@ -1,0 +1,252 @@
+"""What users feel, measured in one run: training speed, tracking overhead,
+inference speed and, optionally, whole profiles end to end.
+
+    MNIST_NPZ=../shared/data/mnist.npz python -m benchmarks [--profiles fast,default]
+
+Prints a table and writes JSON (`--out`). Everything logs to a throw-away
+sqlite store. Compared measurements are interleaved (A, B, A, B, ...) so that
+this shared machine's slow spells hit both sides, and reported as medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+TARGETS = {  # the targets of issue 6
+    "training_speedup": 1.5,  # project's training path / plain fp32 model.fit, at least
+    "tracking_overhead": 1.02,  # search with MLflow / without, at most
+    "inference_digits_per_s": 10_000,  # registered model via pyfunc, at least
+    "profiles": {"fast": (120, 0.990), "default": (1200, 0.995), "thorough": (5400, 0.9965)},  # wall s, test accuracy
+}
+TRAINING_IMAGES = 10_240  # one timed epoch per variant and round
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of training epochs (default 3)")
+    parser.add_argument("--pairs", type=int, default=3, help="interleaved pairs of searches with and without tracking (default 3)")
+    parser.add_argument("--profiles", default="", help="also run these profiles end to end with `mlflow run`, e.g. fast,default")
+    parser.add_argument("--out", default="benchmark.json", help="JSON results (default: benchmark.json)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+    with tempfile.TemporaryDirectory(prefix="mnist-bench-") as tmp:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        from search import data as data_module  # noqa: PLC0415 - TensorFlow loads after the environment is set
+
+        data = data_module.load_mnist(data_module.data_source())
+        results = {"machine": machine(), "data": data.source}
+        results["training"] = training_throughput(data, args.rounds)
+        results["tracking"] = tracking_overhead(data, args.pairs, Path(tmp))
+        results["inference"] = inference_throughput(data)
+        profiles = [p for p in args.profiles.split(",") if p]
+        results["profiles"] = {p: profile_end_to_end(p, Path(tmp)) for p in profiles}
+
+    print(table(results))
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwritten: {args.out}")
+    return 0
+
+
+def training_throughput(data, rounds: int) -> dict:
+    """Images/s of one epoch of the default batch-norm CNN: the project's training
+    path (tf.data from memory, the profile's batch size and precision) against
+    plain fp32 `model.fit(x, y)` (Keras' default batch size of 32)."""
+    import keras  # noqa: PLC0415
+    import keras_tuner as kt  # noqa: PLC0415
+
+    from experiments import resolve  # noqa: PLC0415
+    from model_zoo import BatchNormCNN  # noqa: PLC0415
+    from search.data import Split  # noqa: PLC0415
+    from search.pipeline import cpu_has_bf16, set_precision  # noqa: PLC0415
+    from search.train import training_dataset  # noqa: PLC0415
+
+    config = resolve("default")
+    split = Split(data.train.x[:TRAINING_IMAGES], data.train.y[:TRAINING_IMAGES])
+    policy = set_precision(config.precision)
+
+    def build(dtype_policy: str):
+        keras.mixed_precision.set_global_policy(dtype_policy)
+        model = BatchNormCNN().build(kt.HyperParameters())
+        keras.mixed_precision.set_global_policy("float32")
+        return model
+
+    project, plain, plain_batch = build(policy), build("float32"), build("float32")
+    variants: dict[str, Callable[[Split], object]] = {
+        f"project path ({policy}, tf.data, batch {config.batch_size})": lambda s: project.fit(training_dataset(s, config.batch_size, config.seed), verbose=0),
+        "plain fp32 model.fit(x, y), batch 32": lambda s: plain.fit(s.x, s.y, verbose=0),
+        f"plain fp32 model.fit(x, y), batch {config.batch_size}": lambda s: plain_batch.fit(s.x, s.y, batch_size=config.batch_size, verbose=0),
+    }
+    if cpu_has_bf16() and policy != "mixed_bfloat16":
+        bf16 = build("mixed_bfloat16")
+        variants[f"mixed_bfloat16, tf.data, batch {config.batch_size}"] = lambda s: bf16.fit(training_dataset(s, config.batch_size, config.seed), verbose=0)
+    warm_up = Split(split.x[: config.batch_size * 4], split.y[: config.batch_size * 4])
+    for fit in variants.values():
+        fit(warm_up)  # builds the train function outside the timing
+    seconds = _interleaved(variants, rounds, lambda fit: fit(split))
+    rates = {name: len(split) / statistics.median(times) for name, times in seconds.items()}
+    names = list(variants)
+    return {
+        "images": len(split),
+        "rounds": rounds,
+        "precision_chosen": policy,
+        "images_per_s": rates,
+        "seconds": seconds,
+        "speedup": rates[names[0]] / rates[names[1]],
+        "speedup_same_batch": rates[names[0]] / rates[names[2]],
+    }
+
+
+def tracking_overhead(data, pairs: int, tmp: Path) -> dict:
+    """Wall time of the smoke profile's search (3 trials, 2 epochs, 6,000 images) with
+    MLflow logging against Keras Tuner's own tuner with tracking switched off."""
+    import keras  # noqa: PLC0415
+
+    from experiments import resolve  # noqa: PLC0415
+    from search import tracking  # noqa: PLC0415
+    from search.data import Split  # noqa: PLC0415
+    from search.train import training_dataset  # noqa: PLC0415
+    from search.tuner import make_tuner  # noqa: PLC0415
+
+    config = resolve("smoke", precision="float32")
+    train = Split(data.train.x[: config.train_subset], data.train.y[: config.train_subset])
+
+    def search(tracked: bool) -> None:
+        keras.utils.set_random_seed(config.seed)
+        folder = Path(tempfile.mkdtemp(dir=tmp))
+        fit = dict(validation_data=(data.validation.x, data.validation.y), epochs=config.max_epochs, verbose=0)
+        with contextlib.redirect_stdout(io.StringIO()):
+            if tracked:
+                with tracking.tracked_run("benchmark-tracking") as tracker:
+                    make_tuner(config, tracker, folder, "tuner").search(training_dataset(train, config.batch_size, config.seed), **fit)
+            else:
+                make_tuner(config, None, folder, "tuner").search(training_dataset(train, config.batch_size, config.seed), **fit)
+
+    search(False)  # warm-up: TensorFlow's first graphs, MLflow's store creation
+    search(True)
+    seconds = _interleaved({"with MLflow": True, "without": False}, pairs, search)
+    ratios = [on / off for on, off in zip(seconds["with MLflow"], seconds["without"])]
+    return {"search": "smoke profile: random, 3 trials x 2 epochs, 6,000 images", "pairs": pairs, "seconds": seconds, "ratio": statistics.median(ratios), "ratios": ratios}
+
+
+def inference_throughput(data, batch_size: int = 1_000, passes: int = 3) -> dict:
+    """Digits/s of a registered model loaded as MLflow's pyfunc, on the 10,000 test digits as uint8."""
+    import keras_tuner as kt  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from model_zoo import BatchNormCNN  # noqa: PLC0415
+    from search import tracking  # noqa: PLC0415
+
+    model = BatchNormCNN().build(kt.HyperParameters())
+    model.fit(data.train.x[:6_000], data.train.y[:6_000], batch_size=128, verbose=0)
+    with contextlib.redirect_stdout(io.StringIO()), tracking.tracked_run("benchmark-inference") as tracker:
+        tracker.register_if_better(model, 1.0, 0.5, "benchmark-cnn", "champion", None)
+    pyfunc = tracking.load_pyfunc_model("models:/benchmark-cnn@champion")
+    digits = np.round(data.test.x[..., 0] * 255).astype(np.uint8)
+    pyfunc.predict(digits[:batch_size])  # warm-up
+    seconds, predicted = [], None
+    for _ in range(passes):
+        started = time.perf_counter()
+        predicted = [pyfunc.predict(digits[i : i + batch_size])["digit"] for i in range(0, len(digits), batch_size)]
+        seconds.append(time.perf_counter() - started)
+    accuracy = float(np.mean(np.concatenate(predicted) == data.test.y))
+    return {"digits": len(digits), "batch_size": batch_size, "seconds": seconds, "digits_per_s": len(digits) / statistics.median(seconds), "accuracy_after_1_epoch": accuracy}
+
+
+def profile_end_to_end(profile: str, tmp: Path) -> dict:
+    """`mlflow run . -P profile=<profile>`: wall time and the test accuracy it printed."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    command = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "-P", f"profile={profile}", "--experiment-name", f"benchmark-{profile}"]
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    found = re.search(r"^test_accuracy (\d\.\d+) - (.*)$", done.stdout, re.MULTILINE)
+    if done.returncode or not found:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {"wall_s": wall, "exit": done.returncode, "error": " | ".join(tail)}
+    return {"wall_s": wall, "exit": 0, "test_accuracy": float(found.group(1)), "decision": found.group(2)}
+
+
+def table(results: dict) -> str:
+    """The results as a Markdown table: figure, measured, target, met."""
+    train, track, infer = results["training"], results["tracking"], results["inference"]
+    rates = train["images_per_s"]
+    names = list(rates)
+    rows = [
+        ("training: " + names[0], f"{rates[names[0]]:,.0f} img/s", "", ""),
+        *[("training: " + name, f"{rates[name]:,.0f} img/s", "", "") for name in names[1:]],
+        ("training speedup vs plain fp32 model.fit", f"{train['speedup']:.2f}x", f">= {TARGETS['training_speedup']}x", _met(train["speedup"] >= TARGETS["training_speedup"])),
+        ("training speedup vs fp32 model.fit at the same batch", f"{train['speedup_same_batch']:.2f}x", "", ""),
+        (
+            "tracking overhead (median of pairs)",
+            f"{track['ratio']:.3f}x ({statistics.median(track['seconds']['with MLflow']):.1f} s vs {statistics.median(track['seconds']['without']):.1f} s)",
+            f"<= {TARGETS['tracking_overhead']}x",
+            _met(track["ratio"] <= TARGETS["tracking_overhead"]),
+        ),
+        ("inference: registered model via pyfunc", f"{infer['digits_per_s']:,.0f} digits/s", f">= {TARGETS['inference_digits_per_s']:,}", _met(infer["digits_per_s"] >= TARGETS["inference_digits_per_s"])),
+    ]
+    for profile, run in results["profiles"].items():
+        wall_target, accuracy_target = TARGETS["profiles"].get(profile, (None, None))
+        if run.get("exit"):
+            rows.append((f"profile {profile}", f"failed: {run['error']}", "", "no"))
+            continue
+        target = f"<= {wall_target / 60:.0f} min, >= {accuracy_target:.2%}" if wall_target else ""
+        met = _met(run["wall_s"] <= wall_target and run["test_accuracy"] >= accuracy_target) if wall_target else ""
+        rows.append((f"profile {profile}: mlflow run", f"{run['wall_s'] / 60:.1f} min, test {run['test_accuracy']:.2%}", target, met))
+    lines = [f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, {results['machine']['date']}", "", "| figure | measured | target | met |", "|---|---|---|---|"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines() if line.startswith("model name")), platform.processor())
+    import tensorflow as tf  # noqa: PLC0415
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "bf16": "avx512_bf16" in _read("/proc/cpuinfo") or "amx_bf16" in _read("/proc/cpuinfo"),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _interleaved(variants: dict, rounds: int, run: Callable) -> dict[str, list[float]]:
+    """Seconds of `run(variant)` per variant, alternating variants within each round
+    and reversing their order every other round."""
+    seconds = {name: [] for name in variants}
+    for round_number in range(rounds):
+        order = list(variants) if round_number % 2 == 0 else list(reversed(variants))
+        for name in order:
+            started = time.perf_counter()
+            run(variants[name])
+            seconds[name].append(time.perf_counter() - started)
+    return seconds
+
+
+def _met(ok: bool) -> str:
+    return "yes" if ok else "no"
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
