@@ -156,7 +156,7 @@ def from_params(params: dict[str, str]) -> SearchConfig:
 def _parse(text: str, default: object) -> object:
     """A logged param back to the type of the field's default."""
     if isinstance(default, tuple):
-        return tuple(text.split(","))
+        return tuple(item for item in text.split(",") if item)
     if isinstance(default, bool):
         return text == "True"
     return type(default)(text)

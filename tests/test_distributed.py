@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import MLFLOW_RUN_ENV, free_port, mlflow_listening
+from tests.conftest import MLFLOW_RUN_ENV, free_port, fresh_project, mlflow_listening
 
 
 def _postgres_bin() -> Path | None:
@@ -74,7 +74,7 @@ def distributed_search(tmp_path: Path, server: str, mnist_npz: Path, experiment:
         env.pop(var, None)
     command = [sys.executable, "-m", "search", "distributed", "--profile", "smoke", "--workers", "2", *args]
     with (tmp_path / "search.log").open("w") as log:  # a file: a full pipe would block the search
-        return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, cwd=fresh_project(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def finished(search: subprocess.Popen, tmp_path: Path) -> str:

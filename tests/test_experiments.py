@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from experiments import FAMILIES, PROFILES, TUNERS, ConfigError, SearchConfig, resolve
+from experiments import FAMILIES, PROFILES, TUNERS, ConfigError, SearchConfig, from_params, resolve
 from model_zoo import FAMILIES as ZOO_FAMILIES
 
 
@@ -82,3 +82,12 @@ def test_bad_settings_raise_one_clear_error(kwargs, message):
     with pytest.raises(ConfigError) as err:
         resolve(**kwargs)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_a_logged_config_reads_back_as_the_same_config(name):
+    from search.tracking import config_params
+
+    config = resolve(name)
+    logged = {key: str(value) for key, value in config_params(config).items()}  # MLflow params are strings
+    assert from_params(logged) == config

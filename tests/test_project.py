@@ -9,7 +9,7 @@ from tests.conftest import REPO
 
 
 def pins(lines):
-    return dict(re.match(r"^\s*-?\s*([A-Za-z0-9_.-]+)==(\S+)", line).groups() for line in lines if "==" in line and not line.lstrip().startswith("#"))
+    return dict(re.match(r"^\s*-?\s*([A-Za-z0-9_.\[\]-]+)==(\S+)", line).groups() for line in lines if "==" in line and not line.lstrip().startswith("#"))
 
 
 def test_conda_yaml_and_requirements_pin_the_same_versions():
