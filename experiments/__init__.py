@@ -47,6 +47,10 @@ class SearchConfig:
     # epochs, its learning rate the peak of a warm-up + cosine schedule,
     # keeping its best validation epoch.
     final_epochs: int = 10
+    # At most this long retraining (0: no limit): a costlier winner gets fewer
+    # epochs, timed on a few batches before it starts, so the whole default
+    # search stays within ~20 minutes on 2 CPU cores.
+    final_minutes: float = 11.0
     augment: bool = True  # jitter (shift, rotate, zoom) the digits of the final training
     threshold: float = 0.90  # register only if test_accuracy >= threshold
     model_name: str = "mnist-cnn"  # registered model name
@@ -72,7 +76,7 @@ class SearchConfig:
         for name in ("max_trials", "max_epochs", "hyperband_factor", "validation_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("early_stopping_patience", "train_subset", "final_epochs"):
+        for name in ("early_stopping_patience", "train_subset", "final_epochs", "final_minutes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.threshold <= 1.0:
@@ -98,6 +102,7 @@ PROFILES: dict[str, dict] = {
         "train_subset": 6_000,
         "early_stopping_patience": 0,
         "final_epochs": 3,
+        "final_minutes": 1.2,
         "augment": False,
     },
     # Up to 90 minutes: a longer Hyperband on more data, then 30 epochs.
@@ -105,6 +110,7 @@ PROFILES: dict[str, dict] = {
         "max_epochs": 9,
         "train_subset": 27_000,
         "final_epochs": 30,
+        "final_minutes": 45.0,
     },
     # Tests and CI: a data subset and a tiny budget, < 2 minutes on 2 CPU
     # cores, still well above the 90% registry gate.

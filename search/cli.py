@@ -65,6 +65,7 @@ def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="", help="MNIST .npz (default: $MNIST_NPZ, else Keras' download)")
     parser.add_argument("--seed", type=_whole, default=0, help="random seed")
     parser.add_argument("--families", default="", help="comma-separated model families, e.g. plain,batchnorm")
+    parser.add_argument("--output-dir", default="", help="figures, tables and tuner state (default: outputs; distributed: a shared directory)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +129,7 @@ def _config(args: argparse.Namespace):
         data=args.data,
         seed=args.seed,
         families=tuple(f.strip() for f in args.families.split(",") if f.strip()),
+        output_dir=args.output_dir,
     )
 
 

@@ -16,7 +16,7 @@ from search import data as data_module
 from search import eda, evaluate, report, tracking
 from search.data import DataError, Split
 from search.tracking import TrackingError
-from search.train import choose_precision, train_final, training_dataset
+from search.train import affordable_epochs, choose_precision, train_final, training_dataset
 from search.progress import top_table
 from search.tuner import failure_reason, make_tuner, trial_callbacks, trial_rows, write_trials_csv
 
@@ -113,9 +113,12 @@ def run_search(
 
         # 4. The model: the best trial's checkpoint, or its configuration retrained longer.
         if config.final_epochs:
+            epochs = affordable_epochs(tuner.hypermodel, best_trial.hyperparameters, data.train, config.batch_size, config.final_minutes * 60, config.final_epochs)
+            tracker.log_metrics({"final_epochs_run": epochs})
+            print(f"retraining trial {best_trial.trial_id}'s configuration on {len(data.train)} images for {epochs} epochs", flush=True)
             best_model = train_final(
                 tuner.hypermodel, best_trial.hyperparameters, data.train, data.validation,
-                config.final_epochs, config.batch_size, config.augment, config.seed,
+                epochs, config.batch_size, config.augment, config.seed,
                 on_epoch_end=lambda epoch, logs: tracker.log_metrics({f"final_{k}": v for k, v in logs.items()}, step=epoch),
             )
         else:

@@ -55,6 +55,22 @@ def warmup_cosine(peak_learning_rate: float, epochs: int, steps_per_epoch: int) 
     )
 
 
+def affordable_epochs(hypermodel: kt.HyperModel, hyperparameters: kt.HyperParameters, train: Split, batch_size: int, budget_s: float, most: int) -> int:
+    """How many epochs over `train` fit in `budget_s` seconds (1 to `most`), from
+    timing a few batches of a throw-away model of the configuration."""
+    if budget_s <= 0:
+        return most
+    model = hypermodel.build(hyperparameters.copy())
+    warm, timed = 4, 12
+    x, y = train.x[: batch_size * (warm + timed)], train.y[: batch_size * (warm + timed)]
+    model.fit(x[: batch_size * warm], y[: batch_size * warm], batch_size=batch_size, verbose=0)
+    started = time.perf_counter()
+    model.fit(x[batch_size * warm :], y[batch_size * warm :], batch_size=batch_size, verbose=0)
+    # +15%: augmentation and the validation pass are not in the timed batches.
+    seconds_per_epoch = 1.15 * (time.perf_counter() - started) / (batch_size * timed) * len(train)
+    return max(1, min(most, int(budget_s / seconds_per_epoch)))
+
+
 def train_final(
     hypermodel: kt.HyperModel,
     hyperparameters: kt.HyperParameters,
@@ -73,6 +89,7 @@ def train_final(
     The weights of the best validation epoch are kept. `on_epoch_end(epoch,
     logs)` sees every epoch, for tracking.
     """
+    keras.utils.set_random_seed(seed)
     model = hypermodel.build(hyperparameters.copy())
     peak = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
     steps_per_epoch = -(-len(train) // batch_size)

@@ -7,7 +7,7 @@ import pytest
 
 from model_zoo import PlainCNN
 from search.data import Split
-from search.train import augmentation, choose_precision, train_final, training_dataset, warmup_cosine
+from search.train import affordable_epochs, augmentation, choose_precision, train_final, training_dataset, warmup_cosine
 
 
 def random_split(n: int = 256) -> Split:
@@ -60,3 +60,11 @@ def test_precision_choice():
     assert choose_precision("float32", cpu_has_bf16=True) == "float32"
     assert choose_precision("mixed_bfloat16", cpu_has_bf16=False) == "mixed_bfloat16"
     assert choose_precision("auto", cpu_has_bf16=False) == "float32"
+
+
+def test_affordable_epochs_follow_the_time_budget():
+    split = random_split(2048)
+    hp = kt.HyperParameters()
+    assert affordable_epochs(PlainCNN(), hp, split, 64, budget_s=0, most=7) == 7  # no limit
+    assert affordable_epochs(PlainCNN(), hp, split, 64, budget_s=1e-6, most=7) == 1  # at least one
+    assert affordable_epochs(PlainCNN(), hp, split, 64, budget_s=1e6, most=7) == 7  # at most `most`
