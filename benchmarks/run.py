@@ -119,23 +119,21 @@ def tracking_overhead(data, pairs: int, tmp: Path) -> dict:
 
     from experiments import resolve  # noqa: PLC0415
     from search import tracking  # noqa: PLC0415
-    from search.data import Split  # noqa: PLC0415
-    from search.train import training_dataset  # noqa: PLC0415
-    from search.tuner import make_tuner  # noqa: PLC0415
+    from search.data import subset  # noqa: PLC0415
+    from search.tuner import make_tuner, run_trials  # noqa: PLC0415
 
     config = resolve("smoke", precision="float32")
-    train = Split(data.train.x[: config.train_subset], data.train.y[: config.train_subset])
+    train = subset(data.train, config.train_subset)
 
     def search(tracked: bool) -> None:
         keras.utils.set_random_seed(config.seed)
         folder = Path(tempfile.mkdtemp(dir=tmp))
-        fit = dict(validation_data=(data.validation.x, data.validation.y), epochs=config.max_epochs, verbose=0)
         with contextlib.redirect_stdout(io.StringIO()):
             if tracked:
                 with tracking.tracked_run("benchmark-tracking") as tracker:
-                    make_tuner(config, tracker, folder, "tuner").search(training_dataset(train, config.batch_size, config.seed), **fit)
+                    run_trials(make_tuner(config, tracker, folder, "tuner"), config, train, data.validation)
             else:
-                make_tuner(config, None, folder, "tuner").search(training_dataset(train, config.batch_size, config.seed), **fit)
+                run_trials(make_tuner(config, None, folder, "tuner"), config, train, data.validation)
 
     search(False)  # warm-up: TensorFlow's first graphs, MLflow's store creation
     search(True)

@@ -35,8 +35,7 @@ from experiments import from_params
 from search import data as data_module
 from search import interrupts, tracking
 from search.data import DataError
-from search.train import training_dataset
-from search.tuner import make_tuner, trial_callbacks
+from search.tuner import make_tuner, run_trials
 
 POLL_S = 0.5  # how often the chief looks at its workers and trials
 
@@ -137,14 +136,7 @@ def run_worker(parent_run_id: str, oracle_address: str, tuner_id: str, verbose: 
     tuner = make_tuner(config, tracker, directory, project_name="tuner", resume=True)
     tuner.progress.prefix = f"[{tuner_id}] "
     try:
-        tuner.search(
-            training_dataset(train, config.batch_size, config.seed),
-            validation_data=(data.validation.x, data.validation.y),
-            epochs=config.max_epochs,
-            callbacks=trial_callbacks(config),
-            shuffle=False,  # the dataset shuffles
-            verbose=verbose,
-        )
+        run_trials(tuner, config, train, data.validation, verbose)
     except BaseException:
         tracker.end_open_trials("KILLED")
         raise

@@ -16,9 +16,9 @@ from search import data as data_module
 from search import eda, evaluate, report, tracking
 from search.data import DataError, Split
 from search.tracking import TrackingError
-from search.train import affordable_epochs, choose_precision, train_final, training_dataset
+from search.train import affordable_epochs, choose_precision, train_final
 from search.progress import top_table
-from search.tuner import failure_reason, make_tuner, trial_callbacks, trial_rows, write_trials_csv
+from search.tuner import failure_reason, make_tuner, run_trials, trial_rows, write_trials_csv
 
 
 class SearchFailed(RuntimeError):
@@ -86,14 +86,7 @@ def run_search(
             if chief:
                 chief.search(tuner, tracker)
             else:
-                tuner.search(
-                    training_dataset(train, config.batch_size, config.seed),
-                    validation_data=(data.validation.x, data.validation.y),
-                    epochs=config.max_epochs,
-                    callbacks=trial_callbacks(config),
-                    shuffle=False,  # the dataset shuffles
-                    verbose=verbose,
-                )
+                run_trials(tuner, config, train, data.validation, verbose)
         except RuntimeError as err:
             if "consecutive failures" not in str(err):
                 raise

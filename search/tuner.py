@@ -20,8 +20,10 @@ import numpy as np
 from experiments import ConfigError, SearchConfig
 from model_zoo import CNNZoo
 from search import interrupts
+from search.data import Split
 from search.progress import Progress
 from search.tracking import SearchTracker
+from search.train import training_dataset
 
 
 class TrackedTuner:
@@ -156,6 +158,19 @@ def _value(text: str) -> object:
         except ValueError:
             pass
     return text
+
+
+def run_trials(tuner: kt.Tuner, config: SearchConfig, train: Split, validation: Split, verbose: int = 0) -> None:
+    """Keras Tuner's search loop: trials train on `train` (from memory, via tf.data)
+    and are scored on `validation`."""
+    tuner.search(
+        training_dataset(train, config.batch_size, config.seed),
+        validation_data=(validation.x, validation.y),
+        epochs=config.max_epochs,
+        callbacks=trial_callbacks(config),
+        shuffle=False,  # the dataset shuffles
+        verbose=verbose,
+    )
 
 
 def trial_callbacks(config: SearchConfig) -> list[keras.callbacks.Callback]:

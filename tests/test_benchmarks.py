@@ -1,0 +1,27 @@
+"""Code tests of the benchmark command's bookkeeping (the measurements themselves run in `python -m benchmarks`)."""
+
+from benchmarks.run import _interleaved, table
+
+
+def test_variants_alternate_and_reverse_order_every_other_round():
+    calls = []
+    seconds = _interleaved({"a": "A", "b": "B"}, rounds=3, run=calls.append)
+    assert calls == ["A", "B", "B", "A", "A", "B"]
+    assert {name: len(times) for name, times in seconds.items()} == {"a": 3, "b": 3}
+
+
+def test_table_marks_each_target_met_or_not():
+    results = {
+        "machine": {"cpu": "Test CPU", "cores": 2, "date": "2026-11-24 00:00 UTC"},
+        "training": {"images_per_s": {"project": 1600.0, "plain bs32": 800.0, "plain bs128": 1100.0}, "speedup": 2.0, "speedup_same_batch": 1.45},
+        "tracking": {"ratio": 1.05, "seconds": {"with MLflow": [10.5], "without": [10.0]}},
+        "inference": {"digits_per_s": 25_000.0},
+        "profiles": {"fast": {"exit": 0, "wall_s": 100.0, "test_accuracy": 0.991}, "default": {"exit": 0, "wall_s": 1300.0, "test_accuracy": 0.996}},
+    }
+    lines = table(results).splitlines()
+    row = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
+    assert row["training speedup vs plain fp32 model.fit"].endswith("| 2.00x | >= 1.5x | yes |")
+    assert row["tracking overhead (median of pairs)"].endswith("| <= 1.02x | no |")
+    assert row["inference: registered model via pyfunc"].endswith("| yes |")
+    assert row["profile fast: mlflow run"].endswith("| yes |")
+    assert row["profile default: mlflow run"].endswith("| no |")  # 21.7 min > 20
