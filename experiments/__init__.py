@@ -50,7 +50,7 @@ class SearchConfig:
     # At most this long retraining (0: no limit): a costlier winner gets fewer
     # epochs, timed on a few batches before it starts, so the whole default
     # search stays within ~20 minutes on 2 CPU cores.
-    final_minutes: float = 11.0
+    final_minutes: float = 12.0
     augment: bool = True  # jitter (shift, rotate, zoom) the digits of the final training
     threshold: float = 0.90  # register only if test_accuracy >= threshold
     model_name: str = "mnist-cnn"  # registered model name
