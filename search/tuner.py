@@ -181,12 +181,16 @@ def trial_callbacks(config: SearchConfig) -> list[keras.callbacks.Callback]:
     return callbacks
 
 
-def inference_ms_per_digit(model, digits: int = 512, batch_size: int = 256) -> float:
-    """Milliseconds per digit for batched prediction (timed after one warm-up batch)."""
+def inference_ms_per_digit(model, digits: int = 256) -> float:
+    """Milliseconds per digit of one batched forward pass (after a warm-up call).
+
+    A direct call, not `model.predict`, which would trace a new function for
+    every trial's model: this costs the trial ~0.05 s instead of ~0.2 s.
+    """
     batch = np.zeros((digits, 28, 28, 1), np.float32)
-    model.predict(batch[:batch_size], batch_size=batch_size, verbose=0)
+    model(batch[:32], training=False)
     started = time.perf_counter()
-    model.predict(batch, batch_size=batch_size, verbose=0)
+    model(batch, training=False)
     return (time.perf_counter() - started) * 1000 / digits
 
 
