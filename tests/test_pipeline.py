@@ -134,3 +134,20 @@ def test_predict_with_a_model_that_does_not_exist(smoke_search):
     result = subprocess.run([sys.executable, "-m", "search", "predict", "--input", str(digits), "--model-uri", "models:/mnist-cnn@nobody"], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.startswith("error: cannot load model 'models:/mnist-cnn@nobody'") and result.stderr.count("\n") == 1
+
+
+def test_the_winner_is_retrained_within_its_time_budget_and_logged_per_epoch(tracking_store, tmp_path):
+    from experiments import resolve
+    from search.pipeline import run_search
+    from tests.conftest import write_npz
+
+    data = write_npz(tmp_path / "tiny.npz", n_train=700, n_test=100)
+    config = resolve("smoke", data=str(data), validation_size=100, max_trials=2, max_epochs=1, final_epochs=2, final_minutes=10.0, augment=True)
+    result = run_search(config, verbose=0)
+
+    run = mlflow.get_run(result.run_id)
+    assert run.data.metrics["final_epochs_run"] == 2
+    history = mlflow.MlflowClient().get_metric_history(result.run_id, "final_val_accuracy")
+    assert sorted(m.step for m in history) == [0, 1]
+    # Random pixels and labels: retrained, evaluated, and kept out of the registry.
+    assert not result.decision.registered and "not registered" in run.data.tags["registry_decision"]
