@@ -65,6 +65,7 @@ def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="", help="MNIST .npz (default: $MNIST_NPZ, else Keras' download)")
     parser.add_argument("--seed", type=_whole, default=0, help="random seed")
     parser.add_argument("--families", default="", help="comma-separated model families, e.g. plain,batchnorm")
+    parser.add_argument("--fixed", default="", help="comma-separated hyperparameters to pin, e.g. conv_blocks=2,convs_per_block=1")
     parser.add_argument("--output-dir", default="", help="figures, tables and tuner state (default: outputs; distributed: a shared directory)")
 
 
@@ -129,6 +130,7 @@ def _config(args: argparse.Namespace):
         data=args.data,
         seed=args.seed,
         families=tuple(f.strip() for f in args.families.split(",") if f.strip()),
+        fixed=tuple(f.strip() for f in args.fixed.split(",") if f.strip()),
         output_dir=args.output_dir,
     )
 

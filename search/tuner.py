@@ -8,6 +8,7 @@ deep-copies for every trial.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import time
@@ -136,16 +137,39 @@ def make_tuner(
 
 
 def fixed_hyperparameters(hypermodel: kt.HyperModel, pins: tuple[str, ...]) -> kt.HyperParameters:
-    """`name=value` pins as Keras Tuner `Fixed` hyperparameters; a name not in the space raises."""
+    """`name=value` pins as Keras Tuner `Fixed` hyperparameters; a name not in the space raises.
+
+    A pin is declared under the same conditions as the hyperparameter it pins
+    (conv_filters_1 exists only when conv_blocks >= 2): Keras Tuner treats a
+    `Fixed` without them as another hyperparameter and goes on sampling the
+    conditional one.
+    """
     space = kt.HyperParameters()
     hypermodel.build(space)
-    known = {hp.name for hp in space.space}
-    fixed = kt.HyperParameters()
+    specs = {hp.name: hp for hp in space.space}
+    values = {}
     for pin in pins:
         name, text = (part.strip() for part in pin.split("="))
-        if name not in known:
-            raise ConfigError(f"fixed hyperparameter {name!r} is not in the search space: known are {', '.join(sorted(known))}")
-        fixed.Fixed(name, _value(text))
+        if name not in specs:
+            raise ConfigError(f"fixed hyperparameter {name!r} is not in the search space: known are {', '.join(sorted(specs))}")
+        values[name] = _value(text)
+    fixed = kt.HyperParameters()
+
+    def declare(name: str) -> None:
+        for condition in specs[name].conditions:  # parents first
+            if condition.name not in fixed:
+                declare(condition.name)
+        with contextlib.ExitStack() as scopes:
+            for condition in specs[name].conditions:
+                scopes.enter_context(fixed.conditional_scope(condition.name, condition.values))
+            if name in values:
+                fixed.Fixed(name, values[name])
+            else:
+                fixed._register(specs[name])  # an unpinned parent, as the space defines it
+
+    for name in values:
+        if name not in fixed:
+            declare(name)
     return fixed
 
 

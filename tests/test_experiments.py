@@ -14,7 +14,8 @@ def test_defaults_are_the_documented_ones():
     assert (config.threshold, config.model_name, config.champion_alias) == (0.90, "mnist-cnn", "champion")
     assert config.validation_size == 6_000
     assert config.families == ("batchnorm",)
-    assert (config.final_epochs, config.augment, config.fixed) == (10, True, ())
+    assert (config.final_epochs, config.augment) == (12, True)
+    assert config.fixed == ("conv_blocks=2", "convs_per_block=2", "conv_filters_0=32")
 
 
 def test_every_family_named_in_experiments_is_in_the_zoo():
@@ -36,13 +37,25 @@ def test_smoke_profile_is_small():
     assert 0 < smoke.train_subset <= 10_000
 
 
-def test_fast_profile_pins_a_small_architecture_the_search_space_knows():
-    from model_zoo import CNNZoo
-    from search.tuner import fixed_hyperparameters
+@pytest.mark.parametrize("name", [name for name in PROFILES if resolve(name).fixed])
+def test_pinned_hyperparameters_hold_in_every_trial_the_oracle_creates(name):
+    import keras_tuner as kt
 
-    fast = resolve("fast")
-    pinned = fixed_hyperparameters(CNNZoo(fast.families), fast.fixed)
-    assert pinned.values == {"conv_blocks": 2, "convs_per_block": 1, "conv_filters_0": 32, "conv_filters_1": 64}
+    from model_zoo import CNNZoo
+    from search.tuner import _value, fixed_hyperparameters
+
+    config = resolve(name)
+    zoo = CNNZoo(config.families)
+    space = kt.HyperParameters()
+    zoo.build(space)
+    oracle = kt.oracles.RandomSearchOracle(kt.Objective("val_accuracy", "max"), max_trials=5, seed=1, hyperparameters=fixed_hyperparameters(zoo, config.fixed))
+    oracle._set_project_dir(str(__import__("tempfile").mkdtemp()), "pins")
+    oracle.update_space(space)
+    pins = {pin.split("=")[0]: _value(pin.split("=")[1]) for pin in config.fixed}
+    for tuner_id in range(5):
+        trial = oracle.create_trial(f"tuner{tuner_id}")
+        assert {k: trial.hyperparameters.values[k] for k in pins} == pins
+        assert trial.hyperparameters.values["dropout"] is not None  # the rest is still searched
 
 
 def test_a_pinned_hyperparameter_outside_the_space_raises():

@@ -22,12 +22,14 @@ def test_conda_yaml_and_requirements_pin_the_same_versions():
 def test_every_mlproject_parameter_is_passed_to_a_command_line_flag():
     project = yaml.safe_load((REPO / "MLproject").read_text())
     main = project["entry_points"]["main"]
-    assert set(main["parameters"]) == {"profile", "tuner", "max_trials", "max_epochs", "threshold", "model_name", "data", "seed", "families"}
-    run_parser = build_parser()._subparsers._group_actions[0].choices["run"]
-    flags = {option for action in run_parser._actions for option in action.option_strings}
-    for name in main["parameters"]:
-        assert f"--{name.replace('_', '-')} {{{name}}}" in main["command"]
-        assert f"--{name.replace('_', '-')}" in flags
+    assert set(main["parameters"]) == {"profile", "tuner", "max_trials", "max_epochs", "threshold", "model_name", "data", "seed", "families", "fixed"}
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    for entry in project["entry_points"].values():
+        subcommand = entry["command"].split()[3]  # python -m search <subcommand> ...
+        flags = {option for action in subcommands[subcommand]._actions for option in action.option_strings}
+        for name in entry.get("parameters", {}):
+            assert f"--{name.replace('_', '-')} {{{name}}}" in entry["command"]
+            assert f"--{name.replace('_', '-')}" in flags
 
 
 def test_run_outputs_are_ignored_by_git():
