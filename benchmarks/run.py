@@ -75,8 +75,7 @@ def training_throughput(data, rounds: int) -> dict:
     from experiments import resolve  # noqa: PLC0415
     from model_zoo import BatchNormCNN  # noqa: PLC0415
     from search.data import Split  # noqa: PLC0415
-    from search.pipeline import cpu_has_bf16, set_precision  # noqa: PLC0415
-    from search.train import training_dataset  # noqa: PLC0415
+    from search.train import cpu_has_bf16, set_precision, training_dataset  # noqa: PLC0415
 
     config = resolve("default")
     split = Split(data.train.x[:TRAINING_IMAGES], data.train.y[:TRAINING_IMAGES])
@@ -221,13 +220,16 @@ def _micro_rows(results: dict) -> list[tuple[str, str, str, str]]:
 
 def machine() -> dict:
     """What the figures were measured on."""
-    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines() if line.startswith("model name")), platform.processor())
     import tensorflow as tf  # noqa: PLC0415
 
+    from search.train import cpu_has_bf16  # noqa: PLC0415
+
+    cpuinfo = _read("/proc/cpuinfo")
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), platform.processor())
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "bf16": "avx512_bf16" in _read("/proc/cpuinfo") or "amx_bf16" in _read("/proc/cpuinfo"),
+        "bf16": cpu_has_bf16(),
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -31,7 +31,7 @@ import keras_tuner as kt
 from keras_tuner.src import protos
 from keras_tuner.src.distribute.oracle_chief import OracleServicer
 
-from experiments import from_params
+from experiments import ConfigError, from_params
 from search import data as data_module
 from search import interrupts, tracking
 from search.data import DataError
@@ -120,7 +120,7 @@ def run_worker(parent_run_id: str, oracle_address: str, tuner_id: str, verbose: 
     """Train trials from the chief at `oracle_address` until it has none left; how many ran."""
     host, _, port = oracle_address.rpartition(":")
     if not host or not port.isdigit():
-        raise DataError(f"--oracle must be host:port, got {oracle_address!r}")
+        raise ConfigError(f"--oracle must be host:port, got {oracle_address!r}")
     os.environ.update(KERASTUNER_TUNER_ID=tuner_id, KERASTUNER_ORACLE_IP=host, KERASTUNER_ORACLE_PORT=port)
     params = tracking.resumable_params(parent_run_id)
     config = from_params(params)
@@ -137,8 +137,10 @@ def run_worker(parent_run_id: str, oracle_address: str, tuner_id: str, verbose: 
     tuner.progress.prefix = f"[{tuner_id}] "
     try:
         run_trials(tuner, config, train, data.validation, verbose)
+        tracker.flush()
     except BaseException:
         tracker.end_open_trials("KILLED")
         raise
-    tracker.flush()
+    finally:
+        tracker.close()
     return tracker.trials_logged

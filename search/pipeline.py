@@ -16,7 +16,7 @@ from search import data as data_module
 from search import eda, evaluate, report, tracking
 from search.data import DataError, Split
 from search.tracking import TrackingError
-from search.train import affordable_epochs, choose_precision, train_final
+from search.train import affordable_epochs, set_precision, train_final
 from search.progress import top_table
 from search.tuner import failure_reason, make_tuner, run_trials, trial_rows, write_trials_csv
 
@@ -181,19 +181,3 @@ def log_evaluation(run: tracking.SearchTracker, report: evaluate.TestReport, tes
     run.log_metrics(report.metrics())
     run.log_artifact(evaluate.plot_confusion_matrix(report, out / "confusion_matrix.png"), "evaluation")
     run.log_artifact(evaluate.plot_misclassified(test, report, out / "misclassified.png"), "evaluation")
-
-
-def set_precision(precision: str) -> str:
-    """Set Keras' global dtype policy; `auto` picks bf16 where the CPU computes it natively and faster."""
-    precision = choose_precision(precision, cpu_has_bf16())
-    keras.mixed_precision.set_global_policy(precision)
-    return precision
-
-
-def cpu_has_bf16() -> bool:
-    """Whether the CPU advertises native bf16 (AVX-512 BF16 or AMX) on Linux."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags

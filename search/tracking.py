@@ -134,6 +134,10 @@ class SearchTracker:
         for future in pending:
             future.result()
 
+    def close(self) -> None:
+        """Stop the logging thread once its calls are done (what failed was raised by flush)."""
+        self._background.shutdown(wait=True)
+
     def _submit(self, call) -> None:
         for future in [f for f in self._pending if f.done()]:
             self._pending.remove(future)
@@ -284,6 +288,7 @@ def tracked_run(experiment_name: str, resume_run_id: str = "") -> Iterator[Searc
         if resume_run_id:
             tracker.end_orphaned_trials()
         yield tracker
+        tracker.flush()  # a trial call that failed fails the run
     except KeyboardInterrupt:
         tracker.end_open_trials("KILLED")
         end_run(RunStatus.to_string(RunStatus.KILLED))
@@ -292,7 +297,8 @@ def tracked_run(experiment_name: str, resume_run_id: str = "") -> Iterator[Searc
         tracker.end_open_trials("FAILED")
         end_run(RunStatus.to_string(RunStatus.FAILED))
         raise
-    tracker.flush()
+    finally:
+        tracker.close()
     end_run()
 
 

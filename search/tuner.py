@@ -204,8 +204,9 @@ def trial_callbacks(config: SearchConfig) -> list[keras.callbacks.Callback]:
 def inference_ms_per_digit(model, digits: int = 256) -> float:
     """Milliseconds per digit of one batched forward pass (after a warm-up call).
 
-    A direct call, not `model.predict`, which would trace a new function for
-    every trial's model: this costs the trial ~0.05 s instead of ~0.2 s.
+    A direct call, not `model.predict`, which traces a new function for every
+    trial's model: on the plain default CNN, two direct calls on 512 digits took
+    0.085 s, the `model.predict` timing 0.17 s.
     """
     batch = np.zeros((digits, 28, 28, 1), np.float32)
     model(batch[:32], training=False)

@@ -57,9 +57,9 @@ def test_augmentation_moves_pixels_but_keeps_shape_range_and_ink():
 
 
 def test_precision_choice():
-    assert choose_precision("float32", cpu_has_bf16=True) == "float32"
-    assert choose_precision("mixed_bfloat16", cpu_has_bf16=False) == "mixed_bfloat16"
-    assert choose_precision("auto", cpu_has_bf16=False) == "float32"
+    assert choose_precision("float32", native_bf16=True) == "float32"
+    assert choose_precision("mixed_bfloat16", native_bf16=False) == "mixed_bfloat16"
+    assert choose_precision("auto", native_bf16=False) == "float32"
 
 
 def test_affordable_epochs_follow_the_time_budget():
