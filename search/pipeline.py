@@ -113,6 +113,7 @@ def run_search(
                 tuner.hypermodel, best_trial.hyperparameters, data.train, data.validation,
                 epochs, config.batch_size, config.augment, config.seed,
                 on_epoch_end=lambda epoch, logs: tracker.log_metrics({f"final_{k}": v for k, v in logs.items()}, step=epoch),
+                peak_learning_rate=config.final_learning_rate,
             )
         else:
             with warnings.catch_warnings():  # checkpoints hold weights only, not the optimizer state

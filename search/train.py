@@ -85,17 +85,19 @@ def train_final(
     augment: bool,
     seed: int,
     on_epoch_end: Callable[[int, dict], None],
+    peak_learning_rate: float = 0.0,
 ) -> keras.Model:
     """A fresh model of the best configuration, trained for `epochs` epochs on `train`.
 
-    The searched learning rate becomes the peak of a warm-up + cosine
-    schedule, and the training digits are jittered when `augment` is set.
+    The learning rate follows a warm-up + cosine schedule peaking at
+    `peak_learning_rate` (0: the configuration's searched learning rate), and
+    the training digits are jittered when `augment` is set.
     The weights of the best validation epoch are kept. `on_epoch_end(epoch,
     logs)` sees every epoch, for tracking.
     """
     keras.utils.set_random_seed(seed)
     model = hypermodel.build(hyperparameters.copy())
-    peak = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+    peak = peak_learning_rate or float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
     steps_per_epoch = -(-len(train) // batch_size)
     model.compile(
         optimizer=keras.optimizers.Adam(warmup_cosine(peak, epochs, steps_per_epoch)),
