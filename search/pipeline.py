@@ -18,7 +18,7 @@ from search.data import DataError, Split
 from search.tracking import TrackingError
 from search.train import affordable_epochs, set_precision, train_final
 from search.progress import top_table
-from search.tuner import failure_reason, make_tuner, run_trials, trial_rows, write_trials_csv
+from search.tuner import failure_reason, make_tuner, pick_winner, run_trials, trial_rows, write_trials_csv
 
 
 class SearchFailed(RuntimeError):
@@ -100,9 +100,12 @@ def run_search(
         completed = [t for t in trials if t.status == "COMPLETED"]
         if not completed:
             raise SearchFailed(f"all {len(trials)} trials failed; see the failure_reason tags of the trial runs")
-        best_trial = tuner.oracle.get_best_trials(1)[0]
-        tracker.log_metrics({"best_val_accuracy": best_trial.score})
-        tracker.set_tag("best_trial_id", best_trial.trial_id)
+        winner = pick_winner(tuner, len(data.validation), config.winner_within_se)
+        best_trial = winner.trial
+        tracker.log_metrics({"best_val_accuracy": winner.best.score, "winner_val_accuracy": best_trial.score, "winner_multiply_adds": winner.multiply_adds})
+        tracker.set_tag("best_trial_id", winner.best.trial_id)
+        tracker.set_tag("winner_trial_id", best_trial.trial_id)
+        print(winner.describe(), flush=True)
 
         # 4. The model: the best trial's checkpoint, or its configuration retrained longer.
         if config.final_epochs:
@@ -140,7 +143,7 @@ def run_search(
         run_id=tracker.run_id,
         trials=len(trials),
         completed_trials=len(completed),
-        best_val_accuracy=best_trial.score,
+        best_val_accuracy=winner.best.score,
         best_hyperparameters=best_trial.hyperparameters.values,
         test=test_report,
         decision=decision,

@@ -12,6 +12,7 @@ import contextlib
 import csv
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -19,7 +20,7 @@ import keras_tuner as kt
 import numpy as np
 
 from experiments import ConfigError, SearchConfig
-from model_zoo import CNNZoo
+from model_zoo import CNNZoo, multiply_adds
 from search import interrupts
 from search.data import Split
 from search.progress import Progress
@@ -213,6 +214,37 @@ def inference_ms_per_digit(model, digits: int = 256) -> float:
     started = time.perf_counter()
     model(batch, training=False)
     return (time.perf_counter() - started) * 1000 / digits
+
+
+@dataclass(frozen=True)
+class Winner:
+    trial: kt.engine.trial.Trial  # the configuration the pipeline keeps
+    best: kt.engine.trial.Trial  # the highest val_accuracy
+    multiply_adds: int  # the winner's, per digit
+    standard_error: float  # of the best val_accuracy on the validation split
+
+    def describe(self) -> str:
+        line = f"winner: trial {self.trial.trial_id}, val_accuracy {self.trial.score:.4f}, {self.multiply_adds / 1e6:.1f} M multiply-adds per digit"
+        if self.trial is not self.best:
+            line += f"; the cheapest within {self.standard_error:.4f} of the best, trial {self.best.trial_id} ({self.best.score:.4f})"
+        return line
+
+
+def pick_winner(tuner: kt.Tuner, validation_size: int, within_se: float) -> Winner:
+    """The cheapest completed trial whose val_accuracy is within `within_se` standard
+    errors of the best (the one-standard-error rule); 0: the best trial.
+
+    Scores closer than the validation split's sampling noise do not tell the
+    trials apart; a cheaper network retrains more epochs in the same minutes
+    and serves faster. Cost is multiply-adds per digit; ties go to the higher score.
+    """
+    completed = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]
+    best = max(completed, key=lambda t: t.score)
+    standard_error = math.sqrt(best.score * (1 - best.score) / validation_size)
+    close = [t for t in completed if t.score >= best.score - within_se * standard_error]
+    costs = {t.trial_id: multiply_adds(tuner.hypermodel.build(t.hyperparameters.copy())) for t in close}
+    winner = min(close, key=lambda t: (costs[t.trial_id], -t.score, t.trial_id))
+    return Winner(winner, best, costs[winner.trial_id], standard_error)
 
 
 def active_values(hp: kt.HyperParameters) -> dict[str, object]:
