@@ -102,19 +102,24 @@ PROFILES: dict[str, dict] = {
     # on a 10,000-image subset, then the winner retrained with augmentation and
     # a warm-up + cosine schedule on all 54,000 training images.
     "default": {},
-    # Under 2 minutes: two one-epoch trials of small two-block networks (16 and
-    # 32 filters), the winner retrained for up to 5 epochs without augmentation.
+    # Under 2 minutes: two one-epoch trials of a small two-block network (16 and
+    # 32 filters, dense 128) that differ in dropout, the winner retrained for up
+    # to 5 epochs at batch 256, without augmentation. Measured on the final
+    # training alone: 99.28% in 50 s at batch 256 against 99.16% in 74 s at 128.
     "fast": {
         "tuner": "random",
-        # Two random trials cannot find a learning rate: it is pinned to a peak
-        # that suits a 3-epoch one-cycle schedule.
-        "fixed": ("conv_blocks=2", "convs_per_block=1", "conv_filters_0=16", "conv_filters_1=32", "learning_rate=0.004"),
+        "fixed": (
+            "conv_blocks=2", "convs_per_block=1", "conv_filters_0=16", "conv_filters_1=32", "dense_units=128",
+            # Two random trials cannot find a learning rate: pinned to the retraining's peak.
+            "learning_rate=0.006",
+        ),
         "max_trials": 2,
         "max_epochs": 1,
         "train_subset": 6_000,
+        "batch_size": 256,
         "early_stopping_patience": 0,
         "final_epochs": 5,
-        "final_learning_rate": 0.004,
+        "final_learning_rate": 0.006,
         "final_minutes": 1.2,
         "augment": False,
     },

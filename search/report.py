@@ -68,11 +68,11 @@ def hyperparameter_effects(records: list[dict], path: Path, cols: int = 4) -> Pa
 
 
 def accuracy_vs_cost(records: list[dict], path: Path) -> Path:
-    """Best validation accuracy against parameter count and inference time, each with its Pareto front."""
+    """Best validation accuracy against parameter count and compute per digit, each with its Pareto front."""
     fig, axes = subplots(1, 2, figsize=(12, 4.5))
     for ax, key, label in (
         (axes[0], "param_count", "parameters (log scale)"),
-        (axes[1], "inference_ms_per_digit", "inference time per digit, ms (batches of 256, log scale)"),
+        (axes[1], "multiply_adds", "multiply-adds per digit (log scale)"),
     ):
         done = [r for r in completed(records) if r.get(key)]
         costs = np.array([r[key] for r in done], dtype=float)

@@ -146,7 +146,7 @@ class SearchTracker:
 
     def trial_records(self) -> list[dict]:
         """Every trial run of this search as logged: trial_id, status, hyperparameters,
-        val_accuracy (best), param_count, wall_time_s and the val_accuracy curve [(epoch, value)]."""
+        val_accuracy (best), param_count, multiply_adds, wall_time_s and the val_accuracy curve [(epoch, value)]."""
         self.flush()
         runs = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=10_000)
         records = []
@@ -159,7 +159,7 @@ class SearchTracker:
                     "hyperparameters": run.data.params,
                     "val_accuracy": run.data.metrics.get("best_val_accuracy"),
                     "param_count": run.data.metrics.get("param_count"),
-                    "inference_ms_per_digit": run.data.metrics.get("inference_ms_per_digit"),
+                    "multiply_adds": run.data.metrics.get("multiply_adds"),
                     "wall_time_s": run.data.metrics.get("wall_time_s"),
                     "curve": sorted((m.step, m.value) for m in curve),
                 }
