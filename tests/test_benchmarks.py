@@ -14,7 +14,7 @@ def test_table_marks_each_target_met_or_not():
     results = {
         "machine": {"cpu": "Test CPU", "cores": 2, "date": "2026-11-24 00:00 UTC"},
         "training": {"images_per_s": {"project": 1600.0, "plain bs32": 800.0, "plain bs128": 1100.0}, "speedup": 2.0, "speedup_same_batch": 1.45},
-        "tracking": {"ratio": 1.05, "seconds": {"with MLflow": [10.5], "without": [10.0]}},
+        "tracking": {"ratio": 1.05, "cpu_ratio": 1.01, "seconds": {"with MLflow": [10.5], "without": [10.0]}},
         "inference": {"digits_per_s": 25_000.0},
         "profiles": {"fast": {"exit": 0, "wall_s": 100.0, "test_accuracy": 0.991}, "default": {"exit": 0, "wall_s": 1300.0, "test_accuracy": 0.996}},
     }
@@ -22,6 +22,7 @@ def test_table_marks_each_target_met_or_not():
     row = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
     assert row["training speedup vs plain fp32 model.fit"].endswith("| 2.00x | >= 1.5x | yes |")
     assert row["tracking overhead (median of pairs)"].endswith("| <= 1.02x | no |")
+    assert row["tracking overhead in CPU seconds (median of pairs)"].endswith("| 1.010x |  |  |")
     assert row["inference: registered model via pyfunc"].endswith("| yes |")
     assert row["profile fast: mlflow run"].endswith("| yes |")
     assert row["profile default: mlflow run"].endswith("| no |")  # 21.7 min > 20

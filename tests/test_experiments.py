@@ -14,7 +14,7 @@ def test_defaults_are_the_documented_ones():
     assert (config.threshold, config.model_name, config.champion_alias) == (0.90, "mnist-cnn", "champion")
     assert config.validation_size == 6_000
     assert config.families == ("batchnorm",)
-    assert (config.final_epochs, config.augment) == (12, True)
+    assert (config.final_epochs, config.augment) == (14, True)
     assert (config.final_learning_rate, config.winner_within_se) == (3e-3, 1.0)
     assert config.fixed == ("conv_blocks=2", "convs_per_block=2", "conv_filters_0=32")
 
