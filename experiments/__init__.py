@@ -29,10 +29,12 @@ class SearchConfig:
     # stops near 99.2%, so the default searches batch-norm networks only.
     families: tuple[str, ...] = ("batchnorm",)
     # Hyperparameters pinned to one value, as "name=value"; the search tunes the
-    # rest (here: conv_filters_1, dropout, dense_units, learning_rate). Two blocks
-    # of two 3x3 convolutions, the first of 32 filters, reached 99.61% retrained
-    # for 10 epochs, and bound the retraining's cost.
-    fixed: tuple[str, ...] = ("conv_blocks=2", "convs_per_block=2", "conv_filters_0=32")
+    # rest (here: conv_filters_1, learning_rate). Two blocks of two 3x3
+    # convolutions, 32 filters first, dense 128 and dropout 0.3 reached 99.58%
+    # and 99.61% retrained; the searched dense 64 and dropout 0.4 gave 99.47%
+    # and 99.48%: trials of 1-3 epochs rank the regularisation a 14-epoch
+    # retraining with jitter needs too high.
+    fixed: tuple[str, ...] = ("conv_blocks=2", "convs_per_block=2", "conv_filters_0=32", "dense_units=128", "dropout=0.3")
     objective: str = "val_accuracy"  # scored on the validation split, maximised
     max_trials: int = 20  # most trials run (hyperband: a cap on its own schedule)
     max_epochs: int = 3  # most epochs one trial trains

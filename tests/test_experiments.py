@@ -16,7 +16,7 @@ def test_defaults_are_the_documented_ones():
     assert config.families == ("batchnorm",)
     assert (config.final_epochs, config.augment) == (14, True)
     assert (config.final_learning_rate, config.winner_within_se) == (3e-3, 1.0)
-    assert config.fixed == ("conv_blocks=2", "convs_per_block=2", "conv_filters_0=32")
+    assert config.fixed == ("conv_blocks=2", "convs_per_block=2", "conv_filters_0=32", "dense_units=128", "dropout=0.3")
 
 
 def test_every_family_named_in_experiments_is_in_the_zoo():
