@@ -31,7 +31,7 @@ class SearchResult:
     trials: int
     completed_trials: int
     best_val_accuracy: float
-    best_hyperparameters: dict
+    winner_hyperparameters: dict  # of the trial kept (see pick_winner), not always the best score's
     test: evaluate.TestReport
     decision: tracking.RegistryDecision
 
@@ -101,19 +101,18 @@ def run_search(
         if not completed:
             raise SearchFailed(f"all {len(trials)} trials failed; see the failure_reason tags of the trial runs")
         winner = pick_winner(tuner, len(data.validation), config.winner_within_se)
-        best_trial = winner.trial
-        tracker.log_metrics({"best_val_accuracy": winner.best.score, "winner_val_accuracy": best_trial.score, "winner_multiply_adds": winner.multiply_adds})
+        tracker.log_metrics({"best_val_accuracy": winner.best.score, "winner_val_accuracy": winner.trial.score, "winner_multiply_adds": winner.multiply_adds})
         tracker.set_tag("best_trial_id", winner.best.trial_id)
-        tracker.set_tag("winner_trial_id", best_trial.trial_id)
+        tracker.set_tag("winner_trial_id", winner.trial.trial_id)
         print(winner.describe(), flush=True)
 
-        # 4. The model: the best trial's checkpoint, or its configuration retrained longer.
+        # 4. The model: the winner's checkpoint, or its configuration retrained longer.
         if config.final_epochs:
-            epochs = affordable_epochs(tuner.hypermodel, best_trial.hyperparameters, data.train, config.batch_size, config.final_minutes * 60, config.final_epochs)
+            epochs = affordable_epochs(tuner.hypermodel, winner.trial.hyperparameters, data.train, config.batch_size, config.final_minutes * 60, config.final_epochs)
             tracker.log_metrics({"final_epochs_run": epochs})
-            print(f"retraining trial {best_trial.trial_id}'s configuration on {len(data.train)} images for {epochs} epochs", flush=True)
+            print(f"retraining trial {winner.trial.trial_id}'s configuration on {len(data.train)} images for {epochs} epochs", flush=True)
             best_model = train_final(
-                tuner.hypermodel, best_trial.hyperparameters, data.train, data.validation,
+                tuner.hypermodel, winner.trial.hyperparameters, data.train, data.validation,
                 epochs, config.batch_size, config.augment, config.seed,
                 on_epoch_end=lambda epoch, logs: tracker.log_metrics({f"final_{k}": v for k, v in logs.items()}, step=epoch),
                 peak_learning_rate=config.final_learning_rate,
@@ -121,7 +120,7 @@ def run_search(
         else:
             with warnings.catch_warnings():  # checkpoints hold weights only, not the optimizer state
                 warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-                best_model = tuner.load_model(best_trial)
+                best_model = tuner.load_model(winner.trial)
 
         # 5. The test split, touched once, after the search.
         test_report = evaluate.evaluate(best_model, data.test)
@@ -144,7 +143,7 @@ def run_search(
         trials=len(trials),
         completed_trials=len(completed),
         best_val_accuracy=winner.best.score,
-        best_hyperparameters=best_trial.hyperparameters.values,
+        winner_hyperparameters=winner.trial.hyperparameters.values,
         test=test_report,
         decision=decision,
     )
