@@ -55,13 +55,18 @@ class Comparison:
 
 def evaluate(model: keras.Model, test: Split, batch_size: int = 1024) -> TestReport:
     """Accuracy, cross-entropy loss, confusion matrix and predictions of `model` on `test`."""
-    probabilities = model.predict(test.x, batch_size=batch_size, verbose=0).astype(np.float64)
+    return report(model.predict(test.x, batch_size=batch_size, verbose=0), test.y)
+
+
+def report(probabilities: np.ndarray, labels: np.ndarray) -> TestReport:
+    """The test report of predicted class probabilities (N, 10) against the true digits."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
     predicted = probabilities.argmax(axis=1)
-    picked = probabilities[np.arange(len(test)), test.y]
+    picked = probabilities[np.arange(len(labels)), labels]
     loss = float(-np.log(np.clip(picked, 1e-7, 1.0)).mean())  # as Keras clips
     confusion = np.zeros((10, 10), dtype=np.int64)
-    np.add.at(confusion, (test.y, predicted), 1)
-    return TestReport(accuracy=float((predicted == test.y).mean()), loss=loss, confusion=confusion, predicted=predicted)
+    np.add.at(confusion, (labels, predicted), 1)
+    return TestReport(accuracy=float((predicted == labels).mean()), loss=loss, confusion=confusion, predicted=predicted)
 
 
 def compare(challenger: TestReport, champion: TestReport, labels: np.ndarray) -> Comparison:

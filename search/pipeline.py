@@ -13,7 +13,7 @@ import keras_tuner as kt
 
 from experiments import SearchConfig, champion_uri, from_params
 from search import data as data_module
-from search import eda, evaluate, report, tracking
+from search import eda, evaluate, pyfunc_model, report, tracking
 from search.data import DataError, Split
 from search.tracking import TrackingError
 from search.train import affordable_epochs, set_precision, train_final
@@ -122,16 +122,17 @@ def run_search(
                 warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
                 best_model = tuner.load_model(winner.trial)
 
-        # 5. The test split, touched once, after the search.
+        # 5. The test split, touched once, after the search: the model, and the int8 form the registry serves.
         test_report = evaluate.evaluate(best_model, data.test)
         log_evaluation(tracker, test_report, data.test, out / "evaluation")
+        int8_model = int8_form(tracker, best_model, test_report, data.test, config)
 
         # 6. Registry gate; a challenger is compared with the champion on the same test images.
         comparison = None
         if test_report.accuracy >= config.threshold and tracker.champion_version(config.model_name, config.champion_alias):
             champion = tracking.load_keras_model(champion_uri(config))
             comparison = evaluate.compare(test_report, evaluate.evaluate(champion, data.test), data.test.y)
-        decision = tracker.register_if_better(best_model, test_report.accuracy, config.threshold, config.model_name, config.champion_alias, comparison)
+        decision = tracker.register_if_better(best_model, test_report.accuracy, config.threshold, config.model_name, config.champion_alias, comparison, int8_model)
         print(f"test_accuracy {test_report.accuracy:.4f} - {decision.reason}")
 
         # 7. The report: figures comparing the trials, and report.html.
@@ -147,6 +148,23 @@ def run_search(
         test=test_report,
         decision=decision,
     )
+
+
+def int8_form(tracker: tracking.SearchTracker, model, test_report: evaluate.TestReport, test: Split, config: SearchConfig) -> bytes | None:
+    """The model with int8 weights for the registry to serve, or None (served in float32):
+    switched off, a mixed-precision model, or more than `int8_max_accuracy_drop` below
+    the float32 model's test accuracy."""
+    int8 = pyfunc_model.DigitClassifier.int8(model) if config.serve_int8 else None
+    if int8 is not None:
+        int8_accuracy = evaluate.report(int8.predict(test.x)["probabilities"], test.y).accuracy
+        tracker.log_metrics({"int8_test_accuracy": int8_accuracy})
+        if test_report.accuracy - int8_accuracy > config.int8_max_accuracy_drop:
+            print(f"served in float32: the int8 form's test_accuracy {int8_accuracy:.4f} is more than {config.int8_max_accuracy_drop} below")
+            int8 = None
+        else:
+            print(f"served with int8 weights: test_accuracy {int8_accuracy:.4f} (float32: {test_report.accuracy:.4f})")
+    tracker.set_tag("served_form", "int8" if int8 is not None else "float32")
+    return int8.tflite if int8 is not None else None
 
 
 def write_report(records: list[dict], config: SearchConfig, decision: tracking.RegistryDecision, out: Path) -> Path:

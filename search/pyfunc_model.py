@@ -2,8 +2,9 @@
 
 This file is shipped inside every registered model (as `code/mnist_digits_pyfunc.py`)
 and is what `mlflow.pyfunc.load_model` and `mlflow models serve` run, so it imports
-nothing of this project. The same model keeps its `keras` flavor for
-`mlflow.keras.load_model`.
+nothing of this project. It serves the model's int8 form, `data/model.tflite`,
+where the model was logged with one, else the float32 Keras model. The same
+model keeps its `keras` flavor (float32) for `mlflow.keras.load_model`.
 
 Input: digits of shape (N, 28, 28) or (N, 28, 28, 1); integers 0..255 (uint8, or
 JSON integers) or floats 0..1; light digit on a dark background, as in MNIST.
@@ -13,10 +14,14 @@ Output: {"probabilities": float32 (N, 10), "digit": int64 (N,)}.
 from __future__ import annotations
 
 import os
+import threading
+import warnings
+from typing import Callable
 
 import numpy as np
 
 KERAS_FILE = "model.keras"  # where mlflow.keras.save_model puts the model, under data/
+TFLITE_FILE = "model.tflite"  # the int8 form beside it, when the model was logged with one
 SIZE = 28
 
 
@@ -40,18 +45,37 @@ def as_digits(array: np.ndarray, where: str = "input") -> np.ndarray:
 
 
 BATCH = 1024  # digits per forward pass
+SPEC_SHAPE = [None, SIZE, SIZE, 1]
 
 
 class DigitClassifier:
-    """What `mlflow.pyfunc.load_model` returns for a registered model."""
+    """What `mlflow.pyfunc.load_model` returns for a registered model.
 
-    def __init__(self, keras_model):
+    It serves the model's int8 form (`int8`, `from_tflite`) where the model was
+    logged with one, else its float32 Keras form (`float32`).
+    """
+
+    def __init__(self, forward: Callable[[np.ndarray], np.ndarray], tflite: bytes | None = None):
+        self._forward = forward
+        self.tflite = tflite  # the int8 form as a TFLite flatbuffer; None when served in float32
+
+    @classmethod
+    def float32(cls, keras_model) -> "DigitClassifier":
         import tensorflow as tf
 
-        self.keras_model = keras_model
         # One traced graph for every batch size: 1.5x the digits/s of model.predict,
         # which sets up its data pipeline on every call.
-        self._forward = tf.function(folded_forward(keras_model), input_signature=[tf.TensorSpec([None, SIZE, SIZE, 1], tf.float32)])
+        return cls(tf.function(folded_forward(keras_model), input_signature=[tf.TensorSpec(SPEC_SHAPE, tf.float32)]))
+
+    @classmethod
+    def from_tflite(cls, tflite: bytes) -> "DigitClassifier":
+        return cls(TFLiteForward(tflite), tflite)
+
+    @classmethod
+    def int8(cls, keras_model) -> "DigitClassifier | None":
+        """The model with int8 weights, or None where it cannot be converted."""
+        tflite = int8_tflite(keras_model)
+        return cls.from_tflite(tflite) if tflite is not None else None
 
     def predict(self, data, params=None) -> dict[str, np.ndarray]:
         if isinstance(data, dict) and len(data) == 1:  # a named tensor, {"digits": ...}
@@ -60,6 +84,51 @@ class DigitClassifier:
         batches = [np.asarray(self._forward(digits[i : i + BATCH]), dtype=np.float32) for i in range(0, len(digits), BATCH)]
         probabilities = np.concatenate(batches)
         return {"probabilities": probabilities, "digit": probabilities.argmax(axis=1).astype(np.int64)}
+
+
+def int8_tflite(keras_model) -> bytes | None:
+    """The model (batch norms folded) as TFLite with int8 weights, its activations
+    quantized batch by batch as it runs (dynamic-range quantization); None for a
+    mixed-precision model, whose bf16 layers the converter does not take.
+
+    Run by XNNPACK on 2 CPU cores: 20,002 against 7,460 digits/s for the default
+    network in float32, with the same test accuracy (99.58%).
+    """
+    import tensorflow as tf
+
+    if _mixed_precision(keras_model):
+        return None
+    forward = tf.function(folded_forward(keras_model), input_signature=[tf.TensorSpec(SPEC_SHAPE, tf.float32)])
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([forward.get_concrete_function()], forward)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no representative data: dynamic-range int8
+    return converter.convert()
+
+
+class TFLiteForward:
+    """A TFLite model run on a batch at a time by TFLite's interpreter (XNNPACK on CPU)."""
+
+    def __init__(self, tflite: bytes):
+        import tensorflow as tf
+
+        with warnings.catch_warnings():
+            # "tf.lite.Interpreter is deprecated": it is still in the pinned TensorFlow;
+            # its successor, LiteRT (ai-edge-litert), would be one more dependency.
+            warnings.simplefilter("ignore", UserWarning)
+            self._interpreter = tf.lite.Interpreter(model_content=tflite, num_threads=len(os.sched_getaffinity(0)))
+        self._input = self._interpreter.get_input_details()[0]["index"]
+        self._output = self._interpreter.get_output_details()[0]["index"]
+        self._batch = 0
+        self._lock = threading.Lock()  # one interpreter, and a server may call from several threads
+
+    def __call__(self, digits: np.ndarray) -> np.ndarray:
+        with self._lock:
+            if len(digits) != self._batch:
+                self._interpreter.resize_tensor_input(self._input, digits.shape)
+                self._interpreter.allocate_tensors()
+                self._batch = len(digits)
+            self._interpreter.set_tensor(self._input, np.ascontiguousarray(digits))
+            self._interpreter.invoke()
+            return self._interpreter.get_tensor(self._output).copy()
 
 
 def folded_forward(keras_model):
@@ -75,9 +144,9 @@ def folded_forward(keras_model):
     def model(digits):
         return keras_model(digits, training=False)
 
+    if _mixed_precision(keras_model):
+        return model  # folding would change its numbers
     layers = [layer for layer in keras_model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    if any(layer.compute_dtype != "float32" for layer in layers):
-        return model  # a mixed-precision model: folding would change its numbers
     steps, folded_in = [], False
     for layer, following in zip(layers, [*layers[1:], None]):
         if folded_in:  # this batch norm is part of the step before
@@ -100,6 +169,10 @@ def folded_forward(keras_model):
     except Exception:  # a layout this does not know (not a chain of layers)
         same = False
     return folded if same else model
+
+
+def _mixed_precision(keras_model) -> bool:
+    return any(layer.compute_dtype != "float32" for layer in keras_model.layers if type(layer).__name__ != "InputLayer")
 
 
 def _foldable(conv, batch_norm) -> bool:
@@ -127,6 +200,10 @@ def _fold(conv, batch_norm):
 
 
 def _load_pyfunc(data_path: str) -> DigitClassifier:
+    tflite = os.path.join(data_path, TFLITE_FILE)
+    if os.path.exists(tflite):
+        with open(tflite, "rb") as file:
+            return DigitClassifier.from_tflite(file.read())
     import keras
 
-    return DigitClassifier(keras.saving.load_model(os.path.join(data_path, KERAS_FILE), safe_mode=True))
+    return DigitClassifier.float32(keras.saving.load_model(os.path.join(data_path, KERAS_FILE), safe_mode=True))

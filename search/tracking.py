@@ -206,20 +206,22 @@ class SearchTracker:
             return None
 
     def register_if_better(
-        self, model, test_accuracy: float, threshold: float, model_name: str, alias: str, comparison: Comparison | None
+        self, model, test_accuracy: float, threshold: float, model_name: str, alias: str, comparison: Comparison | None,
+        int8_model: bytes | None = None,
     ) -> RegistryDecision:
         """Register `model` if it clears `threshold`; move `alias` to it if it beats the champion.
 
         `comparison` is the challenger against the current champion on the same
         test images (None: there is no champion). The champion it replaces gets
-        alias `previous_champion`, so a rollback is one call.
+        alias `previous_champion`, so a rollback is one call. `int8_model` (a TFLite
+        flatbuffer) is what the pyfunc serves; None: the float32 model.
         """
         if test_accuracy < threshold:
             return self._decided(RegistryDecision(False, f"not registered: test_accuracy {test_accuracy:.4f} < threshold {threshold:.4f}"))
         previous = self.champion_version(model_name, alias)
-        self._log_model(model)
+        self._log_model(model, int8_model)
         version = str(_patient(mlflow.register_model)(f"runs:/{self.run_id}/model", model_name).version)
-        tags = {"test_accuracy": f"{test_accuracy:.6f}", "search_run_id": self.run_id}
+        tags = {"test_accuracy": f"{test_accuracy:.6f}", "search_run_id": self.run_id, "served_form": "int8" if int8_model else "float32"}
         if comparison is not None:
             tags.update(
                 {
@@ -247,14 +249,17 @@ class SearchTracker:
         against = f", beating version {previous} ({comparison.champion_accuracy:.4f}, McNemar p={comparison.p_value:.3g})" if comparison else ""
         return self._decided(RegistryDecision(True, f"registered {model_name} version {version} as @{alias} (test_accuracy {test_accuracy:.4f}{against})", version, True))
 
-    def _log_model(self, model) -> None:
+    def _log_model(self, model, int8_model: bytes | None) -> None:
         """The model under artifact `model/`: Keras' native format (flavor `keras`) and the
-        pyfunc of search/pyfunc_model.py, shipped with it (flavor `python_function`)."""
+        pyfunc of search/pyfunc_model.py, shipped with it (flavor `python_function`),
+        which serves `int8_model` where given."""
         import mlflow.keras  # noqa: PLC0415 - TensorFlow glue only when a model is logged
 
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model"
             mlflow.keras.save_model(model, str(path), signature=KERAS_SIGNATURE, pip_requirements=list(MODEL_REQUIREMENTS))
+            if int8_model:
+                (path / "data" / pyfunc_model.TFLITE_FILE).write_bytes(int8_model)
             (path / "code").mkdir()
             shutil.copy(pyfunc_model.__file__, path / "code" / f"{PYFUNC_MODULE}.py")
             mlmodel = Model.load(str(path / "MLmodel"))

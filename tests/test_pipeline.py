@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 
 from tests.conftest import REPO, SECRET, fresh_project, mlflow_run
@@ -86,6 +87,11 @@ def test_best_model_is_registered_as_champion_and_loads_in_a_fresh_process(smoke
     parent = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags][0]
     assert version.tags["search_run_id"] == parent.info.run_id
     assert float(version.tags["test_accuracy"]) == pytest.approx(parent.data.metrics["test_accuracy"], abs=1e-6)
+    # The pyfunc serves the int8 form, whose test accuracy the run logged beside the float32 model's.
+    assert version.tags["served_form"] == parent.data.tags["served_form"] == "int8"
+    int8_accuracy = parent.data.metrics["int8_test_accuracy"]
+    assert int8_accuracy >= parent.data.metrics["test_accuracy"] - 0.001
+    assert f"served with int8 weights: test_accuracy {int8_accuracy:.4f}" in result.stdout
     # Only mlflow and numpy imported: no code of this project.
     script = (
         "import sys, numpy as np, mlflow\n"
@@ -99,8 +105,7 @@ def test_best_model_is_registered_as_champion_and_loads_in_a_fresh_process(smoke
     loaded = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd="/")
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     accuracy = float(loaded.stdout.strip().rsplit("accuracy=", 1)[1])
-    assert accuracy >= 0.90
-    assert accuracy == pytest.approx(parent.data.metrics["test_accuracy"], abs=2e-3)
+    assert accuracy == pytest.approx(int8_accuracy, abs=1e-6)  # what was evaluated is what is served
 
 
 def test_below_threshold_nothing_is_registered_and_the_run_says_why(tmp_path, mnist_npz):
@@ -151,3 +156,24 @@ def test_the_winner_is_retrained_within_its_time_budget_and_logged_per_epoch(tra
     assert sorted(m.step for m in history) == [0, 1]
     # Random pixels and labels: retrained, evaluated, and kept out of the registry.
     assert not result.decision.registered and "not registered" in run.data.tags["registry_decision"]
+
+
+def test_the_int8_form_is_served_only_when_on_and_within_the_accuracy_drop(tracking_store, tmp_path, capsys):
+    from experiments import resolve
+    from model_zoo import make_cnn
+    from search import evaluate, tracking
+    from search.data import load_mnist
+    from search.pipeline import int8_form
+    from tests.conftest import write_npz
+
+    test = load_mnist(write_npz(tmp_path / "tiny.npz", n_train=700, n_test=200), validation_size=100).test
+    model = make_cnn(conv_filters=(4,))  # untrained: about 10% right
+    float32_report = evaluate.evaluate(model, test)
+    perfect = evaluate.report(np.eye(10)[test.y], test.y)  # a float32 model that got every digit right
+    with tracking.tracked_run("int8") as tracker:
+        assert int8_form(tracker, model, float32_report, test, resolve("smoke", int8_max_accuracy_drop=1.0)) is not None
+        assert mlflow.get_run(tracker.run_id).data.tags["served_form"] == "int8"
+        assert int8_form(tracker, model, perfect, test, resolve("smoke")) is None
+        assert "served in float32: the int8 form's test_accuracy" in capsys.readouterr().out
+        assert mlflow.get_run(tracker.run_id).data.tags["served_form"] == "float32"
+        assert int8_form(tracker, model, float32_report, test, resolve("smoke", serve_int8=False)) is None

@@ -1,4 +1,4 @@
-"""Model tests of the registered model's pyfunc (search/pyfunc_model.py): its folded inference pass."""
+"""Model tests of the registered model's pyfunc (search/pyfunc_model.py): its folded float32 pass and its int8 form."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from model_zoo import make_cnn
-from search.pyfunc_model import DigitClassifier, folded_forward
+from search.pyfunc_model import DigitClassifier, folded_forward, int8_tflite
 
 rng = np.random.default_rng(0)
 DIGITS = rng.random((64, 28, 28, 1), dtype=np.float32)
@@ -45,14 +45,30 @@ def bf16_policy():
     keras.mixed_precision.set_global_policy("float32")
 
 
-def test_a_mixed_precision_model_is_not_folded(bf16_policy):
-    assert folded_forward(make_cnn(batch_norm=True)).__name__ == "model"
+def test_a_mixed_precision_model_is_not_folded_and_has_no_int8_form(bf16_policy):
+    model = make_cnn(batch_norm=True)
+    assert folded_forward(model).__name__ == "model"
+    assert int8_tflite(model) is None and DigitClassifier.int8(model) is None
+
+
+def test_the_int8_form_holds_int8_weights_and_nearly_the_float32_probabilities():
+    model = batch_norm_cnn()
+    int8, float32 = DigitClassifier.int8(model), DigitClassifier.float32(model)
+    assert len(int8.tflite) < 1.5 * model.count_params()  # one byte a weight, not four
+    predicted, expected = int8.predict(DIGITS), float32.predict(DIGITS)
+    np.testing.assert_allclose(predicted["probabilities"], expected["probabilities"], atol=0.02)
+    assert not np.array_equal(predicted["probabilities"], expected["probabilities"])  # quantized, not a copy
+    np.testing.assert_allclose(predicted["probabilities"].sum(axis=1), 1.0, rtol=1e-5)
+    # Batches of any size, and more digits than one batch, give the same answers.
+    many = np.concatenate([DIGITS] * 20)  # 1,280 digits: two batches of up to 1,024
+    np.testing.assert_array_equal(int8.predict(many)["probabilities"][:64], int8.predict(DIGITS)["probabilities"])
+    np.testing.assert_array_equal(int8.predict(DIGITS[:1])["probabilities"], predicted["probabilities"][:1])
 
 
 def test_predict_takes_uint8_digits_and_returns_the_most_probable_digit():
     model = batch_norm_cnn()
     digits = np.round(DIGITS[..., 0] * 255).astype(np.uint8)
-    predicted = DigitClassifier(model).predict(digits)
+    predicted = DigitClassifier.float32(model).predict(digits)
     expected = np.asarray(model(digits[..., None] / 255.0, training=False))
     np.testing.assert_allclose(predicted["probabilities"], expected, atol=1e-5)
     np.testing.assert_array_equal(predicted["digit"], expected.argmax(axis=1))

@@ -10,7 +10,7 @@ import pytest
 
 from experiments import resolve
 from model_zoo import PlainCNN, make_cnn
-from search import tracking
+from search import pyfunc_model, tracking
 from search.data import load_mnist
 from search.evaluate import Comparison
 from search.pipeline import SearchFailed, run_search
@@ -123,6 +123,7 @@ def test_registry_gate_champion_and_previous_champion(tracking_store):
     assert client.get_model_version("digits", "3").tags == {
         "test_accuracy": "0.970000",
         "search_run_id": tracker.run_id,
+        "served_form": "float32",
         "champion_version": "1",
         "champion_test_accuracy": "0.950000",
         "mcnemar_challenger_only_right": "30",
@@ -142,6 +143,22 @@ def test_registry_gate_champion_and_previous_champion(tracking_store):
         np.testing.assert_array_equal(out["digit"], expected.argmax(axis=1))
     with pytest.raises(ValueError, match=r"expected digits of shape \(N, 28, 28\) or \(N, 28, 28, 1\), got \(3, 32, 32\)"):
         pyfunc.predict(np.zeros((3, 32, 32), np.uint8))
+
+
+def test_a_model_registered_with_its_int8_form_serves_that_form(tracking_store):
+    model = make_cnn(conv_filters=(4,))
+    int8_model = pyfunc_model.int8_tflite(model)
+    with tracking.tracked_run("registry") as tracker:
+        tracker.register_if_better(model, 0.95, 0.90, "digits", "champion", None, int8_model)
+    assert mlflow.MlflowClient().get_model_version("digits", "1").tags["served_form"] == "int8"
+    digits = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    served = mlflow.pyfunc.load_model("models:/digits@champion").predict(digits)
+    # The bytes that were evaluated are the bytes that are served.
+    expected = pyfunc_model.DigitClassifier.from_tflite(int8_model).predict(digits)
+    np.testing.assert_array_equal(served["probabilities"], expected["probabilities"])
+    # The keras flavor stays float32.
+    keras_model = mlflow.keras.load_model("models:/digits@champion")
+    assert all(w.dtype == "float32" for w in keras_model.weights)
 
 
 class NaNLoss(kt.HyperModel):
