@@ -67,3 +67,15 @@ def multiply_adds(model: keras.Model) -> int:
         elif isinstance(layer, layers.Dense):
             total += layer.kernel.shape[0] * layer.kernel.shape[1]
     return int(total)
+
+
+def average_of(models: list[keras.Model]) -> keras.Model:
+    """One model whose probabilities are the mean of `models`' (an ensemble, saved
+    and served as a single model); a single model is returned as it is."""
+    if len(models) == 1:
+        return models[0]
+    inputs = keras.Input(shape=INPUT_SHAPE, name="digits")
+    # Each member is wrapped under a name of its own: a model's layer names must be unique.
+    members = [keras.Sequential([model], name=f"member_{i}") for i, model in enumerate(models)]
+    outputs = layers.Average(name="probabilities")([member(inputs) for member in members])
+    return keras.Model(inputs, outputs, name="ensemble")

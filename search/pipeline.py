@@ -12,6 +12,7 @@ import keras
 import keras_tuner as kt
 
 from experiments import SearchConfig, champion_uri, from_params
+from model_zoo import average_of
 from search import data as data_module
 from search import eda, evaluate, pyfunc_model, report, tracking
 from search.data import DataError, Split
@@ -106,17 +107,9 @@ def run_search(
         tracker.set_tag("winner_trial_id", winner.trial.trial_id)
         print(winner.describe(), flush=True)
 
-        # 4. The model: the winner's checkpoint, or its configuration retrained longer.
+        # 4. The model: the winner's checkpoint, or its configuration retrained longer (N times: their average).
         if config.final_epochs:
-            epochs = affordable_epochs(tuner.hypermodel, winner.trial.hyperparameters, data.train, config.batch_size, config.final_minutes * 60, config.final_epochs)
-            tracker.log_metrics({"final_epochs_run": epochs})
-            print(f"retraining trial {winner.trial.trial_id}'s configuration on {len(data.train)} images for {epochs} epochs", flush=True)
-            best_model = train_final(
-                tuner.hypermodel, winner.trial.hyperparameters, data.train, data.validation,
-                epochs, config.batch_size, config.augment, config.seed,
-                on_epoch_end=lambda epoch, logs: tracker.log_metrics({f"final_{k}": v for k, v in logs.items()}, step=epoch),
-                peak_learning_rate=config.final_learning_rate,
-            )
+            best_model = retrain_winner(tracker, tuner.hypermodel, winner.trial.hyperparameters, data, config)
         else:
             with warnings.catch_warnings():  # checkpoints hold weights only, not the optimizer state
                 warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
@@ -148,6 +141,32 @@ def run_search(
         test=test_report,
         decision=decision,
     )
+
+
+def retrain_winner(tracker: tracking.SearchTracker, hypermodel: kt.HyperModel, hyperparameters: kt.HyperParameters, data: data_module.MnistData, config: SearchConfig) -> keras.Model:
+    """The winner's configuration retrained on all training images, `final_models` times
+    with seeds seed, seed+1, ... (`final_minutes` shared), averaged into one model."""
+    budget_s = config.final_minutes * 60 / config.final_models
+    epochs = affordable_epochs(hypermodel, hyperparameters, data.train, config.batch_size, budget_s, config.final_epochs)
+    tracker.log_metrics({"final_epochs_run": epochs})
+    models = []
+    for i in range(config.final_models):
+        # One model keeps the metric names final_<metric>; several are final_<i>_<metric>.
+        prefix = "final_" if config.final_models == 1 else f"final_{i}_"
+        print(f"retraining the winner's configuration on {len(data.train)} images for {epochs} epochs" + (f" (model {i + 1} of {config.final_models})" if config.final_models > 1 else ""), flush=True)
+        models.append(
+            train_final(
+                hypermodel, hyperparameters, data.train, data.validation, epochs, config.batch_size, config.augment, config.seed + i,
+                on_epoch_end=lambda epoch, logs, prefix=prefix: tracker.log_metrics({prefix + k: v for k, v in logs.items()}, step=epoch),
+                peak_learning_rate=config.final_learning_rate,
+            )
+        )
+    model = average_of(models)
+    if len(models) > 1:
+        validation = evaluate.evaluate(model, data.validation)
+        tracker.log_metrics({"final_average_val_accuracy": validation.accuracy})
+        print(f"average of {len(models)} models: val_accuracy {validation.accuracy:.4f}", flush=True)
+    return model
 
 
 def int8_form(tracker: tracking.SearchTracker, model, test_report: evaluate.TestReport, test: Split, config: SearchConfig) -> bytes | None:

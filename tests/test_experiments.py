@@ -16,6 +16,7 @@ def test_defaults_are_the_documented_ones():
     assert config.families == ("batchnorm",)
     assert (config.final_epochs, config.augment) == (14, True)
     assert (config.final_learning_rate, config.winner_within_se) == (3e-3, 1.0)
+    assert (config.final_models, config.serve_int8, config.int8_max_accuracy_drop) == (1, True, 0.001)
     assert config.fixed == ("conv_blocks=2", "convs_per_block=2", "conv_filters_0=32", "dense_units=128", "dropout=0.3")
 
 
@@ -97,6 +98,8 @@ def test_blank_and_zero_overrides_mean_the_profiles_value():
         ({"threshold": -0.1}, "threshold must be in (0, 1], got -0.1"),
         ({"max_trials": -1}, "max_trials must be a positive integer, got -1"),
         ({"max_epochs": -3}, "max_epochs must be a positive integer, got -3"),
+        ({"final_models": -2}, "final_models must be a positive integer, got -2"),
+        ({"int8_max_accuracy_drop": -0.01}, "int8_max_accuracy_drop must be >= 0, got -0.01"),
         ({"learning_rate": 0.1}, "unknown setting(s) learning_rate"),
         ({"precision": "float16"}, "unknown precision 'float16'"),
     ],

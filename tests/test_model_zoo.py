@@ -4,7 +4,7 @@ import keras_tuner as kt
 import numpy as np
 import pytest
 
-from model_zoo import FAMILIES, BatchNormCNN, CNNZoo, PlainCNN, make_cnn
+from model_zoo import FAMILIES, BatchNormCNN, CNNZoo, PlainCNN, average_of, make_cnn
 
 SHARED_DEFAULTS = {
     "conv_blocks": 2,
@@ -82,3 +82,21 @@ def test_make_cnn_defaults_follow_mnist_convnet():
     convs = [layer for layer in model.layers if type(layer).__name__ == "Conv2D"]
     assert [c.filters for c in convs] == [32, 64]
     assert model.layers[-1].dtype_policy.compute_dtype == "float32"
+
+
+def test_an_average_of_models_is_one_model_that_saves_and_serves(tmp_path):
+    import keras
+
+    from search.pyfunc_model import DigitClassifier
+
+    members = [make_cnn(conv_filters=(4,), batch_norm=True, dense_units=8) for _ in range(2)]
+    assert average_of(members[:1]) is members[0]
+    ensemble = average_of(members)
+    digits = np.random.default_rng(0).random((16, 28, 28, 1), dtype=np.float32)
+    expected = (members[0].predict(digits, verbose=0) + members[1].predict(digits, verbose=0)) / 2
+    np.testing.assert_allclose(ensemble.predict(digits, verbose=0), expected, atol=1e-6)
+    ensemble.save(tmp_path / "ensemble.keras")
+    loaded = keras.saving.load_model(tmp_path / "ensemble.keras", safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(digits, verbose=0), expected, atol=1e-6)
+    for served in (DigitClassifier.float32(loaded), DigitClassifier.int8(loaded)):
+        np.testing.assert_allclose(served.predict(digits)["probabilities"], expected, atol=0.02)

@@ -158,6 +158,22 @@ def test_the_winner_is_retrained_within_its_time_budget_and_logged_per_epoch(tra
     assert not result.decision.registered and "not registered" in run.data.tags["registry_decision"]
 
 
+def test_several_retrainings_are_averaged_into_the_registered_model(tracking_store, tmp_path):
+    from experiments import resolve
+    from search.pipeline import run_search
+    from tests.conftest import write_npz
+
+    data = write_npz(tmp_path / "tiny.npz", n_train=700, n_test=100)
+    config = resolve("smoke", data=str(data), validation_size=100, max_trials=1, max_epochs=1, final_epochs=1, final_models=2, threshold=0.01)
+    result = run_search(config, verbose=0)
+
+    metrics = mlflow.get_run(result.run_id).data.metrics
+    assert {"final_0_val_accuracy", "final_1_val_accuracy", "final_average_val_accuracy"} <= set(metrics)
+    assert "final_val_accuracy" not in metrics
+    registered = mlflow.keras.load_model(f"models:/mnist-cnn/{result.decision.version}")
+    assert [layer.name for layer in registered.layers][1:] == ["member_0", "member_1", "probabilities"]
+
+
 def test_the_int8_form_is_served_only_when_on_and_within_the_accuracy_drop(tracking_store, tmp_path, capsys):
     from experiments import resolve
     from model_zoo import make_cnn
