@@ -61,11 +61,9 @@ class DigitClassifier:
 
     @classmethod
     def float32(cls, keras_model) -> "DigitClassifier":
-        import tensorflow as tf
-
         # One traced graph for every batch size: 1.5x the digits/s of model.predict,
         # which sets up its data pipeline on every call.
-        return cls(tf.function(folded_forward(keras_model), input_signature=[tf.TensorSpec(SPEC_SHAPE, tf.float32)]))
+        return cls(traced_forward(keras_model))
 
     @classmethod
     def from_tflite(cls, tflite: bytes) -> "DigitClassifier":
@@ -98,10 +96,17 @@ def int8_tflite(keras_model) -> bytes | None:
 
     if _mixed_precision(keras_model):
         return None
-    forward = tf.function(folded_forward(keras_model), input_signature=[tf.TensorSpec(SPEC_SHAPE, tf.float32)])
+    forward = traced_forward(keras_model)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([forward.get_concrete_function()], forward)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no representative data: dynamic-range int8
     return converter.convert()
+
+
+def traced_forward(keras_model):
+    """`folded_forward` as one TensorFlow graph for batches of any size."""
+    import tensorflow as tf
+
+    return tf.function(folded_forward(keras_model), input_signature=[tf.TensorSpec(SPEC_SHAPE, tf.float32)])
 
 
 class TFLiteForward:
