@@ -1,6 +1,16 @@
 """CNN hypermodels for 28x28 digit classification."""
 
-from model_zoo.cnn import average_of, make_cnn, multiply_adds
+from model_zoo.cnn import FusedBatchNormalization, average_of, make_cnn, multiply_adds, with_keras_layers
 from model_zoo.hypermodels import FAMILIES, BatchNormCNN, CNNZoo, PlainCNN
 
-__all__ = ["FAMILIES", "BatchNormCNN", "CNNZoo", "PlainCNN", "average_of", "make_cnn", "multiply_adds"]
+__all__ = [
+    "FAMILIES",
+    "BatchNormCNN",
+    "CNNZoo",
+    "FusedBatchNormalization",
+    "PlainCNN",
+    "average_of",
+    "make_cnn",
+    "multiply_adds",
+    "with_keras_layers",
+]

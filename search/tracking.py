@@ -27,6 +27,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from model_zoo import with_keras_layers
 from search import pyfunc_model
 from search.evaluate import Comparison
 
@@ -250,14 +251,14 @@ class SearchTracker:
         return self._decided(RegistryDecision(True, f"registered {model_name} version {version} as @{alias} (test_accuracy {test_accuracy:.4f}{against})", version, True))
 
     def _log_model(self, model, int8_model: bytes | None) -> None:
-        """The model under artifact `model/`: Keras' native format (flavor `keras`) and the
-        pyfunc of search/pyfunc_model.py, shipped with it (flavor `python_function`),
-        which serves `int8_model` where given."""
+        """The model under artifact `model/`: Keras' native format of Keras' own layers
+        (flavor `keras`) and the pyfunc of search/pyfunc_model.py, shipped with it
+        (flavor `python_function`), which serves `int8_model` where given."""
         import mlflow.keras  # noqa: PLC0415 - TensorFlow glue only when a model is logged
 
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model"
-            mlflow.keras.save_model(model, str(path), signature=KERAS_SIGNATURE, pip_requirements=list(MODEL_REQUIREMENTS))
+            mlflow.keras.save_model(with_keras_layers(model), str(path), signature=KERAS_SIGNATURE, pip_requirements=list(MODEL_REQUIREMENTS))
             if int8_model:
                 (path / "data" / pyfunc_model.TFLITE_FILE).write_bytes(int8_model)
             (path / "code").mkdir()

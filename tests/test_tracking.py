@@ -146,7 +146,7 @@ def test_registry_gate_champion_and_previous_champion(tracking_store):
 
 
 def test_a_model_registered_with_its_int8_form_serves_that_form(tracking_store):
-    model = make_cnn(conv_filters=(4,))
+    model = make_cnn(conv_filters=(4,), batch_norm=True)
     int8_model = pyfunc_model.int8_tflite(model)
     with tracking.tracked_run("registry") as tracker:
         tracker.register_if_better(model, 0.95, 0.90, "digits", "champion", None, int8_model)
@@ -156,9 +156,12 @@ def test_a_model_registered_with_its_int8_form_serves_that_form(tracking_store):
     # The bytes that were evaluated are the bytes that are served.
     expected = pyfunc_model.DigitClassifier.from_tflite(int8_model).predict(digits)
     np.testing.assert_array_equal(served["probabilities"], expected["probabilities"])
-    # The keras flavor stays float32.
+    # The keras flavor stays float32, and is built of Keras' own layers: it loads
+    # where model_zoo's fused batch norm cannot be imported.
     keras_model = mlflow.keras.load_model("models:/digits@champion")
     assert all(w.dtype == "float32" for w in keras_model.weights)
+    assert "BatchNormalization" in {type(layer).__name__ for layer in keras_model.layers}
+    assert not [layer for layer in keras_model.layers if layer.__module__.startswith("model_zoo")]
 
 
 class NaNLoss(kt.HyperModel):
