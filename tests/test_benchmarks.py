@@ -1,19 +1,28 @@
 """Code tests of the benchmark command's bookkeeping (the measurements themselves run in `python -m benchmarks`)."""
 
+import time
+
 from benchmarks.run import _interleaved, table
 
 
 def test_variants_alternate_and_reverse_order_every_other_round():
     calls = []
-    seconds = _interleaved({"a": "A", "b": "B"}, rounds=3, run=calls.append)
+    seconds, cpu_seconds = _interleaved({"a": "A", "b": "B"}, rounds=3, run=calls.append)
     assert calls == ["A", "B", "B", "A", "A", "B"]
     assert {name: len(times) for name, times in seconds.items()} == {"a": 3, "b": 3}
+    assert {name: len(times) for name, times in cpu_seconds.items()} == {"a": 3, "b": 3}
+
+
+def test_cpu_seconds_count_work_not_waiting():
+    seconds, cpu_seconds = _interleaved({"busy": 1, "asleep": 0}, rounds=1, run=lambda busy: sum(range(3_000_000)) if busy else time.sleep(0.2))
+    assert cpu_seconds["asleep"][0] < 0.05 < seconds["asleep"][0]
+    assert cpu_seconds["busy"][0] > 0.5 * seconds["busy"][0]
 
 
 def test_table_marks_each_target_met_or_not():
     results = {
         "machine": {"cpu": "Test CPU", "cores": 2, "date": "2026-11-24 00:00 UTC"},
-        "training": {"images_per_s": {"project": 1600.0, "plain bs32": 800.0, "plain bs128": 1100.0}, "speedup": 2.0, "speedup_same_batch": 1.45},
+        "training": {"images_per_s": {"project": 1600.0, "plain bs32": 800.0, "plain bs128": 1100.0}, "speedup": 2.0, "speedup_same_batch": 1.45, "cpu_speedup": 1.9},
         "tracking": {"ratio": 1.05, "cpu_ratio": 1.01, "seconds": {"with MLflow": [10.5], "without": [10.0]}},
         "inference": {"digits_per_s": 25_000.0, "float32_digits_per_s": 7_000.0},
         "profiles": {"fast": {"exit": 0, "wall_s": 100.0, "test_accuracy": 0.991}, "default": {"exit": 0, "wall_s": 1300.0, "test_accuracy": 0.996}},
@@ -21,6 +30,7 @@ def test_table_marks_each_target_met_or_not():
     lines = table(results).splitlines()
     row = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
     assert row["training speedup vs plain fp32 model.fit"].endswith("| 2.00x | >= 1.5x | yes |")
+    assert row["training speedup in CPU seconds per image vs plain fp32 model.fit"].endswith("| 1.90x |  |  |")
     assert row["tracking overhead (median of pairs)"].endswith("| <= 1.02x | no |")
     assert row["tracking overhead in CPU seconds (median of pairs)"].endswith("| 1.010x |  |  |")
     assert row["inference: registered model via pyfunc"].endswith("| 25,000 digits/s | >= 10,000 | yes |")
