@@ -38,6 +38,7 @@ from search.data import DataError
 from search.tuner import make_tuner, run_trials
 
 POLL_S = 0.5  # how often the chief looks at its workers and trials
+TERMINATE_S = 10  # how long a local worker has to exit on SIGTERM before it is killed
 
 
 class WorkersFailed(RuntimeError):
@@ -85,7 +86,11 @@ class Chief:
                 if process.poll() is None:
                     process.terminate()
             for process in self.processes.values():
-                process.wait()
+                try:
+                    process.wait(timeout=TERMINATE_S)
+                except subprocess.TimeoutExpired:
+                    process.kill()  # a stopped or hung worker does not act on SIGTERM
+                    process.wait()
             server.stop(grace=None)
 
     def _start_worker(self, tuner_id: str, parent_run_id: str, address: str) -> None:

@@ -134,6 +134,30 @@ def test_a_worker_killed_mid_trial_does_not_stop_the_search(tmp_path, tracking_s
     assert len(mlflow.MlflowClient(tracking_server).search_model_versions("name = 'mnist-cnn-killed'")) == 1
 
 
+def test_a_worker_that_goes_silent_loses_its_trial_after_the_worker_timeout(tmp_path, tracking_server, mnist_npz):
+    search = distributed_search(tmp_path, tracking_server, mnist_npz, "worker-silent", "--max-trials", "3", "--model-name", "mnist-cnn-silent", "--worker-timeout", "45")
+    frozen = None
+    try:
+        frozen = _wait_for_running_trial(tracking_server, "worker-silent", "worker-1", search, tmp_path)
+        os.kill(frozen, signal.SIGSTOP)  # alive, but reports nothing: a hung or unreachable worker
+        output = finished(search, tmp_path)
+    finally:
+        if search.poll() is None:
+            search.kill()
+        if frozen is not None and Path(f"/proc/{frozen}").exists():
+            os.kill(frozen, signal.SIGKILL)
+    assert search.returncode == 0, output[-4000:]
+
+    parents, trials = search_runs(tracking_server, "worker-silent")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    silent = [t for t in trials if t.info.status == "KILLED"]
+    assert len(silent) == 1 and silent[0].data.tags["worker"] == "worker-1"
+    assert silent[0].data.tags["failure_reason"] == "worker worker-1 reported nothing for 45 s"
+    assert {t.info.status for t in trials if t is not silent[0]} == {"FINISHED"}
+    # The chief did not wait for the stopped worker: it killed it on the way out.
+    assert not Path(f"/proc/{frozen}").exists() or "State:\tZ" in Path(f"/proc/{frozen}/status").read_text()
+
+
 def _wait_for_running_trial(server: str, experiment: str, worker: str, search: subprocess.Popen, tmp_path: Path, timeout_s: float = 300) -> int:
     """The pid of `worker` once one of its trial runs is RUNNING."""
     deadline = time.monotonic() + timeout_s
