@@ -39,7 +39,7 @@ TRAINING_IMAGES = 10_240  # one timed epoch per variant and round
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of training epochs (default 5)")
-    parser.add_argument("--pairs", type=int, default=5, help="interleaved pairs of searches with and without tracking (default 5)")
+    parser.add_argument("--pairs", type=int, default=9, help="interleaved pairs of searches with and without tracking (default 9)")
     parser.add_argument("--profiles", default="", help="also run these profiles end to end with `mlflow run`, e.g. fast,default")
     parser.add_argument("--profiles-only", action="store_true", help="only the --profiles runs")
     parser.add_argument("--out", default="benchmark.json", help="JSON results (default: benchmark.json)")
@@ -159,6 +159,8 @@ def tracking_overhead(data, pairs: int, tmp: Path) -> dict:
         "ratios": ratios,
         "cpu_seconds": cpu_seconds,
         "cpu_ratio": cpu_ratio,
+        # timeit's reading: the machine's slow spells only add time, so the fastest run of each is the least disturbed.
+        "fastest_ratio": min(seconds["with MLflow"]) / min(seconds["without"]),
     }
 
 
@@ -246,6 +248,7 @@ def _micro_rows(results: dict) -> list[tuple[str, str, str, str]]:
             _met(track["ratio"] <= TARGETS["tracking_overhead"]),
         ),
         ("tracking overhead in CPU seconds (median of pairs)", f"{track['cpu_ratio']:.3f}x", "", ""),
+        ("tracking overhead, fastest search of each", f"{track['fastest_ratio']:.3f}x", "", ""),
         ("inference: registered model via pyfunc", f"{infer['digits_per_s']:,.0f} digits/s", f">= {TARGETS['inference_digits_per_s']:,}", _met(infer["digits_per_s"] >= TARGETS["inference_digits_per_s"])),
         ("inference: the same, served in float32 (serve_int8 off)", f"{infer['float32_digits_per_s']:,.0f} digits/s", "", ""),
     ]
