@@ -24,7 +24,7 @@ from search import interrupts
 from search.data import Split
 from search.progress import Progress
 from search.tracking import SearchTracker
-from search.train import training_dataset
+from search.train import evaluation_dataset, training_dataset
 
 
 class TrackedTuner:
@@ -185,7 +185,7 @@ def run_trials(tuner: kt.Tuner, config: SearchConfig, train: Split, validation: 
     and are scored on `validation`."""
     tuner.search(
         training_dataset(train, config.batch_size, config.seed),
-        validation_data=(validation.x, validation.y),
+        validation_data=evaluation_dataset(validation, config.batch_size),
         epochs=config.max_epochs,
         callbacks=trial_callbacks(config),
         shuffle=False,  # the dataset shuffles

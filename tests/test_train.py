@@ -7,7 +7,7 @@ import pytest
 
 from model_zoo import PlainCNN
 from search.data import Split
-from search.train import affordable_epochs, augmentation, choose_precision, train_final, training_dataset, warmup_cosine
+from search.train import affordable_epochs, augmentation, choose_precision, evaluation_dataset, train_final, training_dataset, warmup_cosine
 
 
 def random_split(n: int = 256) -> Split:
@@ -42,6 +42,21 @@ def test_training_dataset_batches_every_example_once_per_epoch():
     batches = list(training_dataset(split, batch_size=32, seed=0))
     assert [len(y) for _, y in batches] == [32, 32, 32, 4]
     assert sorted(np.concatenate([y.numpy() for _, y in batches])) == sorted(split.y)
+
+
+def test_evaluation_dataset_is_the_split_in_order():
+    split = random_split(100)
+    batches = list(evaluation_dataset(split, batch_size=32))
+    assert [len(y) for _, y in batches] == [32, 32, 32, 4]
+    np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in batches]), split.x)
+    np.testing.assert_array_equal(np.concatenate([y.numpy() for _, y in batches]), split.y)
+
+
+def test_datasets_run_without_the_tf_data_autotuner():
+    # With it, some epochs ran at exactly 1 ms per image on this project's machine (search/train.py).
+    split = random_split(10)
+    for dataset in (training_dataset(split, 4, seed=0), training_dataset(split, 4, seed=0, augment=True), evaluation_dataset(split, 4)):
+        assert dataset.options().autotune.enabled is False
 
 
 def test_augmentation_moves_pixels_but_keeps_shape_range_and_ink():
