@@ -25,6 +25,11 @@ def raise_if_requested() -> None:
         raise KeyboardInterrupt("interrupted")
 
 
+def clear() -> None:
+    """Forget a request: for a process (or a test) that goes on after an interrupt."""
+    _requested.clear()
+
+
 def _handler(signum: int, frame) -> None:
     _requested.set()
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")

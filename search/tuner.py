@@ -66,6 +66,11 @@ class TrackedTuner:
             raise kt.errors.FatalError(f"MLflow logging failed in trial {trial.trial_id}: {err}") from err
 
     def on_trial_end(self, trial: kt.engine.trial.Trial) -> None:
+        # A Ctrl-C that lands inside TensorFlow can come out as another exception
+        # (seen: TypeError from convert_to_tensor), which Keras Tuner records as
+        # the trial's failure. It is the interrupt: the trial stays open, as with
+        # any interrupt, and runs again on resume.
+        interrupts.raise_if_requested()
         try:
             super().on_trial_end(trial)  # the oracle scores the trial; NaN scores become failures
         finally:

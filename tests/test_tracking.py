@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import keras
 import keras_tuner as kt
 import mlflow
@@ -10,7 +14,7 @@ import pytest
 
 from experiments import resolve
 from model_zoo import PlainCNN, make_cnn
-from search import pyfunc_model, tracking
+from search import interrupts, pyfunc_model, tracking
 from search.data import load_mnist
 from search.evaluate import Comparison
 from search.pipeline import SearchFailed, run_search
@@ -89,6 +93,36 @@ def test_interrupted_search_ends_parent_and_open_trial(tracking_store, interrupt
             raise interrupt()
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert sorted(r.info.status for r in runs) == [status, status]
+
+
+class InterruptTurnedIntoTypeError(kt.HyperModel):
+    """Ctrl-C during a trial, re-raised by TensorFlow as another exception (seen in
+    CI: a TypeError out of convert_to_tensor)."""
+
+    def build(self, hp):
+        return PlainCNN().build(hp)
+
+    def fit(self, hp, model, *args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises KeyboardInterrupt here
+        except KeyboardInterrupt:
+            raise TypeError("Failed to convert elements of (None,) to Tensor.") from None
+        raise AssertionError("SIGINT did not arrive")
+
+
+def test_an_interrupt_that_tensorflow_turned_into_another_error_is_still_an_interrupt(tracking_store, tmp_path, small_mnist):
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    interrupts.install()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_tiny_search(tmp_path, small_mnist, InterruptTurnedIntoTypeError())
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        interrupts.clear()
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]  # the parent and its one open trial, not FAILED
 
 
 def test_parent_adopts_the_run_that_mlflow_run_started(tracking_store, monkeypatch):
