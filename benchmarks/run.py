@@ -5,7 +5,7 @@ inference speed and, optionally, whole profiles end to end.
 
 Prints a table and writes JSON (`--out`). Everything logs to a throw-away
 sqlite store. Compared measurements are interleaved (A, B, A, B, ...) so that
-this shared machine's slow spells hit both sides, and reported as medians.
+stalls and noise hit both sides, and reported as medians.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def training_throughput(data, rounds: int) -> dict:
         "cpu_seconds": cpu_seconds,
         "speedup": rates[names[0]] / rates[names[1]],
         "speedup_same_batch": rates[names[0]] / rates[names[2]],
-        # Not the target, but this machine's slow spells stretch CPU seconds less than wall time.
+        # Not the target, but tf.data's autotuner stalls (in Keras' own pipeline of plain fit) stretch wall time, not CPU seconds.
         "cpu_speedup": cpu_per_image[names[1]] / cpu_per_image[names[0]],
     }
 
@@ -149,7 +149,7 @@ def tracking_overhead(data, pairs: int, tmp: Path) -> dict:
     search(True)
     seconds, cpu_seconds = _interleaved({"with MLflow": True, "without": False}, pairs, search)
     ratios = [on / off for on, off in zip(seconds["with MLflow"], seconds["without"])]
-    # CPU seconds are not the target, but a machine's slow spells stretch them less than wall time.
+    # CPU seconds are not the target, but stalls and other processes stretch them less than wall time.
     cpu_ratio = statistics.median(on / off for on, off in zip(cpu_seconds["with MLflow"], cpu_seconds["without"]))
     return {
         "search": "smoke profile: random, 3 trials x 2 epochs, 6,000 images",
@@ -159,7 +159,7 @@ def tracking_overhead(data, pairs: int, tmp: Path) -> dict:
         "ratios": ratios,
         "cpu_seconds": cpu_seconds,
         "cpu_ratio": cpu_ratio,
-        # timeit's reading: the machine's slow spells only add time, so the fastest run of each is the least disturbed.
+        # timeit's reading: stalls and other processes only add time, so the fastest run of each is the least disturbed.
         "fastest_ratio": min(seconds["with MLflow"]) / min(seconds["without"]),
     }
 
