@@ -70,24 +70,21 @@ def training_throughput(data, rounds: int) -> dict:
     path (tf.data from memory, the profile's batch size and precision, fused batch
     norm) against plain fp32 `model.fit(x, y)` of the same network built of
     Keras' own layers (Keras' default batch size of 32)."""
-    import keras  # noqa: PLC0415
     import keras_tuner as kt  # noqa: PLC0415
 
     from experiments import resolve  # noqa: PLC0415
     from model_zoo import BatchNormCNN, with_keras_layers  # noqa: PLC0415
     from search.data import Split  # noqa: PLC0415
-    from search.train import cpu_has_bf16, set_precision, training_dataset  # noqa: PLC0415
+    from search.train import choose_precision, cpu_has_bf16, precision_policy, training_dataset  # noqa: PLC0415
 
     config = resolve("default")
     split = Split(data.train.x[:TRAINING_IMAGES], data.train.y[:TRAINING_IMAGES])
-    policy = set_precision(config.precision)
+    policy = choose_precision(config.precision).policy
     batch = config.batch_size
 
     def build(dtype_policy: str):
-        keras.mixed_precision.set_global_policy(dtype_policy)
-        model = BatchNormCNN().build(kt.HyperParameters())
-        keras.mixed_precision.set_global_policy("float32")
-        return model
+        with precision_policy(dtype_policy):
+            return BatchNormCNN().build(kt.HyperParameters())
 
     project, keras_bn = build(policy), with_keras_layers(build(policy))
     plain, plain_batch = with_keras_layers(build("float32")), with_keras_layers(build("float32"))

@@ -1,6 +1,6 @@
 """CNN hypermodels for 28x28 digit classification."""
 
-from model_zoo.cnn import FusedBatchNormalization, average_of, make_cnn, multiply_adds, with_keras_layers
+from model_zoo.cnn import FusedBatchNormalization, average_of, make_cnn, multiply_adds, precision_policy, with_keras_layers
 from model_zoo.hypermodels import FAMILIES, BatchNormCNN, CNNZoo, PlainCNN
 
 __all__ = [
@@ -12,5 +12,6 @@ __all__ = [
     "average_of",
     "make_cnn",
     "multiply_adds",
+    "precision_policy",
     "with_keras_layers",
 ]

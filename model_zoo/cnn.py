@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import keras
 import tensorflow as tf
 from keras import layers
@@ -18,6 +21,7 @@ def make_cnn(
     dropout: float = 0.5,
     dense_units: int = 0,
     learning_rate: float = 1e-3,
+    dtype_policy: str | None = None,
 ) -> keras.Model:
     """A compiled CNN for 28x28x1 digits with a 10-way softmax.
 
@@ -26,7 +30,14 @@ def make_cnn(
     dropout, an optional dense layer of `dense_units`, dropout, softmax. With
     the defaults this is Keras' `mnist_convnet` example with "same" padding,
     which lets three blocks (and 5x5 kernels) fit in 28x28 pixels.
+
+    `dtype_policy` (float32, mixed_bfloat16) is the model's own; None: Keras'
+    global policy. Keras Tuner resets the global one before every build
+    (`keras.backend.clear_session()`), so a search names it here.
     """
+    if dtype_policy is not None:
+        with precision_policy(dtype_policy):
+            return make_cnn(conv_filters, kernel_size, convs_per_block, batch_norm, dropout, dense_units, learning_rate)
     inputs = keras.Input(shape=INPUT_SHAPE, name="digits")
     x = inputs
     for filters in conv_filters:
@@ -54,6 +65,20 @@ def make_cnn(
         metrics=["accuracy"],
     )
     return model
+
+
+@contextlib.contextmanager
+def precision_policy(policy: str | None) -> Iterator[None]:
+    """Keras' global dtype policy set to `policy` inside the block (None: left as it
+    is), and the caller's put back after it, whatever the block did to it."""
+    saved = keras.mixed_precision.global_policy()
+    if policy is not None:
+        keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        if keras.mixed_precision.global_policy().name != saved.name:
+            keras.mixed_precision.set_global_policy(saved)
 
 
 @keras.saving.register_keras_serializable(package="model_zoo")
@@ -138,5 +163,6 @@ def average_of(models: list[keras.Model]) -> keras.Model:
     inputs = keras.Input(shape=INPUT_SHAPE, name="digits")
     # Each member is wrapped under a name of its own: a model's layer names must be unique.
     members = [keras.Sequential([model], name=f"member_{i}") for i, model in enumerate(models)]
-    outputs = layers.Average(name="probabilities")([member(inputs) for member in members])
+    # float32, as every member's softmax: under mixed precision the mean would be rounded to bf16.
+    outputs = layers.Average(name="probabilities", dtype="float32")([member(inputs) for member in members])
     return keras.Model(inputs, outputs, name="ensemble")

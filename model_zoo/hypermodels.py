@@ -50,28 +50,36 @@ def pick_batchnorm(hp: kt.HyperParameters) -> dict:
 FAMILY_CHOICES = {"plain": pick_plain, "batchnorm": pick_batchnorm}
 
 
-class PlainCNN(kt.HyperModel):
+class ZooHyperModel(kt.HyperModel):
+    """A hypermodel whose models are built under `dtype_policy` (None: Keras' global policy)."""
+
+    def __init__(self, dtype_policy: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.dtype_policy = dtype_policy
+
+
+class PlainCNN(ZooHyperModel):
     """Keras' `mnist_convnet`, generalised: blocks of conv -> relu -> max-pool."""
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
-        return make_cnn(**pick_architecture(hp), **pick_plain(hp))
+        return make_cnn(**pick_architecture(hp), **pick_plain(hp), dtype_policy=self.dtype_policy)
 
 
-class BatchNormCNN(kt.HyperModel):
+class BatchNormCNN(ZooHyperModel):
     """Blocks of one or two batch-normalised 3x3 convolutions."""
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
-        return make_cnn(**pick_architecture(hp), **pick_batchnorm(hp))
+        return make_cnn(**pick_architecture(hp), **pick_batchnorm(hp), dtype_policy=self.dtype_policy)
 
 
 FAMILIES: dict[str, type[kt.HyperModel]] = {"plain": PlainCNN, "batchnorm": BatchNormCNN}
 
 
-class CNNZoo(kt.HyperModel):
+class CNNZoo(ZooHyperModel):
     """Chooses the family (hyperparameter `family`), then that family's architecture."""
 
-    def __init__(self, families: tuple[str, ...] = tuple(FAMILIES), **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, families: tuple[str, ...] = tuple(FAMILIES), dtype_policy: str | None = None, **kwargs):
+        super().__init__(dtype_policy, **kwargs)
         unknown = [f for f in families if f not in FAMILIES]
         if unknown or not families:
             raise ValueError(f"unknown model family {unknown}: choose from {', '.join(FAMILIES)}")
@@ -88,4 +96,4 @@ class CNNZoo(kt.HyperModel):
                 family_choices = FAMILY_CHOICES[name](hp)
             if name == family:
                 choices.update(family_choices)
-        return make_cnn(**choices)
+        return make_cnn(**choices, dtype_policy=self.dtype_policy)

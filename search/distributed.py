@@ -132,13 +132,13 @@ def run_worker(parent_run_id: str, oracle_address: str, tuner_id: str, verbose: 
     data = data_module.load_mnist(data_module.data_source(config.data), config.validation_size)
     if data.digest != params.get("data_sha256"):
         raise DataError(f"{data.source}: not the data of search {parent_run_id} (sha256 {data.digest[:12]}...)")
-    keras.mixed_precision.set_global_policy(params.get("precision_used", "float32"))
     keras.utils.set_random_seed(config.seed)
     train = data_module.subset(data.train, config.train_subset)
     tracker = tracking.attach(parent_run_id, worker=tuner_id)
     directory = Path(config.output_dir) / parent_run_id
     # resume=True: never overwrite, which would delete the chief's shared tuner directory.
-    tuner = make_tuner(config, tracker, directory, project_name="tuner", resume=True)
+    # The chief's precision, not this machine's own choice: one search, one set of numbers.
+    tuner = make_tuner(config, tracker, directory, project_name="tuner", resume=True, dtype_policy=params.get("precision_used", "float32"))
     tuner.progress.prefix = f"[{tuner_id}] "
     try:
         run_trials(tuner, config, train, data.validation, verbose)

@@ -12,12 +12,12 @@ import keras
 import keras_tuner as kt
 
 from experiments import SearchConfig, champion_uri, from_params
-from model_zoo import average_of
+from model_zoo import average_of, precision_policy
 from search import data as data_module
 from search import eda, evaluate, pyfunc_model, report, tracking
 from search.data import DataError, Split
 from search.tracking import TrackingError
-from search.train import affordable_epochs, set_precision, train_final
+from search.train import Precision, affordable_epochs, choose_precision, train_final
 from search.progress import top_table
 from search.tuner import failure_reason, make_tuner, pick_winner, run_trials, trial_rows, write_trials_csv
 
@@ -41,12 +41,14 @@ class SearchResult:
 class Resume:
     run_id: str  # the search's parent run
     data_sha256: str  # the data it started with
+    precision: str  # the dtype policy it started with: a resumed search never re-measures it
 
 
 def resume_search(run_id: str, verbose: int | None = None) -> SearchResult:
     """Continue the interrupted search whose parent run is `run_id`, with the settings it logged."""
     params = tracking.resumable_params(run_id)
-    return run_search(from_params(params), verbose, Resume(run_id, params.get("data_sha256", "")))
+    config = from_params(params)
+    return run_search(config, verbose, Resume(run_id, params.get("data_sha256", ""), params.get("precision_used", "")))
 
 
 def run_search(
@@ -68,13 +70,19 @@ def run_search(
     if tuner_dir and not (tuner_dir / "oracle.json").is_file():
         raise TrackingError(f"no tuner state at {tuner_dir}: resume from the directory the search ran in")
     train = data_module.subset(data.train, config.train_subset)
-    precision = set_precision(config.precision)
+    # Chosen once per search; a resumed search keeps the one it started with.
+    precision = Precision(resume.precision, "resumed") if resume and resume.precision else choose_precision(config.precision)
     keras.utils.set_random_seed(config.seed)
 
-    with tracking.tracked_run(config.experiment_name, resume.run_id if resume else "") as tracker:
+    # Models are built under the search's policy (make_tuner), never Keras' global
+    # one, which Keras Tuner resets before each build: the caller's is put back after.
+    with precision_policy(None), tracking.tracked_run(config.experiment_name, resume.run_id if resume else "") as tracker:
         out = Path(config.output_dir) / tracker.run_id
         tracker.log_params(tracking.config_params(config))
-        tracker.log_params({"data_source": data.source, "data_sha256": data.digest, "precision_used": precision, "train_images": len(train), "validation_images": len(data.validation)})
+        tracker.log_params({"data_source": data.source, "data_sha256": data.digest, "train_images": len(train), "validation_images": len(data.validation)})
+        if not (resume and resume.precision):
+            tracker.log_params(precision.params())
+        print(f"precision {precision.policy} ({precision.reason})", flush=True)
 
         # 2. EDA figures (a resumed search has them already).
         if not resume:
@@ -82,7 +90,7 @@ def run_search(
             tracker.log_artifact(eda.label_distribution(data, out / "eda" / "label_distribution.png"), "eda")
 
         # 3. The search, scored on the validation split.
-        tuner = make_tuner(config, tracker, out, project_name="tuner", hypermodel=hypermodel, resume=resume is not None)
+        tuner = make_tuner(config, tracker, out, project_name="tuner", hypermodel=hypermodel, resume=resume is not None, dtype_policy=precision.policy)
         try:
             if chief:
                 chief.search(tuner, tracker)
@@ -171,9 +179,11 @@ def retrain_winner(tracker: tracking.SearchTracker, hypermodel: kt.HyperModel, h
 
 def int8_form(tracker: tracking.SearchTracker, model, test_report: evaluate.TestReport, test: Split, config: SearchConfig) -> bytes | None:
     """The model with int8 weights for the registry to serve, or None (served in float32):
-    switched off, a mixed-precision model, or more than `int8_max_accuracy_drop` below
-    the float32 model's test accuracy."""
+    switched off, a mixed-precision model, one TensorFlow Lite cannot convert, or more
+    than `int8_max_accuracy_drop` below the float32 model's test accuracy."""
     int8 = pyfunc_model.DigitClassifier.int8(model) if config.serve_int8 else None
+    if config.serve_int8 and int8 is None:
+        print("served in float32: no int8 form (a mixed-precision model, or one TensorFlow Lite could not convert)")
     if int8 is not None:
         int8_accuracy = evaluate.report(int8.predict(test.x)["probabilities"], test.y).accuracy
         tracker.log_metrics({"int8_test_accuracy": int8_accuracy})

@@ -3,7 +3,10 @@ policy, and retraining the winning configuration for longer than any trial."""
 
 from __future__ import annotations
 
+import functools
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -12,7 +15,8 @@ import keras_tuner as kt
 import numpy as np
 import tensorflow as tf
 
-from model_zoo.cnn import make_cnn
+from experiments import ConfigError
+from model_zoo.cnn import make_cnn, precision_policy
 from search.data import Split
 
 # Random affine jitter of the training digits in the final training: shifts
@@ -138,11 +142,28 @@ def train_final(
     return model
 
 
-def set_precision(precision: str) -> str:
-    """Set Keras' global dtype policy; `auto` picks bf16 where the CPU computes it natively and faster."""
-    precision = choose_precision(precision, cpu_has_bf16())
-    keras.mixed_precision.set_global_policy(precision)
-    return precision
+# What `precision=auto` resolves to on this machine without running the probe
+# (float32 or mixed_bfloat16): for CI and tests, which must cover both choices
+# on any CPU, and for a cluster whose machines should all agree.
+AUTO_PRECISION_ENV = "SEARCH_AUTO_PRECISION"
+# bf16 is chosen only when the probe times it at least this much faster: a
+# margin, so that a probe near 1.0x on a noisy machine does not flip between runs.
+BF16_MIN_SPEEDUP = 1.2
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The Keras dtype policy a search trains with, and why."""
+
+    policy: str  # float32 or mixed_bfloat16
+    reason: str  # e.g. "pinned", "probe: bf16 0.61x float32's speed"
+    probe_speedup: float | None = None  # bf16 against float32, where the probe ran
+
+    def params(self) -> dict[str, str]:
+        logged = {"precision_used": self.policy, "precision_reason": self.reason}
+        if self.probe_speedup is not None:
+            logged["precision_probe_speedup"] = f"{self.probe_speedup:.3f}"
+        return logged
 
 
 def cpu_has_bf16() -> bool:
@@ -154,41 +175,49 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def choose_precision(precision: str, native_bf16: bool) -> str:
-    """The Keras dtype policy to train with.
+def choose_precision(precision: str, native_bf16: bool | None = None) -> Precision:
+    """The Keras dtype policy to train with: `precision` itself unless it is `auto`.
 
-    `auto` picks `mixed_bfloat16` only where the CPU computes bf16 natively and
-    a short probe measures it faster than float32: DEVELOPERS.md reports 1.6x
-    faster on an AMD EPYC; on this project's Intel Xeon (AVX512-BF16, no AMX)
-    the benchmark measured it 1.2-2x slower, and ONEDNN_VERBOSE showed why:
-    oneDNN ran its native avx512_core_bf16 convolution kernels, which took
-    5.3 s where the float32 ones took 3.0 s (the same 42 training steps).
+    `auto` is float32 where the CPU has no native bf16. Elsewhere it is
+    `mixed_bfloat16` only if a short probe measures it `BF16_MIN_SPEEDUP` times
+    faster than float32: on CPUs with AMX it is; on an Intel Xeon with
+    AVX512-BF16 and no AMX, oneDNN's native avx512_core_bf16 convolution
+    kernels are slower than its float32 ones, so bf16 loses there. The probe
+    runs once per process; `$SEARCH_AUTO_PRECISION` replaces it.
     """
     if precision != "auto":
-        return precision
-    if not native_bf16:
-        return "float32"
-    return "mixed_bfloat16" if probe_speedup("mixed_bfloat16") >= 1.2 else "float32"
+        return Precision(precision, "pinned")
+    forced = os.environ.get(AUTO_PRECISION_ENV, "")
+    if forced:
+        if forced not in ("float32", "mixed_bfloat16"):
+            raise ConfigError(f"${AUTO_PRECISION_ENV} is {forced!r}: use float32 or mixed_bfloat16")
+        return Precision(forced, f"${AUTO_PRECISION_ENV}")
+    if not (cpu_has_bf16() if native_bf16 is None else native_bf16):
+        return Precision("float32", "no native bf16 on this CPU")
+    speedup = _probe_once()
+    policy = "mixed_bfloat16" if speedup >= BF16_MIN_SPEEDUP else "float32"
+    return Precision(policy, f"probe: bf16 {speedup:.2f}x float32's speed (bf16 needs {BF16_MIN_SPEEDUP}x)", speedup)
+
+
+@functools.cache
+def _probe_once() -> float:
+    return probe_speedup("mixed_bfloat16")
 
 
 def probe_speedup(policy: str, batch_size: int = 128, steps: int = 4) -> float:
     """How many times faster than float32 a small batch-norm CNN trains under `policy`
-    (best of two interleaved timings each; it took 5.9 and 6.8 s on 2 cores)."""
+    (best of two interleaved timings each, so one slow round does not decide)."""
     rng = np.random.default_rng(0)
     x = rng.random((batch_size * steps, 28, 28, 1), dtype=np.float32)
     y = rng.integers(0, 10, len(x))
     models, best = {}, {}
-    saved = keras.mixed_precision.global_policy()
-    try:
-        for name in ("float32", policy):
-            keras.mixed_precision.set_global_policy(name)
+    for name in ("float32", policy):
+        with precision_policy(name):
             models[name] = make_cnn(conv_filters=(32, 64), convs_per_block=2, batch_norm=True, dense_units=128)
             models[name].fit(x[:batch_size], y[:batch_size], batch_size=batch_size, verbose=0)  # compile, warm up
-        for _ in range(2):
-            for name, model in models.items():
-                started = time.perf_counter()
-                model.fit(x, y, batch_size=batch_size, verbose=0)
-                best[name] = min(best.get(name, np.inf), time.perf_counter() - started)
-    finally:
-        keras.mixed_precision.set_global_policy(saved)
+    for _ in range(2):
+        for name, model in models.items():
+            started = time.perf_counter()
+            model.fit(x, y, batch_size=batch_size, verbose=0)
+            best[name] = min(best.get(name, np.inf), time.perf_counter() - started)
     return best["float32"] / best[policy]

@@ -111,15 +111,17 @@ def make_tuner(
     project_name: str,
     hypermodel: kt.HyperModel | None = None,
     resume: bool = False,
+    dtype_policy: str | None = None,
 ) -> kt.Tuner:
-    """The configured tuner over `hypermodel` (default: the model zoo's families), scored on `val_accuracy`.
+    """The configured tuner over `hypermodel` (default: the model zoo's families,
+    built under `dtype_policy`), scored on `val_accuracy`.
 
     With `resume`, Keras Tuner reloads the oracle from `directory`: completed
     trials are kept and the interrupted one runs again. With no `tracker`,
     Keras Tuner's own tuner runs the same search untracked.
     """
     classes = TUNER_CLASSES if tracker else UNTRACKED_CLASSES
-    hypermodel = hypermodel or CNNZoo(config.families)
+    hypermodel = hypermodel or CNNZoo(config.families, dtype_policy=dtype_policy)
     common = dict(
         overwrite=not resume,
         hypermodel=hypermodel,

@@ -22,6 +22,30 @@ PROJECT_FILES = ("MLproject", "conda.yaml", "requirements.txt", "experiments", "
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of test logs
 
 
+@pytest.fixture(autouse=True)
+def float32_policy(request):
+    """Every test starts under Keras' float32 policy, and one that leaves another
+    policy behind fails (and the policy is put back, so the next test is not hit)."""
+    import keras
+
+    assert keras.mixed_precision.global_policy().name == "float32", "a test started under a Keras dtype policy other than float32"
+    yield
+    left = keras.mixed_precision.global_policy().name
+    if left != "float32":
+        keras.mixed_precision.set_global_policy("float32")
+        pytest.fail(f"{request.node.nodeid} left Keras' global dtype policy at {left}")
+
+
+@pytest.fixture(params=["float32", "mixed_bfloat16"])
+def dtype_policy(request) -> Iterator[str]:
+    """The test runs under each Keras dtype policy in turn (bf16 runs on any x86 CPU,
+    slowly where it is not native), and the policy is put back after it."""
+    from model_zoo import precision_policy
+
+    with precision_policy(request.param):
+        yield request.param
+
+
 @pytest.fixture(scope="session")
 def mnist_npz() -> Path:
     """The offline MNIST copy: $MNIST_NPZ, else ../shared/data/mnist.npz beside the repository."""
@@ -134,3 +158,12 @@ def mlflow_listening(args: list[str], probe: str, cwd: Path, env: dict | None = 
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def rest_predictions(url: str, digits: np.ndarray) -> dict:
+    """POST `digits` to a served model's /invocations; its predictions as arrays."""
+    import json
+
+    request = urllib.request.Request(f"{url}/invocations", data=json.dumps({"inputs": digits.tolist()}).encode(), headers={"Content-Type": "application/json"})
+    predictions = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
+    return {name: np.array(value) for name, value in predictions.items()}

@@ -86,7 +86,7 @@ def test_make_cnn_defaults_follow_mnist_convnet():
     assert model.layers[-1].dtype_policy.compute_dtype == "float32"
 
 
-def test_an_average_of_models_is_one_model_that_saves_and_serves(tmp_path):
+def test_an_average_of_models_is_one_model_that_saves_and_serves(tmp_path, dtype_policy):
     import keras
 
     from search.pyfunc_model import DigitClassifier
@@ -96,18 +96,25 @@ def test_an_average_of_models_is_one_model_that_saves_and_serves(tmp_path):
     ensemble = average_of(members)
     digits = np.random.default_rng(0).random((16, 28, 28, 1), dtype=np.float32)
     expected = (members[0].predict(digits, verbose=0) + members[1].predict(digits, verbose=0)) / 2
+    assert ensemble.output.dtype == "float32"  # not the mean rounded to bf16
     np.testing.assert_allclose(ensemble.predict(digits, verbose=0), expected, atol=1e-6)
     with_keras_layers(ensemble).save(tmp_path / "ensemble.keras")
     loaded = keras.saving.load_model(tmp_path / "ensemble.keras", safe_mode=True)
     np.testing.assert_allclose(loaded.predict(digits, verbose=0), expected, atol=1e-6)
-    for served in (DigitClassifier.float32(loaded), DigitClassifier.int8(loaded)):
-        np.testing.assert_allclose(served.predict(digits)["probabilities"], expected, atol=0.02)
+    # A mixed-precision model has no int8 form: it is served as it was trained.
+    served = [DigitClassifier.float32(loaded), DigitClassifier.int8(loaded)]
+    assert (served[1] is None) == (dtype_policy == "mixed_bfloat16")
+    for classifier in filter(None, served):
+        np.testing.assert_allclose(classifier.predict(digits)["probabilities"], expected, atol=0.02)
 
 
-def test_fused_batch_norm_trains_exactly_as_keras_batch_norm():
+def test_fused_batch_norm_trains_exactly_as_keras_batch_norm(dtype_policy):
     import keras
     import tensorflow as tf
 
+    # Both layers normalise in float32; under bf16 the output is rounded to 8 bits of
+    # mantissa (one step at |y| = 4 is 0.03), and so is the gradient flowing back.
+    atol, gradient_atol = (1e-5, 1e-4) if dtype_policy == "float32" else (0.04, 4e-3)
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(2.0, 3.0, (16, 7, 7, 5)).astype(np.float32))
     upstream = tf.constant(rng.normal(size=(16, 7, 7, 5)).astype(np.float32))
@@ -119,22 +126,23 @@ def test_fused_batch_norm_trains_exactly_as_keras_batch_norm():
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = layer(x, training=True)
-            loss = tf.reduce_sum(y * upstream)
+            loss = tf.reduce_sum(tf.cast(y, "float32") * upstream)
         gradients = tape.gradient(loss, [x, *layer.trainable_weights])
         results.append((y, gradients, layer.get_weights()[2:], layer(x, training=False)))
     (keras_y, keras_grads, keras_moving, keras_inference), (fused_y, fused_grads, fused_moving, fused_inference) = results
-    np.testing.assert_allclose(fused_y, keras_y, atol=1e-5)
+    assert fused_y.dtype == keras_y.dtype == layer.compute_dtype
+    np.testing.assert_allclose(np.float32(fused_y), np.float32(keras_y), atol=atol)
     for fused, expected in zip(fused_grads, keras_grads):
-        np.testing.assert_allclose(fused, expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.float32(fused), np.float32(expected), rtol=1e-4, atol=gradient_atol)
     # The moving variance averages the biased batch variance, as Keras' layer does
     # (the unbiased one would be 0.13% larger here: 784 values per channel).
     for fused, expected in zip(fused_moving, keras_moving):
         np.testing.assert_allclose(fused, expected, rtol=1e-5)
     assert not np.allclose(keras_moving[0], weights[2])  # the step did move them
-    np.testing.assert_allclose(fused_inference, keras_inference, atol=1e-5)
+    np.testing.assert_allclose(np.float32(fused_inference), np.float32(keras_inference), atol=atol)
 
 
-def test_a_model_saved_with_keras_layers_loads_without_this_project(tmp_path):
+def test_a_model_saved_with_keras_layers_loads_without_this_project(tmp_path, dtype_policy):
     import subprocess
     import sys
 
@@ -163,3 +171,17 @@ def test_with_keras_layers_keeps_the_compiled_loss_and_optimizer():
     assert saved.get_compile_config() == model.get_compile_config()
     plain = make_cnn(conv_filters=(4,))
     assert with_keras_layers(plain) is plain  # nothing to replace
+
+
+def test_a_hypermodel_builds_under_its_own_policy_whatever_keras_tuner_resets():
+    """Keras Tuner calls keras.backend.clear_session() before every build, which
+    resets Keras' global policy to float32: the search's policy must reach the model anyway."""
+    import keras
+
+    for hypermodel in (CNNZoo(("batchnorm",), dtype_policy="mixed_bfloat16"), PlainCNN(dtype_policy="mixed_bfloat16")):
+        keras.backend.clear_session()
+        model = hypermodel.build(kt.HyperParameters())
+        assert {layer.dtype_policy.name for layer in model.layers[1:-1]} == {"mixed_bfloat16"}
+        assert model.output.dtype == "float32"  # the softmax stays float32
+        assert keras.mixed_precision.global_policy().name == "float32"
+    assert {layer.dtype_policy.name for layer in CNNZoo().build(kt.HyperParameters()).layers} == {"float32"}

@@ -1,6 +1,9 @@
-"""Code tests of the project's own files: environment pins and the MLproject interface."""
+"""Code tests of the project's own files: environment pins, the MLproject interface, the suite's guards."""
 
+import os
 import re
+import subprocess
+import sys
 
 import yaml
 
@@ -35,3 +38,20 @@ def test_every_mlproject_parameter_is_passed_to_a_command_line_flag():
 def test_run_outputs_are_ignored_by_git():
     ignored = (REPO / ".gitignore").read_text().split()
     assert {"mlflow.db", "mlruns/", "outputs/", "*.npz", "*.keras"} <= set(ignored)
+
+
+def test_a_test_that_leaves_a_dtype_policy_behind_fails(tmp_path):
+    """The suite's own guard (conftest's float32_policy), run on a test that leaks bf16."""
+    (tmp_path / "test_leak.py").write_text(
+        "import keras\n\n"
+        "def test_leaks():\n    keras.mixed_precision.set_global_policy('mixed_bfloat16')\n\n"
+        "def test_after_it():\n    assert keras.mixed_precision.global_policy().name == 'float32'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider", str(tmp_path / "test_leak.py")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 1, done.stdout[-2000:]
+    assert "test_leak.py::test_leaks left Keras' global dtype policy at mixed_bfloat16" in done.stdout
+    assert "2 passed, 1 error" in done.stdout  # the leak is an error of that test; the next one starts in float32

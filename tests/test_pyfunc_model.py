@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import keras
 import numpy as np
-import pytest
 
-from model_zoo import make_cnn
+from model_zoo import average_of, make_cnn, precision_policy
 from search.pyfunc_model import DigitClassifier, folded_forward, int8_tflite
 
 rng = np.random.default_rng(0)
@@ -38,17 +37,17 @@ def test_a_model_that_is_not_a_chain_of_layers_runs_as_it_is():
     np.testing.assert_allclose(np.asarray(forward(DIGITS)), np.asarray(model(DIGITS, training=False)), atol=1e-6)
 
 
-@pytest.fixture
-def bf16_policy():
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    yield
-    keras.mixed_precision.set_global_policy("float32")
-
-
-def test_a_mixed_precision_model_is_not_folded_and_has_no_int8_form(bf16_policy):
-    model = make_cnn(batch_norm=True)
+def test_a_mixed_precision_model_is_not_folded_and_has_no_int8_form():
+    with precision_policy("mixed_bfloat16"):
+        model = batch_norm_cnn()
     assert folded_forward(model).__name__ == "model"
     assert int8_tflite(model) is None and DigitClassifier.int8(model) is None
+    # bf16 members averaged under a float32 policy: the members decide.
+    assert int8_tflite(average_of([model, model])) is None
+    # Served as it was trained: the float32 probabilities of its float32 softmax.
+    predicted = DigitClassifier.float32(model).predict(np.round(DIGITS[..., 0] * 255).astype(np.uint8))
+    assert predicted["probabilities"].dtype == np.float32
+    np.testing.assert_allclose(predicted["probabilities"], np.asarray(model(DIGITS, training=False)), atol=1e-2)
 
 
 def test_the_int8_form_holds_int8_weights_and_nearly_the_float32_probabilities():

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 
-from tests.conftest import MLFLOW_RUN_ENV, REPO, mlflow_listening
+from tests.conftest import MLFLOW_RUN_ENV, REPO, mlflow_listening, rest_predictions
 
 
 def search_command(store: str, mnist_npz: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -63,13 +61,8 @@ def test_served_champion_answers_rest_requests(registry, mnist_npz):
         test = np.load(mnist_npz)
         labels = test["y_test"][:200]
         for digits in (test["x_test"][:200], test["x_test"][:200, :, :, None] / 255):  # uint8 (N, 28, 28); float (N, 28, 28, 1)
-            request = urllib.request.Request(
-                f"{url}/invocations",
-                data=json.dumps({"inputs": digits.tolist()}).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            predictions = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
-            probabilities, digit = np.array(predictions["probabilities"]), np.array(predictions["digit"])
+            predictions = rest_predictions(url, digits)
+            probabilities, digit = predictions["probabilities"], predictions["digit"]
             assert probabilities.shape == (200, 10) and digit.shape == (200,)
             np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-4)
             np.testing.assert_array_equal(digit, probabilities.argmax(axis=1))

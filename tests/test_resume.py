@@ -1,4 +1,4 @@
-"""Reliability tests: kill a real search (SIGKILL, SIGINT), resume it, and run two searches at once."""
+"""Reliability tests: kill a real search (SIGKILL, SIGINT), resume it (bf16 too), and run two searches at once."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from collections import Counter
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 
-from tests.conftest import MLFLOW_RUN_ENV, REPO
+from search.train import AUTO_PRECISION_ENV
+from tests.conftest import MLFLOW_RUN_ENV, REPO, mlflow_listening, rest_predictions
 
 MAX_TRIALS = 4
 
@@ -112,3 +114,47 @@ def test_two_searches_on_one_sqlite_store_log_everything(tmp_path, mnist_npz):
         for child in children:
             assert len(client.get_metric_history(child.info.run_id, "val_accuracy")) == 2
     assert len(client.search_model_versions("name = 'mnist-cnn'")) == 2
+
+
+def test_a_bf16_search_killed_and_resumed_keeps_bf16_and_registers_a_model_that_loads_and_serves(tmp_path, mnist_npz):
+    """The probe chose bf16 for the search; on resume it would choose float32 (forced
+    both ways here, as an AMX machine and a float32-only one would); the resumed
+    search keeps bf16, and what it registers loads and serves like any other model."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env, log = search_env(store, mnist_npz), tmp_path / "search.log"
+    search = start(["run", "--profile", "smoke", "--max-trials", str(MAX_TRIALS)], tmp_path, {**env, AUTO_PRECISION_ENV: "mixed_bfloat16"}, log)
+    parent_id = wait_until_mid_trial(store, search)
+    search.send_signal(signal.SIGKILL)
+    search.wait(timeout=60)
+    resumed = start(["resume", parent_id], tmp_path, {**env, AUTO_PRECISION_ENV: "float32"}, log)
+    assert resumed.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert_completed_once(store, parent_id, killed_children=1)
+    params = mlflow.MlflowClient(store).get_run(parent_id).data.params
+    assert (params["precision_used"], params["precision_reason"]) == ("mixed_bfloat16", f"${AUTO_PRECISION_ENV}")
+    assert "precision mixed_bfloat16 (resumed)" in log.read_text()
+
+    # The keras flavor in a process with no code of this project (cwd "/", no PYTHONPATH), and the pyfunc.
+    test = np.load(mnist_npz)
+    script = (
+        "import sys, numpy as np, mlflow, mlflow.keras\n"
+        f"d = np.load({str(mnist_npz)!r})\n"
+        "keras_model = mlflow.keras.load_model('models:/mnist-cnn@champion')\n"
+        "assert keras_model.layers[1].dtype_policy.name == 'mixed_bfloat16', keras_model.layers[1].dtype_policy\n"
+        "keras_digit = keras_model.predict(d['x_test'][:500, :, :, None] / 255, verbose=0).argmax(axis=1)\n"
+        "served = mlflow.pyfunc.load_model('models:/mnist-cnn@champion').predict(d['x_test'][:500])\n"
+        "assert not {'search', 'model_zoo', 'experiments'} & set(sys.modules)\n"
+        "assert served['probabilities'].dtype == np.float32\n"
+        "print(f\"keras={(keras_digit == d['y_test'][:500]).mean():.4f} pyfunc={(served['digit'] == d['y_test'][:500]).mean():.4f}\")\n"
+    )
+    clean_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    loaded = subprocess.run([sys.executable, "-c", script], env=clean_env, capture_output=True, text=True, timeout=300, cwd="/")
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    accuracies = dict(item.split("=") for item in loaded.stdout.split())
+    assert float(accuracies["keras"]) >= 0.9 and float(accuracies["pyfunc"]) >= 0.9, accuracies
+
+    # Over REST.
+    serve = ["models", "serve", "-m", "models:/mnist-cnn@champion", "--env-manager", "local"]
+    with mlflow_listening(serve, "/ping", tmp_path, {"MLFLOW_TRACKING_URI": store}) as url:
+        predictions = rest_predictions(url, test["x_test"][:200])
+    assert predictions["probabilities"].shape == (200, 10)
+    assert (predictions["digit"] == test["y_test"][:200]).mean() >= 0.9

@@ -5,9 +5,21 @@ import keras_tuner as kt
 import numpy as np
 import pytest
 
-from model_zoo import PlainCNN
+from model_zoo import PlainCNN, precision_policy
 from search.data import Split
-from search.train import affordable_epochs, augmentation, choose_precision, evaluation_dataset, train_final, training_dataset, warmup_cosine
+from experiments import ConfigError
+from search.train import (
+    AUTO_PRECISION_ENV,
+    BF16_MIN_SPEEDUP,
+    Precision,
+    affordable_epochs,
+    augmentation,
+    choose_precision,
+    evaluation_dataset,
+    train_final,
+    training_dataset,
+    warmup_cosine,
+)
 
 
 def random_split(n: int = 256) -> Split:
@@ -71,10 +83,35 @@ def test_augmentation_moves_pixels_but_keeps_shape_range_and_ink():
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(augmentation(seed=0)(digit, training=False)), digit)
 
 
-def test_precision_choice():
-    assert choose_precision("float32", native_bf16=True) == "float32"
-    assert choose_precision("mixed_bfloat16", native_bf16=False) == "mixed_bfloat16"
-    assert choose_precision("auto", native_bf16=False) == "float32"
+def test_precision_choice(monkeypatch):
+    monkeypatch.delenv(AUTO_PRECISION_ENV, raising=False)
+    assert choose_precision("float32", native_bf16=True) == Precision("float32", "pinned")
+    assert choose_precision("mixed_bfloat16", native_bf16=False).policy == "mixed_bfloat16"
+    assert choose_precision("auto", native_bf16=False).params() == {"precision_used": "float32", "precision_reason": "no native bf16 on this CPU"}
+    # The environment decides for `auto` without a probe, whatever the CPU; a pinned precision wins over it.
+    for forced in ("mixed_bfloat16", "float32"):
+        monkeypatch.setenv(AUTO_PRECISION_ENV, forced)
+        assert choose_precision("auto", native_bf16=forced == "float32") == Precision(forced, f"${AUTO_PRECISION_ENV}")
+        assert choose_precision("float32").policy == "float32"
+    monkeypatch.setenv(AUTO_PRECISION_ENV, "float16")
+    with pytest.raises(ConfigError, match=r"\$SEARCH_AUTO_PRECISION is 'float16': use float32 or mixed_bfloat16"):
+        choose_precision("auto")
+
+
+def test_the_probe_runs_once_per_process_and_its_speedup_is_logged(monkeypatch):
+    monkeypatch.delenv(AUTO_PRECISION_ENV, raising=False)
+    first = choose_precision("auto", native_bf16=True)
+    assert first.probe_speedup > 0 and first.policy == ("mixed_bfloat16" if first.probe_speedup >= BF16_MIN_SPEEDUP else "float32")
+    assert first.params()["precision_probe_speedup"] == f"{first.probe_speedup:.3f}"
+    assert choose_precision("auto", native_bf16=True) == first  # the same measurement, not a second probe
+
+
+def test_precision_policy_is_put_back_even_when_the_block_fails():
+    with pytest.raises(RuntimeError):
+        with precision_policy("mixed_bfloat16"):
+            assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+            raise RuntimeError("a trial failed")
+    assert keras.mixed_precision.global_policy().name == "float32"
 
 
 def test_affordable_epochs_follow_the_time_budget():
