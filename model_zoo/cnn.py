@@ -11,6 +11,7 @@ from keras import layers
 
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
+HEADS = ("flatten", "gap")  # what follows the last block: every position, or their average per filter
 
 
 def make_cnn(
@@ -21,37 +22,44 @@ def make_cnn(
     dropout: float = 0.5,
     dense_units: int = 0,
     learning_rate: float = 1e-3,
+    residual: bool = False,
+    head: str = "flatten",
     dtype_policy: str | None = None,
 ) -> keras.Model:
     """A compiled CNN for 28x28x1 digits with a 10-way softmax.
 
     Each entry of `conv_filters` is one block: `convs_per_block` convolutions
-    (each optionally batch-normalised) followed by 2x2 max pooling. The head is
-    dropout, an optional dense layer of `dense_units`, dropout, softmax. With
-    the defaults this is Keras' `mnist_convnet` example with "same" padding,
-    which lets three blocks (and 5x5 kernels) fit in 28x28 pixels.
+    (each optionally batch-normalised) followed by 2x2 max pooling. With
+    `residual` (batch norm implied) the block's input is added to its output
+    before the last ReLU (through a 1x1 convolution where the filters change),
+    as in ResNet. The head is `flatten` (every position) or `gap` (global
+    average pooling: one value per filter), then dropout, an optional dense
+    layer of `dense_units`, dropout, softmax. With the defaults this is Keras'
+    `mnist_convnet` example with "same" padding, which lets three blocks (and
+    5x5 kernels) fit in 28x28 pixels.
 
     `dtype_policy` (float32, mixed_bfloat16) is the model's own; None: Keras'
     global policy. Keras Tuner resets the global one before every build
     (`keras.backend.clear_session()`), so a search names it here.
     """
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}: choose one of {', '.join(HEADS)}")
     if dtype_policy is not None:
         with precision_policy(dtype_policy):
-            return make_cnn(conv_filters, kernel_size, convs_per_block, batch_norm, dropout, dense_units, learning_rate)
+            return make_cnn(conv_filters, kernel_size, convs_per_block, batch_norm, dropout, dense_units, learning_rate, residual, head)
     inputs = keras.Input(shape=INPUT_SHAPE, name="digits")
     x = inputs
     for filters in conv_filters:
-        for _ in range(convs_per_block):
-            # The bias is redundant when batch norm follows.
-            x = layers.Conv2D(filters, kernel_size, padding="same", use_bias=not batch_norm)(x)
-            if batch_norm:
-                # Momentum 0.9, not Keras' 0.99: a trial of one epoch on a subset
-                # is 50-80 steps, too few for 0.99's moving statistics to settle,
-                # and its validation score would measure that, not the network.
-                x = FusedBatchNormalization(momentum=0.9)(x)
-            x = layers.Activation("relu")(x)
+        block_input = x
+        for i in range(convs_per_block):
+            x = _conv(x, filters, kernel_size, batch_norm or residual)
+            if not (residual and i == convs_per_block - 1):
+                x = layers.Activation("relu")(x)
+        if residual:
+            shortcut = block_input if block_input.shape[-1] == filters else _conv(block_input, filters, 1, True)
+            x = layers.Activation("relu")(layers.Add()([x, shortcut]))
         x = layers.MaxPooling2D(2)(x)
-    x = layers.Flatten()(x)
+    x = layers.Flatten()(x) if head == "flatten" else layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(dropout)(x)
     if dense_units:
         x = layers.Dense(dense_units, activation="relu")(x)
@@ -65,6 +73,17 @@ def make_cnn(
         metrics=["accuracy"],
     )
     return model
+
+
+def _conv(x, filters: int, kernel_size: int, batch_norm: bool):
+    # The bias is redundant when batch norm follows.
+    x = layers.Conv2D(filters, kernel_size, padding="same", use_bias=not batch_norm)(x)
+    if batch_norm:
+        # Momentum 0.9, not Keras' 0.99: a trial of one epoch on a subset
+        # is 50-80 steps, too few for 0.99's moving statistics to settle,
+        # and its validation score would measure that, not the network.
+        x = FusedBatchNormalization(momentum=0.9)(x)
+    return x
 
 
 @contextlib.contextmanager

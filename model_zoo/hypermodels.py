@@ -9,7 +9,7 @@ from __future__ import annotations
 import keras
 import keras_tuner as kt
 
-from model_zoo.cnn import make_cnn
+from model_zoo.cnn import HEADS, make_cnn
 
 MAX_CONV_BLOCKS = 3  # 28 -> 14 -> 7 -> 3 pixels: a fourth pooling leaves 1
 # Filters per block double with depth; the choices are bounded so that the
@@ -18,7 +18,7 @@ FILTER_CHOICES = ((16, 32, 64), (32, 64, 128), (64, 128))
 
 
 def pick_architecture(hp: kt.HyperParameters) -> dict:
-    """The choices every family shares: blocks, filters, head, learning rate."""
+    """The choices every family shares: blocks, filters, kernel, head, learning rate."""
     conv_blocks = hp.Int("conv_blocks", 1, MAX_CONV_BLOCKS, default=2)
     conv_filters = []
     for block, choices in enumerate(FILTER_CHOICES):
@@ -29,50 +29,61 @@ def pick_architecture(hp: kt.HyperParameters) -> dict:
             conv_filters.append(filters)
     return {
         "conv_filters": tuple(conv_filters),
+        "kernel_size": hp.Choice("kernel_size", [3, 5], default=3),
+        "head": hp.Choice("head", list(HEADS), default="flatten"),
         "dropout": hp.Float("dropout", 0.0, 0.5, step=0.1, default=0.5),
         "dense_units": hp.Choice("dense_units", [0, 64, 128, 256], default=0),
         "learning_rate": hp.Float("learning_rate", 1e-4, 1e-2, sampling="log", default=1e-3),
     }
 
 
-def pick_plain(hp: kt.HyperParameters) -> dict:
-    """Keras' `mnist_convnet` layout: one convolution per block, 3x3 or 5x5, no batch norm."""
-    return {"kernel_size": hp.Choice("kernel_size", [3, 5], default=3), "convs_per_block": 1, "batch_norm": False}
+def pick_convs_per_block(hp: kt.HyperParameters) -> int:
+    """One or two convolutions per block (two stacked 3x3 see as far as one 5x5, for less compute)."""
+    return hp.Int("convs_per_block", 1, 2, default=2)
 
 
-def pick_batchnorm(hp: kt.HyperParameters) -> dict:
-    """Batch-normalised 3x3 convolutions, one or two per block (two stacked 3x3
-    see as far as one 5x5, for less compute)."""
-    return {"kernel_size": 3, "convs_per_block": hp.Int("convs_per_block", 1, 2, default=2), "batch_norm": True}
-
-
-# family name -> the choices only that family makes
-FAMILY_CHOICES = {"plain": pick_plain, "batchnorm": pick_batchnorm}
+# What each family is, given its convolutions per block (plain has one).
+FAMILY_LAYOUT = {
+    "plain": lambda convs: {"convs_per_block": 1, "batch_norm": False, "residual": False},
+    "batchnorm": lambda convs: {"convs_per_block": convs, "batch_norm": True, "residual": False},
+    "residual": lambda convs: {"convs_per_block": convs, "batch_norm": True, "residual": True},
+}
 
 
 class ZooHyperModel(kt.HyperModel):
-    """A hypermodel whose models are built under `dtype_policy` (None: Keras' global policy)."""
+    """A hypermodel of one family of `make_cnn`, built under `dtype_policy` (None: Keras' global policy)."""
+
+    family = "plain"
 
     def __init__(self, dtype_policy: str | None = None, **kwargs):
         super().__init__(**kwargs)
         self.dtype_policy = dtype_policy
 
+    def build(self, hp: kt.HyperParameters) -> keras.Model:
+        choices = pick_architecture(hp)
+        convs = pick_convs_per_block(hp) if self.family != "plain" else 1
+        return make_cnn(**choices, **FAMILY_LAYOUT[self.family](convs), dtype_policy=self.dtype_policy)
+
 
 class PlainCNN(ZooHyperModel):
     """Keras' `mnist_convnet`, generalised: blocks of conv -> relu -> max-pool."""
 
-    def build(self, hp: kt.HyperParameters) -> keras.Model:
-        return make_cnn(**pick_architecture(hp), **pick_plain(hp), dtype_policy=self.dtype_policy)
+    family = "plain"
 
 
 class BatchNormCNN(ZooHyperModel):
-    """Blocks of one or two batch-normalised 3x3 convolutions."""
+    """Blocks of one or two batch-normalised convolutions."""
 
-    def build(self, hp: kt.HyperParameters) -> keras.Model:
-        return make_cnn(**pick_architecture(hp), **pick_batchnorm(hp), dtype_policy=self.dtype_policy)
+    family = "batchnorm"
 
 
-FAMILIES: dict[str, type[kt.HyperModel]] = {"plain": PlainCNN, "batchnorm": BatchNormCNN}
+class ResidualCNN(ZooHyperModel):
+    """Blocks of one or two batch-normalised convolutions with a skip connection around them."""
+
+    family = "residual"
+
+
+FAMILIES: dict[str, type[kt.HyperModel]] = {"plain": PlainCNN, "batchnorm": BatchNormCNN, "residual": ResidualCNN}
 
 
 class CNNZoo(ZooHyperModel):
@@ -88,12 +99,12 @@ class CNNZoo(ZooHyperModel):
     def build(self, hp: kt.HyperParameters) -> keras.Model:
         family = hp.Choice("family", list(self.families), default=self.families[0])
         choices = pick_architecture(hp)
-        for name in self.families:
-            # Every family's choices enter the space at once (so the oracle samples
-            # them from the first trial on), conditional on their family: a plain
-            # trial records no convs_per_block.
-            with hp.conditional_scope("family", [name]):
-                family_choices = FAMILY_CHOICES[name](hp)
-            if name == family:
-                choices.update(family_choices)
-        return make_cnn(**choices, dtype_policy=self.dtype_policy)
+        convs = 1
+        stacked = [f for f in self.families if f != "plain"]
+        if stacked:
+            # Declared from the first build (so the oracle samples it from the first
+            # trial on), conditional on a family that uses it: plain trials record none.
+            with hp.conditional_scope("family", stacked):
+                convs_choice = pick_convs_per_block(hp)
+            convs = convs_choice if family != "plain" else 1
+        return make_cnn(**choices, **FAMILY_LAYOUT[family](convs), dtype_policy=self.dtype_policy)

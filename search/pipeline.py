@@ -17,9 +17,9 @@ from search import data as data_module
 from search import eda, evaluate, pyfunc_model, report, tracking
 from search.data import DataError, Split
 from search.tracking import TrackingError
-from search.train import Precision, affordable_epochs, choose_precision, train_final
+from search.train import Precision, choose_precision, train_final
 from search.progress import top_table
-from search.tuner import failure_reason, make_tuner, pick_winner, run_trials, trial_rows, write_trials_csv
+from search.tuner import failure_reason, make_tuner, pick_winner, run_trials, seed_pruner, trial_rows, write_trials_csv
 
 
 class SearchFailed(RuntimeError):
@@ -91,6 +91,8 @@ def run_search(
 
         # 3. The search, scored on the validation split.
         tuner = make_tuner(config, tracker, out, project_name="tuner", hypermodel=hypermodel, resume=resume is not None, dtype_policy=precision.policy)
+        if resume:
+            seed_pruner(tuner, tracker.trial_records())
         try:
             if chief:
                 chief.search(tuner, tracker)
@@ -155,20 +157,23 @@ def retrain_winner(tracker: tracking.SearchTracker, hypermodel: kt.HyperModel, h
     """The winner's configuration retrained on all training images, `final_models` times
     with seeds seed, seed+1, ... (`final_minutes` shared), averaged into one model."""
     budget_s = config.final_minutes * 60 / config.final_models
-    epochs = affordable_epochs(hypermodel, hyperparameters, data.train, config.batch_size, budget_s, config.final_epochs)
-    tracker.log_metrics({"final_epochs_run": epochs})
     models = []
     for i in range(config.final_models):
         # One model keeps the metric names final_<metric>; several are final_<i>_<metric>.
         prefix = "final_" if config.final_models == 1 else f"final_{i}_"
-        print(f"retraining the winner's configuration on {len(data.train)} images for {epochs} epochs" + (f" (model {i + 1} of {config.final_models})" if config.final_models > 1 else ""), flush=True)
-        models.append(
-            train_final(
-                hypermodel, hyperparameters, data.train, data.validation, epochs, config.batch_size, config.augment, config.seed + i,
-                on_epoch_end=lambda epoch, logs, prefix=prefix: tracker.log_metrics({prefix + k: v for k, v in logs.items()}, step=epoch),
-                peak_learning_rate=config.final_learning_rate,
-            )
+        limit = f", as many as fit in {budget_s / 60:.1f} min" if budget_s else ""
+        print(f"retraining the winner's configuration on {len(data.train)} images for up to {config.final_epochs} epochs{limit}" + (f" (model {i + 1} of {config.final_models})" if config.final_models > 1 else ""), flush=True)
+        run = train_final(
+            hypermodel, hyperparameters, data.train, data.validation, config.final_epochs, config.batch_size, config.augment, config.seed + i,
+            on_epoch_end=lambda epoch, logs, prefix=prefix: tracker.log_metrics({prefix + k: v for k, v in logs.items()}, step=epoch),
+            peak_learning_rate=config.final_learning_rate,
+            budget_s=budget_s,
         )
+        timing = {prefix + "epochs_run": run.epochs, prefix + "epoch_seconds": sum(run.epoch_seconds) / run.epochs}
+        if run.epoch_estimate_s is not None:
+            timing[prefix + "epoch_estimate_seconds"] = run.epoch_estimate_s
+        tracker.log_metrics(timing)
+        models.append(run.model)
     model = average_of(models)
     if len(models) > 1:
         validation = evaluate.evaluate(model, data.validation)
@@ -179,11 +184,11 @@ def retrain_winner(tracker: tracking.SearchTracker, hypermodel: kt.HyperModel, h
 
 def int8_form(tracker: tracking.SearchTracker, model, test_report: evaluate.TestReport, test: Split, config: SearchConfig) -> bytes | None:
     """The model with int8 weights for the registry to serve, or None (served in float32):
-    switched off, a mixed-precision model, one TensorFlow Lite cannot convert, or more
-    than `int8_max_accuracy_drop` below the float32 model's test accuracy."""
+    switched off, a model TensorFlow Lite cannot convert, or more than
+    `int8_max_accuracy_drop` below the model's test accuracy."""
     int8 = pyfunc_model.DigitClassifier.int8(model) if config.serve_int8 else None
     if config.serve_int8 and int8 is None:
-        print("served in float32: no int8 form (a mixed-precision model, or one TensorFlow Lite could not convert)")
+        print("served in float32: TensorFlow Lite could not convert the model to int8")
     if int8 is not None:
         int8_accuracy = evaluate.report(int8.predict(test.x)["probabilities"], test.y).accuracy
         tracker.log_metrics({"int8_test_accuracy": int8_accuracy})

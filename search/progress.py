@@ -33,11 +33,13 @@ class Progress:
     def trial_started(self, trial_id: str, hyperparameters: Mapping[str, object]) -> None:
         self._print(f"trial {len(self.durations) + 1}/{self.max_trials} (id {trial_id}): {describe(hyperparameters)}")
 
-    def trial_ended(self, trial_id: str, val_accuracy: float | None, seconds: float, failure: str = "") -> None:
+    def trial_ended(self, trial_id: str, val_accuracy: float | None, seconds: float, failure: str = "", pruned: int | None = None) -> None:
         self.durations.append(seconds)
         if val_accuracy is not None and (self.best is None or val_accuracy > self.best):
             self.best = val_accuracy
         outcome = f"FAILED ({failure})" if failure else f"val_accuracy {val_accuracy:.4f}"
+        if pruned:
+            outcome += f", pruned after epoch {pruned} (below the median)"
         best = f"best so far {self.best:.4f}" if self.best is not None else "no trial completed yet"
         left = max(0, self.max_trials - len(self.durations))
         eta = f", about {_duration(statistics.fmean(self.durations) * left)} left for up to {left} more" if left else ""

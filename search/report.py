@@ -110,6 +110,19 @@ def write_html(path: Path, title: str, settings: Mapping[str, object], records: 
     )
     failed = sum(r["status"] == "FAILED" for r in records)
     killed = sum(r["status"] == "KILLED" for r in records)  # interrupted, then run again on resume
+    pruned = [r for r in records if r.get("pruned")]
+    pruned_rows = "".join(
+        f"<tr><td>{html.escape(r['trial_id'])}</td><td>{r['pruned']}</td><td>{int(r.get('epochs_saved') or 0)}</td>"
+        f"<td>{r['val_accuracy']:.4f}</td><td>{html.escape(_describe(r['hyperparameters']))}</td></tr>"
+        for r in pruned
+    )
+    pruned_section = (
+        f"<h2>Pruned trials</h2><p>{len(pruned)} trials stopped below the median of the finished trials, "
+        f"saving {sum(int(r.get('epochs_saved') or 0) for r in pruned)} epochs.</p>"
+        f"<table><tr><th>trial</th><th>stopped after epoch</th><th>epochs saved</th><th>best val_accuracy</th><th>hyperparameters</th></tr>{pruned_rows}</table>"
+        if pruned
+        else ""
+    )
     images = "".join(
         f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(caption)}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
         for caption, p in figures.items()
@@ -120,9 +133,10 @@ def write_html(path: Path, title: str, settings: Mapping[str, object], records: 
 th,td{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:90%}}img{{max-width:100%}}</style></head>
 <body><h1>{html.escape(title)}</h1>
 <p><b>Registry decision:</b> {html.escape(decision)}</p>
-<p>{len(records)} trial runs: {len(completed(records))} completed, {failed} failed, {killed} interrupted.</p>
+<p>{len(records)} trial runs: {len(completed(records))} completed ({len(pruned)} of them pruned), {failed} failed, {killed} interrupted.</p>
 <h2>Settings</h2><table>{setting_rows}</table>
 <h2>Top trials</h2><table><tr><th>trial</th><th>best val_accuracy</th><th>parameters</th><th>seconds</th><th>hyperparameters</th></tr>{trial_rows}</table>
+{pruned_section}
 {images}
 </body></html>
 """

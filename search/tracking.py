@@ -118,9 +118,11 @@ class SearchTracker:
         metrics = [Metric(k, float(logs[k]), now, epoch) for k in EPOCH_METRICS if k in logs]
         self._submit(lambda: self.client.log_batch(self._trial_runs[trial_id], metrics=metrics))
 
-    def end_trial(self, trial_id: str, failed: bool, summary: Mapping[str, float], reason: str = "") -> None:
+    def end_trial(self, trial_id: str, failed: bool, summary: Mapping[str, float], reason: str = "", pruned: int | None = None) -> None:
+        """End the trial's run FINISHED (tag `pruned` = epochs trained when the median rule stopped it) or FAILED."""
         metrics = [Metric(k, float(v), _now_ms(), 0) for k, v in summary.items() if v is not None]
         tags = [mlflow.entities.RunTag("failure_reason", reason[:5000])] if reason else []
+        tags += [mlflow.entities.RunTag("pruned", str(pruned))] if pruned else []
 
         def end() -> None:
             run_id = self._trial_runs.pop(trial_id)
@@ -147,7 +149,8 @@ class SearchTracker:
 
     def trial_records(self) -> list[dict]:
         """Every trial run of this search as logged: trial_id, status, hyperparameters,
-        val_accuracy (best), param_count, multiply_adds, wall_time_s and the val_accuracy curve [(epoch, value)]."""
+        val_accuracy (best), param_count, multiply_adds, wall_time_s, pruned, epochs_saved
+        and the val_accuracy curve [(epoch, value)]."""
         self.flush()
         runs = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=10_000)
         records = []
@@ -162,6 +165,8 @@ class SearchTracker:
                     "param_count": run.data.metrics.get("param_count"),
                     "multiply_adds": run.data.metrics.get("multiply_adds"),
                     "wall_time_s": run.data.metrics.get("wall_time_s"),
+                    "pruned": int(run.data.tags["pruned"]) if "pruned" in run.data.tags else None,
+                    "epochs_saved": run.data.metrics.get("epochs_saved"),
                     "curve": sorted((m.step, m.value) for m in curve),
                 }
             )
@@ -313,6 +318,27 @@ def attach(parent_run_id: str, worker: str) -> SearchTracker:
     tagged `worker`, without becoming that run's owner."""
     check_reachable()
     return SearchTracker(PatientClient().get_run(parent_run_id), worker)
+
+
+def search_summary(run_id: str) -> dict:
+    """What search run `run_id` did, from its logged runs: trials, distinct architectures
+    (trials whose active hyperparameters other than the learning rate differ), pruned
+    trials and the epochs they saved, and the kept winner's hyperparameters."""
+    client = PatientClient()
+    tracker = SearchTracker(client.get_run(run_id))
+    records = tracker.trial_records()
+    tracker.close()
+    not_architecture = ("learning_rate", "tuner/")
+    architectures = {tuple(sorted((k, v) for k, v in r["hyperparameters"].items() if not k.startswith(not_architecture))) for r in records}
+    winner_id = client.get_run(run_id).data.tags.get("winner_trial_id")
+    winner = next((r["hyperparameters"] for r in records if r["trial_id"] == winner_id and r["status"] == "FINISHED"), {})
+    return {
+        "trials": len(records),
+        "architectures": len(architectures),
+        "pruned": sum(bool(r["pruned"]) for r in records),
+        "epochs_saved": int(sum(r["epochs_saved"] or 0 for r in records)),
+        "winner": " ".join(f"{k}={v}" for k, v in winner.items() if not k.startswith("tuner/")),
+    }
 
 
 def load_keras_model(model_uri: str):

@@ -4,7 +4,9 @@ policy, and retraining the winning configuration for longer than any trial."""
 from __future__ import annotations
 
 import functools
+import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from experiments import ConfigError
-from model_zoo.cnn import make_cnn, precision_policy
+from model_zoo.cnn import make_cnn
 from search.data import Split
 
 # Random affine jitter of the training digits in the final training: shifts
@@ -67,33 +69,95 @@ def augmentation(seed: int) -> keras.Sequential:
     )
 
 
-def warmup_cosine(peak_learning_rate: float, epochs: int, steps_per_epoch: int) -> keras.optimizers.schedules.LearningRateSchedule:
-    """One-cycle style schedule: linear warm-up to the peak over the first epoch,
-    then cosine decay to zero by the last step."""
-    total = max(1, epochs * steps_per_epoch)
-    warmup = min(steps_per_epoch, total // 2)
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=peak_learning_rate / 10,
-        decay_steps=total - warmup,
-        warmup_target=peak_learning_rate,
-        warmup_steps=warmup,
-    )
+# A budgeted training stops before its planned epochs only if the next epoch
+# would end more than this far past the budget: timing noise must not cut the
+# cosine short of its end.
+OVERRUN = 1.1
 
 
-def affordable_epochs(hypermodel: kt.HyperModel, hyperparameters: kt.HyperParameters, train: Split, batch_size: int, budget_s: float, most: int) -> int:
-    """How many epochs over `train` fit in `budget_s` seconds (1 to `most`), from
-    timing a few batches of a throw-away model of the configuration."""
-    if budget_s <= 0:
-        return most
-    model = hypermodel.build(hyperparameters.copy())
-    warm, timed = 4, 12
-    x, y = train.x[: batch_size * (warm + timed)], train.y[: batch_size * (warm + timed)]
-    model.fit(x[: batch_size * warm], y[: batch_size * warm], batch_size=batch_size, verbose=0)
-    started = time.perf_counter()
-    model.fit(x[batch_size * warm :], y[batch_size * warm :], batch_size=batch_size, verbose=0)
-    # +15%: augmentation and the validation pass are not in the timed batches.
-    seconds_per_epoch = 1.15 * (time.perf_counter() - started) / (batch_size * timed) * len(train)
-    return max(1, min(most, int(budget_s / seconds_per_epoch)))
+class WarmupCosine(keras.callbacks.Callback):
+    """A one-cycle learning rate, set before every batch: a linear warm-up over the
+    first epoch from a tenth of the peak to the peak, then a cosine to zero by the
+    end of the last epoch.
+
+    `peak` None: the rate the model was compiled with (a trial's searched
+    `learning_rate`); `epochs` None: the epochs of the `fit` call, counted from
+    the first one it runs (a Hyperband round that continues a trial runs a
+    schedule of its own). With `budget_s`, the epochs are settled once the first
+    is timed: as many as fit in the budget (at most `epochs`), so the cosine
+    still ends at zero; should later epochs run slower, training stops when the
+    next one would overrun the budget.
+    """
+
+    WARM_BATCHES = 3  # batches left out of the timing: tracing and warm-up
+
+    def __init__(self, peak: float | None = None, epochs: int | None = None, budget_s: float = 0.0):
+        super().__init__()
+        self.peak, self.most, self.budget_s = peak, epochs, budget_s
+
+    def on_train_begin(self, logs=None) -> None:
+        self.steps_per_epoch = int(self.params["steps"])
+        self.epochs = self.most or int(self.params["epochs"])
+        self.rate_peak = self.peak or float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        self.first_epoch, self.step = None, 0
+        self.started = time.perf_counter()
+        self.epoch_seconds: list[float] = []
+        self.estimate_s: float | None = None  # seconds per epoch, from the first one
+        self.training_s = self.validation_started = None
+
+    def rate(self, step: int) -> float:
+        total = max(1, self.epochs * self.steps_per_epoch)
+        warmup = min(self.steps_per_epoch, total // 2)
+        if step < warmup:
+            return self.rate_peak * (0.1 + 0.9 * step / warmup)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))  # the last batch's rate is 0
+        return 0.5 * self.rate_peak * (1 + math.cos(math.pi * progress))
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        if self.first_epoch is None:
+            self.first_epoch = epoch
+            # Keras Tuner's Hyperband passes epochs=final epoch with initial_epoch: count what this fit runs.
+            self.epochs = self.most or int(self.params["epochs"]) - epoch
+        self.epoch_started = self.timed_from = time.perf_counter()
+        self.timed_batches = self.steps_per_epoch
+
+    def on_train_batch_begin(self, batch: int, logs=None) -> None:
+        self.model.optimizer.learning_rate.assign(self.rate(self.step))
+        self.step += 1
+
+    def on_train_batch_end(self, batch: int, logs=None) -> None:
+        if batch + 1 == self.WARM_BATCHES and self.steps_per_epoch > 2 * self.WARM_BATCHES:
+            self.timed_from, self.timed_batches = time.perf_counter(), self.steps_per_epoch - self.WARM_BATCHES
+
+    def on_test_begin(self, logs=None) -> None:
+        if self.training_s is None:  # the first epoch's training, its first batches left out
+            self.training_s = (time.perf_counter() - self.timed_from) * self.steps_per_epoch / self.timed_batches
+            self.validation_started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        now = time.perf_counter()
+        self.epoch_seconds.append(now - self.epoch_started)
+        if self.budget_s and self.estimate_s is None:
+            if self.training_s is None:  # no validation: the whole first epoch
+                self.estimate_s = self.epoch_seconds[0]
+            else:
+                self.estimate_s = self.training_s + (now - self.validation_started)
+            # The first epoch (tracing included) is spent; the rest run at the estimate.
+            self.epochs = max(1, min(self.epochs, 1 + int((self.budget_s - self.epoch_seconds[0]) / self.estimate_s)))
+        if len(self.epoch_seconds) >= self.epochs:
+            self.model.stop_training = True
+        elif self.budget_s:
+            next_s = statistics.median(self.epoch_seconds[1:]) if len(self.epoch_seconds) > 1 else self.estimate_s
+            if now - self.started + next_s > OVERRUN * self.budget_s:
+                self.model.stop_training = True  # later epochs ran slower than the first: the budget holds
+
+
+@dataclass(frozen=True)
+class FinalTraining:
+    model: keras.Model
+    epochs: int  # run
+    epoch_estimate_s: float | None  # seconds per epoch the budget was settled with
+    epoch_seconds: tuple[float, ...]  # measured, each
 
 
 def train_final(
@@ -107,25 +171,21 @@ def train_final(
     seed: int,
     on_epoch_end: Callable[[int, dict], None],
     peak_learning_rate: float = 0.0,
-) -> keras.Model:
-    """A fresh model of the best configuration, trained for `epochs` epochs on `train`.
+    budget_s: float = 0.0,
+) -> FinalTraining:
+    """A fresh model of the best configuration, trained for up to `epochs` epochs on `train`.
 
-    The learning rate follows a warm-up + cosine schedule peaking at
-    `peak_learning_rate` (0: the configuration's searched learning rate), and
-    the training digits are jittered when `augment` is set.
-    The weights of the best validation epoch are kept. `on_epoch_end(epoch,
-    logs)` sees every epoch, for tracking.
+    The learning rate follows `WarmupCosine`, peaking at `peak_learning_rate`
+    (0: the configuration's searched learning rate), over as many epochs as
+    fit in `budget_s` seconds (0: no limit); the training digits are jittered
+    when `augment` is set. The weights of the best validation epoch are kept.
+    `on_epoch_end(epoch, logs)` sees every epoch, for tracking.
     """
     keras.utils.set_random_seed(seed)
     model = hypermodel.build(hyperparameters.copy())
-    peak = peak_learning_rate or float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
-    steps_per_epoch = -(-len(train) // batch_size)
-    model.compile(
-        optimizer=keras.optimizers.Adam(warmup_cosine(peak, epochs, steps_per_epoch)),
-        loss=model.loss,
-        metrics=["accuracy"],
-    )
+    schedule = WarmupCosine(peak_learning_rate or None, epochs, budget_s)
     callbacks = [
+        schedule,
         keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end),
         # Patience = epochs: never stops early (the schedule must run to its
         # end), but restores the best validation epoch's weights.
@@ -139,7 +199,7 @@ def train_final(
         shuffle=False,  # the dataset shuffles
         verbose=2,
     )
-    return model
+    return FinalTraining(model, len(schedule.epoch_seconds), schedule.estimate_s, tuple(schedule.epoch_seconds))
 
 
 # What `precision=auto` resolves to on this machine without running the probe
@@ -204,20 +264,20 @@ def _probe_once() -> float:
     return probe_speedup("mixed_bfloat16")
 
 
-def probe_speedup(policy: str, batch_size: int = 128, steps: int = 4) -> float:
-    """How many times faster than float32 a small batch-norm CNN trains under `policy`
-    (best of two interleaved timings each, so one slow round does not decide)."""
+def probe_speedup(policy: str, batch_size: int = 128, steps: int = 8, rounds: int = 3) -> float:
+    """How many times faster than float32 a small batch-norm CNN trains under `policy`,
+    along the project's training path (tf.data without its autotuner, whose stalls
+    would time the pipeline instead of the arithmetic); the best of `rounds`
+    interleaved timings each, so one slow round does not decide."""
     rng = np.random.default_rng(0)
-    x = rng.random((batch_size * steps, 28, 28, 1), dtype=np.float32)
-    y = rng.integers(0, 10, len(x))
+    split = Split(rng.random((batch_size * steps, 28, 28, 1), dtype=np.float32), rng.integers(0, 10, batch_size * steps))
     models, best = {}, {}
     for name in ("float32", policy):
-        with precision_policy(name):
-            models[name] = make_cnn(conv_filters=(32, 64), convs_per_block=2, batch_norm=True, dense_units=128)
-            models[name].fit(x[:batch_size], y[:batch_size], batch_size=batch_size, verbose=0)  # compile, warm up
-    for _ in range(2):
+        models[name] = make_cnn(conv_filters=(32, 64), convs_per_block=2, batch_norm=True, dense_units=128, dtype_policy=name)
+        models[name].fit(training_dataset(split, batch_size, seed=0).take(2), verbose=0)  # compile, warm up
+    for _ in range(rounds):
         for name, model in models.items():
             started = time.perf_counter()
-            model.fit(x, y, batch_size=batch_size, verbose=0)
+            model.fit(training_dataset(split, batch_size, seed=0), verbose=0)
             best[name] = min(best.get(name, np.inf), time.perf_counter() - started)
     return best["float32"] / best[policy]

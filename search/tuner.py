@@ -23,8 +23,9 @@ from model_zoo import CNNZoo, multiply_adds
 from search import interrupts
 from search.data import Split
 from search.progress import Progress
+from search.pruning import MedianStopping
 from search.tracking import SearchTracker
-from search.train import evaluation_dataset, training_dataset
+from search.train import WarmupCosine, evaluation_dataset, training_dataset
 
 
 class TrackedTuner:
@@ -32,6 +33,8 @@ class TrackedTuner:
 
     tracker: SearchTracker
     progress: Progress
+    pruner: MedianStopping | None = None
+    max_epochs: int = 1  # a trial's epochs where Hyperband does not set them
 
     def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
         interrupts.raise_if_requested()
@@ -55,15 +58,19 @@ class TrackedTuner:
 
     def on_epoch_end(self, trial, model, epoch, logs=None) -> None:
         super().on_epoch_end(trial, model, epoch, logs)
+        logs = logs or {}
         try:
             if self._param_count is None:  # once per trial, after its first epoch
                 self._param_count = model.count_params()
                 self._multiply_adds = multiply_adds(model)
-            self.tracker.log_epoch(trial.trial_id, epoch, logs or {})
+            self.tracker.log_epoch(trial.trial_id, epoch, logs)
         except Exception as err:
             # Keras Tuner would swallow an ordinary exception here and mark the
             # trial failed; a tracking failure must stop the search instead.
             raise kt.errors.FatalError(f"MLflow logging failed in trial {trial.trial_id}: {err}") from err
+        last = epoch + 1 >= planned_epochs(trial, self.max_epochs)
+        if self.pruner and "val_accuracy" in logs and self.pruner.report(trial.trial_id, epoch, float(logs["val_accuracy"]), last):
+            model.stop_training = True  # Keras ends the fit after this epoch
 
     def on_trial_end(self, trial: kt.engine.trial.Trial) -> None:
         # A Ctrl-C that lands inside TensorFlow can come out as another exception
@@ -76,15 +83,20 @@ class TrackedTuner:
         finally:
             ended = self.oracle.get_trial(trial.trial_id)
             failed = ended.status != kt.engine.trial.TrialStatus.COMPLETED
+            pruned = None
+            if self.pruner:
+                self.pruner.end(trial.trial_id, failed)
+                pruned = self.pruner.pruned.get(trial.trial_id)
             summary = {
                 "best_val_accuracy": None if failed else ended.score,
                 "param_count": self._param_count,
                 "multiply_adds": self._multiply_adds,
                 "wall_time_s": time.perf_counter() - self._trial_started,
+                "epochs_saved": planned_epochs(trial, self.max_epochs) - pruned if pruned else None,
             }
             reason = failure_reason(ended) if failed else ""
-            self.tracker.end_trial(trial.trial_id, failed, summary, reason)
-            self.progress.trial_ended(trial.trial_id, summary["best_val_accuracy"], summary["wall_time_s"], reason)
+            self.tracker.end_trial(trial.trial_id, failed, summary, reason, pruned=pruned)
+            self.progress.trial_ended(trial.trial_id, summary["best_val_accuracy"], summary["wall_time_s"], reason, pruned)
 
 
 class TrackedHyperband(TrackedTuner, kt.Hyperband):
@@ -112,9 +124,11 @@ def make_tuner(
     hypermodel: kt.HyperModel | None = None,
     resume: bool = False,
     dtype_policy: str | None = None,
+    pruner: MedianStopping | None = None,
 ) -> kt.Tuner:
     """The configured tuner over `hypermodel` (default: the model zoo's families,
-    built under `dtype_policy`), scored on `val_accuracy`.
+    built under `dtype_policy`), scored on `val_accuracy`; hopeless trials are stopped
+    by `pruner` (default: the median rule, where `config.prune` is on).
 
     With `resume`, Keras Tuner reloads the oracle from `directory`: completed
     trials are kept and the interrupted one runs again. With no `tracker`,
@@ -140,6 +154,9 @@ def make_tuner(
     if tracker:
         tuner.tracker = tracker
         tuner.progress = Progress(config.max_trials)
+        tuner.max_epochs = config.max_epochs
+        if config.prune:
+            tuner.pruner = pruner or MedianStopping(config.prune_min_trials, config.prune_grace_epochs)
     return tuner
 
 
@@ -201,8 +218,11 @@ def run_trials(tuner: kt.Tuner, config: SearchConfig, train: Split, validation: 
 
 
 def trial_callbacks(config: SearchConfig) -> list[keras.callbacks.Callback]:
-    """Per-trial callbacks (Keras Tuner deep-copies them for every trial): stop on NaN, stop early."""
+    """Per-trial callbacks (Keras Tuner deep-copies them for every trial): the trial's own
+    learning-rate schedule, stop on NaN, stop early."""
     callbacks = [keras.callbacks.TerminateOnNaN()]
+    if config.trial_schedule:
+        callbacks.insert(0, WarmupCosine())  # peaks at the trial's learning_rate, over its own epochs
     if config.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor=config.objective, mode="max", patience=config.early_stopping_patience))
     return callbacks
@@ -239,6 +259,20 @@ def pick_winner(tuner: kt.Tuner, validation_size: int, within_se: float) -> Winn
     return Winner(winner, best, costs[winner.trial_id], standard_error)
 
 
+def seed_pruner(tuner: kt.Tuner, records: list[dict]) -> None:
+    """A resumed search's pruner learns the curves of the trials that finished before
+    (`SearchTracker.trial_records`): Keras Tuner's oracle keeps no per-epoch scores."""
+    if getattr(tuner, "pruner", None):
+        for record in records:
+            if record["status"] == "FINISHED" and record["curve"]:
+                tuner.pruner.seed(record["trial_id"], dict(record["curve"]), record["pruned"])
+
+
+def planned_epochs(trial: kt.engine.trial.Trial, max_epochs: int) -> int:
+    """The epochs a trial was to train: Hyperband's `tuner/epochs`, else `max_epochs`."""
+    return int(trial.hyperparameters.values.get("tuner/epochs", max_epochs))
+
+
 def active_values(hp: kt.HyperParameters) -> dict[str, object]:
     """The trial's hyperparameter values, without those its choices switched off."""
     return {name: value for name, value in hp.values.items() if hp.is_active(name)}
@@ -251,13 +285,18 @@ def failure_reason(trial: kt.engine.trial.Trial) -> str:
 
 
 def trial_rows(tuner: kt.Tuner) -> list[dict]:
-    """One dict per trial: trial_id, status, val_accuracy (None unless completed), best_step, hyperparameters."""
+    """One dict per trial: trial_id, status, val_accuracy (None unless completed), best_step,
+    pruned (epochs trained before the median rule stopped it, else None), epochs_saved, hyperparameters."""
+    pruned = tuner.pruner.pruned if getattr(tuner, "pruner", None) else {}
+    max_epochs = getattr(tuner, "max_epochs", 1)
     return [
         {
             "trial_id": t.trial_id,
             "status": t.status,
             "val_accuracy": t.score if t.status == "COMPLETED" else None,
             "best_step": t.best_step,
+            "pruned": pruned.get(t.trial_id),
+            "epochs_saved": planned_epochs(t, max_epochs) - pruned[t.trial_id] if t.trial_id in pruned else None,
             "hyperparameters": active_values(t.hyperparameters),
         }
         for t in sorted(tuner.oracle.trials.values(), key=lambda t: t.trial_id)
@@ -269,7 +308,7 @@ def write_trials_csv(rows: list[dict], path: Path) -> Path:
     hp_names = sorted({name for row in rows for name in row["hyperparameters"]})
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, ["trial_id", "status", "val_accuracy", "best_step", *hp_names])
+        writer = csv.DictWriter(f, ["trial_id", "status", "val_accuracy", "best_step", "pruned", "epochs_saved", *hp_names])
         writer.writeheader()
         for row in rows:
             writer.writerow({k: v for k, v in row.items() if k != "hyperparameters"} | row["hyperparameters"])

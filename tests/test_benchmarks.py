@@ -25,7 +25,13 @@ def test_table_marks_each_target_met_or_not():
         "training": {"images_per_s": {"project": 1600.0, "plain bs32": 800.0, "plain bs128": 1100.0}, "speedup": 2.0, "speedup_same_batch": 1.45, "cpu_speedup": 1.9},
         "tracking": {"ratio": 1.05, "cpu_ratio": 1.01, "fastest_ratio": 0.99, "seconds": {"with MLflow": [10.5], "without": [10.0]}},
         "inference": {"digits_per_s": 25_000.0, "float32_digits_per_s": 7_000.0},
-        "profiles": {"fast": {"exit": 0, "wall_s": 100.0, "test_accuracy": 0.991}, "default": {"exit": 0, "wall_s": 1300.0, "test_accuracy": 0.996}},
+        "profiles": {
+            "fast": [{"seed": 42, "exit": 0, "wall_s": 50.0, "test_accuracy": 0.994, "trials": 2, "architectures": 1, "pruned": 0, "epochs_saved": 0, "winner": "dropout=0.2"}],
+            "default": [
+                {"seed": 42, "exit": 0, "wall_s": 700.0, "test_accuracy": 0.9965, "trials": 16, "architectures": 16, "pruned": 6, "epochs_saved": 6, "winner": "family=residual"},
+                {"seed": 43, "exit": 0, "wall_s": 800.0, "test_accuracy": 0.9949, "trials": 16, "architectures": 14, "pruned": 5, "epochs_saved": 5, "winner": "family=batchnorm"},
+            ],
+        },
     }
     lines = table(results).splitlines()
     row = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
@@ -36,5 +42,9 @@ def test_table_marks_each_target_met_or_not():
     assert row["tracking overhead, fastest search of each"].endswith("| 0.990x |  |  |")
     assert row["inference: registered model via pyfunc"].endswith("| 25,000 digits/s | >= 10,000 | yes |")
     assert row["inference: the same, served in float32 (serve_int8 off)"].endswith("| 7,000 digits/s |  |  |")
-    assert row["profile fast: mlflow run"].endswith("| yes |")
-    assert row["profile default: mlflow run"].endswith("| no |")  # 21.7 min > 20
+    assert row["profile fast, seed 42: mlflow run"].endswith("| 0.8 min, test 99.40% | <= 1 min | yes |")
+    assert row["profile default, seed 42: mlflow run"].endswith("| yes |")
+    assert row["profile default, seed 43: mlflow run"].endswith("| no |")  # 13.3 min > 12, and 99.49% < 99.50%
+    assert row["profile default, seed 43: search"].endswith("| 14 distinct architectures in 16 trials, 5 pruned (5 epochs saved) | >= 15 architectures | no |")
+    assert row["profile default, seed 42: winner"].endswith("| family=residual |  |  |")
+    assert row["profile default: mean test accuracy of 2 seed(s)"].endswith("| 99.57% | >= 99.60% | no |")

@@ -10,14 +10,15 @@ from model_zoo import FAMILIES as ZOO_FAMILIES
 
 def test_defaults_are_the_documented_ones():
     config = resolve()
-    assert (config.profile, config.tuner, config.objective) == ("default", "hyperband", "val_accuracy")
+    assert (config.profile, config.tuner, config.objective) == ("default", "random", "val_accuracy")
     assert (config.threshold, config.model_name, config.champion_alias) == (0.90, "mnist-cnn", "champion")
     assert config.validation_size == 6_000
-    assert config.families == ("batchnorm",)
+    assert config.families == ("plain", "batchnorm", "residual")
+    assert (config.prune, config.prune_min_trials, config.prune_grace_epochs, config.trial_schedule) == (True, 3, 1, True)
     assert (config.final_epochs, config.augment) == (14, True)
     assert (config.final_learning_rate, config.winner_within_se) == (3e-3, 1.0)
     assert (config.final_models, config.serve_int8, config.int8_max_accuracy_drop) == (1, True, 0.001)
-    assert config.fixed == ("conv_blocks=2", "convs_per_block=2", "conv_filters_0=32", "dense_units=128", "dropout=0.3")
+    assert config.fixed == ()  # the default searches the whole architecture space: no pins
 
 
 def test_every_family_named_in_experiments_is_in_the_zoo():

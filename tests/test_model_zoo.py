@@ -4,12 +4,14 @@ import keras_tuner as kt
 import numpy as np
 import pytest
 
-from model_zoo import FAMILIES, BatchNormCNN, CNNZoo, FusedBatchNormalization, PlainCNN, average_of, make_cnn, with_keras_layers
+from model_zoo import FAMILIES, BatchNormCNN, CNNZoo, FusedBatchNormalization, PlainCNN, ResidualCNN, average_of, make_cnn, with_keras_layers
 
 SHARED_DEFAULTS = {
     "conv_blocks": 2,
     "conv_filters_0": 32,
     "conv_filters_1": 64,
+    "kernel_size": 3,
+    "head": "flatten",
     "dropout": 0.5,
     "dense_units": 0,
     "learning_rate": 1e-3,
@@ -23,12 +25,14 @@ def active(hp):
 @pytest.mark.parametrize(
     "hypermodel, extra",
     [
-        (PlainCNN(), {"kernel_size": 3}),
+        (PlainCNN(), {}),
         (BatchNormCNN(), {"convs_per_block": 2}),
-        (CNNZoo(), {"family": "plain", "kernel_size": 3}),
+        (ResidualCNN(), {"convs_per_block": 2}),
+        (CNNZoo(), {"family": "plain"}),
         (CNNZoo(("batchnorm", "plain")), {"family": "batchnorm", "convs_per_block": 2}),
+        (CNNZoo(("residual",)), {"family": "residual", "convs_per_block": 2}),
     ],
-    ids=["plain", "batchnorm", "zoo", "zoo-batchnorm-first"],
+    ids=["plain", "batchnorm", "residual", "zoo", "zoo-batchnorm-first", "zoo-residual"],
 )
 def test_builds_from_empty_hyperparameters_with_defaults(hypermodel, extra):
     hp = kt.HyperParameters()
@@ -44,7 +48,8 @@ def test_space_covers_architecture_not_just_learning_rate():
     CNNZoo().build(hp)
     names = {p.name for p in hp.space}
     # Both families' own choices are in the space from the first build.
-    assert {"family", "conv_blocks", "conv_filters_0", "kernel_size", "convs_per_block", "dropout", "dense_units", "learning_rate"} <= names
+    assert {"family", "conv_blocks", "conv_filters_0", "kernel_size", "head", "convs_per_block", "dropout", "dense_units", "learning_rate"} <= names
+    assert [p for p in hp.space if p.name == "family"][0].values == ["plain", "batchnorm", "residual"]
     assert hp.get("learning_rate") == 1e-3
     assert [p for p in hp.space if p.name == "learning_rate"][0].sampling == "log"
 
@@ -101,10 +106,7 @@ def test_an_average_of_models_is_one_model_that_saves_and_serves(tmp_path, dtype
     with_keras_layers(ensemble).save(tmp_path / "ensemble.keras")
     loaded = keras.saving.load_model(tmp_path / "ensemble.keras", safe_mode=True)
     np.testing.assert_allclose(loaded.predict(digits, verbose=0), expected, atol=1e-6)
-    # A mixed-precision model has no int8 form: it is served as it was trained.
-    served = [DigitClassifier.float32(loaded), DigitClassifier.int8(loaded)]
-    assert (served[1] is None) == (dtype_policy == "mixed_bfloat16")
-    for classifier in filter(None, served):
+    for classifier in (DigitClassifier.float32(loaded), DigitClassifier.int8(loaded)):
         np.testing.assert_allclose(classifier.predict(digits)["probabilities"], expected, atol=0.02)
 
 
@@ -185,3 +187,29 @@ def test_a_hypermodel_builds_under_its_own_policy_whatever_keras_tuner_resets():
         assert model.output.dtype == "float32"  # the softmax stays float32
         assert keras.mixed_precision.global_policy().name == "float32"
     assert {layer.dtype_policy.name for layer in CNNZoo().build(kt.HyperParameters()).layers} == {"float32"}
+
+
+def test_residual_blocks_add_their_input_and_project_it_where_the_filters_change():
+    import keras
+
+    model = make_cnn(conv_filters=(16, 16), convs_per_block=2, residual=True)
+    adds = [layer for layer in model.layers if isinstance(layer, keras.layers.Add)]
+    assert len(adds) == 2
+    # Block 1 goes from 1 channel to 16: a 1x1 projection; block 2 keeps 16: the identity.
+    projections = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D) and layer.kernel_size == (1, 1)]
+    assert len(projections) == 1
+    assert sum(isinstance(layer, FusedBatchNormalization) for layer in model.layers) == 5  # batch norm implied
+    digits = np.random.default_rng(0).random((8, 28, 28, 1), dtype=np.float32)
+    model.fit(digits, np.arange(8), epochs=1, verbose=0)
+    assert model.predict(digits, verbose=0).shape == (8, 10)
+
+
+def test_the_head_is_flatten_or_global_average_pooling():
+    import keras
+
+    flatten, gap = make_cnn(conv_filters=(8,)), make_cnn(conv_filters=(8,), head="gap")
+    assert any(isinstance(layer, keras.layers.GlobalAveragePooling2D) for layer in gap.layers)
+    assert not any(isinstance(layer, keras.layers.Flatten) for layer in gap.layers)
+    assert gap.count_params() < flatten.count_params()  # 8 features into the softmax, not 14 x 14 x 8
+    with pytest.raises(ValueError, match="unknown head 'dense'"):
+        make_cnn(head="dense")

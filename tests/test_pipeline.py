@@ -87,15 +87,11 @@ def test_best_model_is_registered_as_champion_and_loads_in_a_fresh_process(smoke
     parent = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags][0]
     assert version.tags["search_run_id"] == parent.info.run_id
     assert float(version.tags["test_accuracy"]) == pytest.approx(parent.data.metrics["test_accuracy"], abs=1e-6)
-    if parent.data.params["precision_used"] == "float32":
-        # The pyfunc serves the int8 form, whose test accuracy the run logged beside the float32 model's.
-        assert version.tags["served_form"] == parent.data.tags["served_form"] == "int8"
-        served_accuracy = parent.data.metrics["int8_test_accuracy"]
-        assert served_accuracy >= parent.data.metrics["test_accuracy"] - 0.001
-        assert f"served with int8 weights: test_accuracy {served_accuracy:.4f}" in result.stdout
-    else:  # a bf16 model is served as it was trained
-        assert version.tags["served_form"] == parent.data.tags["served_form"] == "float32"
-        served_accuracy = parent.data.metrics["test_accuracy"]
+    # The pyfunc serves the int8 form (of a bf16 model too), whose test accuracy the run logged beside the model's.
+    assert version.tags["served_form"] == parent.data.tags["served_form"] == "int8"
+    served_accuracy = parent.data.metrics["int8_test_accuracy"]
+    assert served_accuracy >= parent.data.metrics["test_accuracy"] - 0.001
+    assert f"served with int8 weights: test_accuracy {served_accuracy:.4f}" in result.stdout
     # Only mlflow and numpy imported: no code of this project.
     script = (
         "import sys, numpy as np, mlflow\n"
@@ -198,3 +194,21 @@ def test_the_int8_form_is_served_only_when_on_and_within_the_accuracy_drop(track
         assert mlflow.get_run(tracker.run_id).data.tags["served_form"] == "float32"
         assert int8_form(tracker, model, float32_report, test, resolve("smoke", serve_int8=False)) is None
 
+
+def test_a_short_default_search_tries_different_architectures(tracking_store, tmp_path):
+    """The default profile pins nothing: a few real trials already differ in the network itself."""
+    from experiments import resolve
+    from search.pipeline import run_search
+    from tests.conftest import write_npz
+
+    data = write_npz(tmp_path / "tiny.npz", n_train=500, n_test=100)
+    config = resolve("default", data=str(data), validation_size=100, max_trials=8, max_epochs=1, final_epochs=0)
+    assert config.fixed == ()
+    result = run_search(config, verbose=0)
+
+    children = mlflow.MlflowClient().search_runs([mlflow.get_run(result.run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'")
+    assert len(children) == 8
+    architecture = ("family", "conv_blocks", "convs_per_block", "conv_filters_0", "conv_filters_1", "conv_filters_2", "kernel_size", "head", "dense_units", "dropout")
+    varied = [name for name in architecture if len({c.data.params.get(name) for c in children if name in c.data.params}) > 1]
+    assert len(varied) >= 5, varied
+    assert len({tuple(c.data.params.get(name) for name in architecture) for c in children}) == 8  # 8 distinct networks

@@ -24,7 +24,9 @@ def records():
                 "param_count": params,
                 "multiply_adds": None if params is None else params * 40,
                 "wall_time_s": 3.0,
-                "curve": [] if acc is None else [(0, acc - 0.02), (1, acc)],
+                "pruned": 1 if i == 2 else None,  # stopped after its first epoch
+                "epochs_saved": 1 if i == 2 else None,
+                "curve": [] if acc is None else [(0, acc - 0.02), (1, acc)][: 1 if i == 2 else 2],
             }
         )
     return rows
@@ -48,7 +50,9 @@ def test_figures_and_html(tmp_path):
     page = report.write_html(tmp_path / "report.html", "A search", {"tuner": "random"}, rows, figures, "registered x version 1").read_text()
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
     assert len(re.findall(r"<img alt='[^']+' src='data:image/png;base64,", page)) == 3
-    assert "registered x version 1" in page and "4 trial runs: 3 completed, 1 failed, 0 interrupted." in page
+    assert "registered x version 1" in page and "4 trial runs: 3 completed (1 of them pruned), 1 failed, 0 interrupted." in page
+    assert "1 trials stopped below the median of the finished trials, saving 1 epochs." in page
+    assert "<tr><td>2</td><td>1</td><td>1</td><td>0.9500</td>" in page  # trial, stopped after epoch, epochs saved, score
     assert page.index(">1</td><td>0.9800") < page.index(">0</td><td>0.9700")  # best first
 
 
@@ -58,10 +62,12 @@ def test_progress_lines_give_trial_count_best_so_far_and_time_left():
     progress.trial_started("00", {"family": "plain", "learning_rate": 0.00123456, "tuner/bracket": 1, "tuner/round": 0, "tuner/epochs": 2})
     progress.trial_ended("00", 0.9512, 10.0)
     progress.trial_ended("01", None, 20.0, failure="ValueError: boom")
+    progress.trial_ended("02", 0.5, 3.0, pruned=1)
     lines = out.getvalue().splitlines()
     assert lines[0].endswith("trial 1/4 (id 00): family=plain learning_rate=0.00123 (bracket 1 round 0, 2 epochs)")
     assert lines[1].endswith("trial 1/4 (id 00) val_accuracy 0.9512 in 10s; best so far 0.9512, about 30s left for up to 3 more")
     assert lines[2].endswith("trial 2/4 (id 01) FAILED (ValueError: boom) in 20s; best so far 0.9512, about 30s left for up to 2 more")
+    assert "trial 3/4 (id 02) val_accuracy 0.5000, pruned after epoch 1 (below the median) in 3s" in lines[3]
 
 
 def test_top_table_lists_the_best_completed_trials_first():

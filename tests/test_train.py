@@ -1,24 +1,25 @@
 """Model tests of the training path: the data pipeline, the schedule, retraining the winner."""
 
+import statistics
+
 import keras
 import keras_tuner as kt
 import numpy as np
 import pytest
 
-from model_zoo import PlainCNN, precision_policy
-from search.data import Split
 from experiments import ConfigError
+from model_zoo import PlainCNN, make_cnn, precision_policy
+from search.data import Split
 from search.train import (
     AUTO_PRECISION_ENV,
     BF16_MIN_SPEEDUP,
     Precision,
-    affordable_epochs,
+    WarmupCosine,
     augmentation,
     choose_precision,
     evaluation_dataset,
     train_final,
     training_dataset,
-    warmup_cosine,
 )
 
 
@@ -32,21 +33,51 @@ def test_train_final_reports_every_epoch_and_keeps_a_working_model():
     hp = kt.HyperParameters()
     hp.Fixed("conv_filters_0", 16)
     seen = []
-    model = train_final(PlainCNN(), hp, split, Split(split.x[:64], split.y[:64]), epochs=3, batch_size=64, augment=True, seed=1, on_epoch_end=lambda epoch, logs: seen.append((epoch, sorted(logs))))
-    assert [epoch for epoch, _ in seen] == [0, 1, 2]
+    run = train_final(PlainCNN(), hp, split, Split(split.x[:64], split.y[:64]), epochs=3, batch_size=64, augment=True, seed=1, on_epoch_end=lambda epoch, logs: seen.append((epoch, sorted(logs))))
+    assert [epoch for epoch, _ in seen] == [0, 1, 2] and run.epochs == 3 and len(run.epoch_seconds) == 3
+    assert run.epoch_estimate_s is None  # no budget, nothing estimated
     assert seen[0][1] == ["accuracy", "loss", "val_accuracy", "val_loss"]
-    assert model.predict(split.x[:5], verbose=0).shape == (5, 10)
-    # The schedule peaked at the searched learning rate (1e-3) and has decayed to ~0.
-    assert float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) < 1e-5
+    assert run.model.predict(split.x[:5], verbose=0).shape == (5, 10)
+    # The schedule peaked at the searched learning rate (1e-3) and has decayed to 0.
+    assert float(keras.ops.convert_to_numpy(run.model.optimizer.learning_rate)) == pytest.approx(0.0, abs=1e-9)
+
+
+def rates_of_a_fit(schedule: WarmupCosine, epochs: int, steps: int, initial_epoch: int = 0) -> list[float]:
+    """The learning rate of every batch of a real fit of `steps` batches per epoch under `schedule`."""
+    model = make_cnn(conv_filters=(4,), learning_rate=2e-3)
+    rates = []
+    record = keras.callbacks.LambdaCallback(on_train_batch_begin=lambda batch, logs: rates.append(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))))
+    split = random_split(steps * 16)
+    model.fit(split.x, split.y, batch_size=16, epochs=epochs, initial_epoch=initial_epoch, callbacks=[schedule, record], verbose=0)
+    return rates
 
 
 def test_warmup_cosine_rises_over_the_first_epoch_then_decays_to_zero():
-    schedule = warmup_cosine(3e-3, epochs=4, steps_per_epoch=100)
-    rates = [float(schedule(step)) for step in (0, 50, 100, 250, 400)]
+    rates = rates_of_a_fit(WarmupCosine(peak=3e-3), epochs=4, steps=10)
+    assert len(rates) == 40
     assert rates[0] == pytest.approx(3e-4)
-    assert rates[0] < rates[1] < rates[2] == pytest.approx(3e-3)
-    assert rates[2] > rates[3] > rates[4]
-    assert rates[4] == pytest.approx(0.0, abs=1e-9)
+    assert all(a < b for a, b in zip(rates[:10], rates[1:11])) and rates[10] == pytest.approx(3e-3)
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+    assert rates[-1] == pytest.approx(0.0, abs=1e-9)
+    # No peak given: the rate the model was compiled with; a fit that starts at a later
+    # epoch (Hyperband continuing a trial) runs a whole schedule over its own epochs.
+    rates = rates_of_a_fit(WarmupCosine(), epochs=3, steps=10, initial_epoch=1)
+    assert len(rates) == 20 and rates[10] == pytest.approx(2e-3) and rates[-1] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_the_final_training_budget_comes_from_the_first_epoch_and_holds():
+    split = random_split(4096)
+    validation = Split(split.x[:1024], split.y[:1024])
+    unlimited = train_final(PlainCNN(), kt.HyperParameters(), split, validation, epochs=4, batch_size=64, augment=False, seed=0, on_epoch_end=lambda *_: None, budget_s=1e6)
+    # The estimate (the first epoch with its first batches left out) is the epoch time later epochs measure.
+    later = statistics.median(unlimited.epoch_seconds[1:])
+    assert unlimited.epochs == 4 and abs(unlimited.epoch_estimate_s - later) <= 0.25 * later, (unlimited.epoch_estimate_s, unlimited.epoch_seconds)
+    budget_s = unlimited.epoch_seconds[0] + 1.5 * later  # two epochs' worth
+    limited = train_final(PlainCNN(), kt.HyperParameters(), split, validation, epochs=4, batch_size=64, augment=False, seed=0, on_epoch_end=lambda *_: None, budget_s=budget_s)
+    assert limited.epochs == max(1, min(4, 1 + int((budget_s - limited.epoch_seconds[0]) / limited.epoch_estimate_s)))
+    assert sum(limited.epoch_seconds) <= 1.25 * budget_s
+    # The cosine still ended at zero: the schedule was settled to the epochs that fit.
+    assert float(keras.ops.convert_to_numpy(limited.model.optimizer.learning_rate)) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_training_dataset_batches_every_example_once_per_epoch():
@@ -114,9 +145,3 @@ def test_precision_policy_is_put_back_even_when_the_block_fails():
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
-def test_affordable_epochs_follow_the_time_budget():
-    split = random_split(2048)
-    hp = kt.HyperParameters()
-    assert affordable_epochs(PlainCNN(), hp, split, 64, budget_s=0, most=7) == 7  # no limit
-    assert affordable_epochs(PlainCNN(), hp, split, 64, budget_s=1e-6, most=7) == 1  # at least one
-    assert affordable_epochs(PlainCNN(), hp, split, 64, budget_s=1e6, most=7) == 7  # at most `most`
