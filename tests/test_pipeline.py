@@ -197,12 +197,14 @@ def test_the_int8_form_is_served_only_when_on_and_within_the_accuracy_drop(track
 
 def test_a_short_default_search_tries_different_architectures(tracking_store, tmp_path):
     """The default profile pins nothing: a few real trials already differ in the network itself."""
+    import dataclasses
+
     from experiments import resolve
     from search.pipeline import run_search
     from tests.conftest import write_npz
 
     data = write_npz(tmp_path / "tiny.npz", n_train=500, n_test=100)
-    config = resolve("default", data=str(data), validation_size=100, max_trials=8, max_epochs=1, final_epochs=0)
+    config = dataclasses.replace(resolve("default", data=str(data), validation_size=100, max_trials=8, max_epochs=1), final_epochs=0)
     assert config.fixed == ()
     result = run_search(config, verbose=0)
 

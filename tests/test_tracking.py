@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -43,7 +44,8 @@ def small_mnist(mnist_npz):
 
 
 def run_tiny_search(tmp_path, small_mnist, hypermodel, max_trials=3):
-    config = resolve("smoke", max_trials=max_trials, max_epochs=2)
+    # These hypermodels have spaces of their own: none of the smoke profile's pins.
+    config = dataclasses.replace(resolve("smoke", max_trials=max_trials, max_epochs=2), fixed=())
     x, y, xv, yv = small_mnist
     with tracking.tracked_run("tiny") as tracker:
         tuner = make_tuner(config, tracker, tmp_path / "tuner", "tiny", hypermodel=hypermodel)
@@ -227,7 +229,7 @@ def test_a_trial_whose_loss_goes_nan_is_failed(tracking_store, tmp_path, small_m
 
 
 def test_when_every_trial_fails_the_search_fails(tracking_store, mnist_npz):
-    config = resolve("smoke", data=str(mnist_npz))
+    config = dataclasses.replace(resolve("smoke", data=str(mnist_npz)), fixed=())
     with pytest.raises(SearchFailed, match="3 trials failed in a row, the last with: ValueError: cannot train"):
         run_search(config, verbose=0, hypermodel=NeverTrains())
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
