@@ -77,9 +77,9 @@ def training_throughput(data, rounds: int) -> dict:
     import keras_tuner as kt  # noqa: PLC0415
 
     from experiments import resolve  # noqa: PLC0415
-    from model_zoo import BatchNormCNN, with_keras_layers  # noqa: PLC0415
+    from model_zoo import BatchNormCNN, precision_policy, with_keras_layers  # noqa: PLC0415
     from search.data import Split  # noqa: PLC0415
-    from search.train import choose_precision, cpu_has_bf16, precision_policy, training_dataset  # noqa: PLC0415
+    from search.train import choose_precision, cpu_has_bf16, training_dataset  # noqa: PLC0415
 
     config = resolve("default")
     split = Split(data.train.x[:TRAINING_IMAGES], data.train.y[:TRAINING_IMAGES])

@@ -48,3 +48,18 @@ def test_table_marks_each_target_met_or_not():
     assert row["profile default, seed 43: search"].endswith("| 14 distinct architectures in 16 trials, 5 pruned (5 epochs saved) | >= 15 architectures | no |")
     assert row["profile default, seed 42: winner"].endswith("| family=residual |  |  |")
     assert row["profile default: mean test accuracy of 2 seed(s)"].endswith("| 99.57% | >= 99.60% | no |")
+
+
+def test_every_import_inside_the_benchmark_functions_resolves():
+    """The benchmark imports lazily (TensorFlow after the environment is set): a renamed
+    function would only fail an hour into a run."""
+    import ast
+    import importlib
+
+    from tests.conftest import REPO
+
+    for node in ast.walk(ast.parse((REPO / "benchmarks" / "run.py").read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(module, alias.name) or importlib.import_module(f"{node.module}.{alias.name}"), (node.module, alias.name)
