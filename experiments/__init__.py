@@ -59,9 +59,10 @@ class SearchConfig:
     # digits near 97% one standard error is 0.22 points: closer scores are noise.
     winner_within_se: float = 1.0
     # 0: the model is the winner's checkpoint. N: the winner's configuration is
-    # retrained from scratch on all training images (not train_subset) for N
-    # epochs under a warm-up + cosine schedule, keeping its best validation epoch.
-    final_epochs: int = 14
+    # retrained from scratch on all training images (not train_subset) for up to N
+    # epochs under a warm-up + cosine schedule, keeping its best validation epoch;
+    # final_minutes decides how many fit, so a cheap winner trains longer.
+    final_epochs: int = 40
     # Peak learning rate of that schedule (0: the searched learning_rate, which
     # two-epoch trials on a subset choose for a much shorter schedule).
     final_learning_rate: float = 3e-3
@@ -149,7 +150,7 @@ PROFILES: dict[str, dict] = {
     # (the search and evaluation take the rest of the hour), the two averaged.
     "thorough": {
         "winner_within_se": 0.0,
-        "final_epochs": 30,
+        "final_epochs": 60,
         "final_minutes": 48.0,
         "final_models": 2,
     },

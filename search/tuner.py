@@ -111,6 +111,8 @@ class TrackedRandomSearch(TrackedTuner, kt.RandomSearch):
     pass
 
 
+TUNER_SEED_STRIDE = 10_007  # a prime larger than any search's trial count
+
 TUNER_CLASSES = {"hyperband": TrackedHyperband, "bayesian": TrackedBayesianOptimization, "random": TrackedRandomSearch}
 # Keras Tuner's own classes: the same search with tracking switched off (benchmarks).
 UNTRACKED_CLASSES = {"hyperband": kt.Hyperband, "bayesian": kt.BayesianOptimization, "random": kt.RandomSearch}
@@ -142,7 +144,9 @@ def make_tuner(
         hyperparameters=fixed_hyperparameters(hypermodel, config.fixed),
         tune_new_entries=True,
         objective=kt.Objective(config.objective, direction="max"),
-        seed=config.seed,
+        # Keras Tuner samples trial k with seed + k: seeds 42 and 43 would draw the same
+        # trials shifted by one. Spread apart, each seed draws trials of its own.
+        seed=config.seed * TUNER_SEED_STRIDE,
         directory=str(directory),
         project_name=project_name,
     )

@@ -53,3 +53,14 @@ def test_with_zero_standard_errors_the_best_score_wins(tuner):
 def test_a_larger_validation_split_separates_closer_scores(tuner):
     # On 60,000 digits one standard error is 0.0007: 0.9700 is no longer within it.
     assert pick_winner(tuner, validation_size=60_000, within_se=1.0).trial.trial_id == "00"
+
+
+def test_neighbouring_seeds_draw_different_trials(tmp_path):
+    """Keras Tuner samples trial k with seed + k; without spreading the seeds apart,
+    seed 43's trials were seed 42's shifted by one."""
+    drawn = {}
+    for seed in (42, 43):
+        tuner = make_tuner(resolve("default", seed=seed), None, tmp_path / str(seed), "tuner")
+        trials = [tuner.oracle.create_trial(f"t{i}") for i in range(4)]
+        drawn[seed] = [tuple(sorted(t.hyperparameters.values.items())) for t in trials]
+    assert not set(drawn[42]) & set(drawn[43])
