@@ -104,6 +104,7 @@ class WarmupCosine(keras.callbacks.Callback):
         self.epoch_seconds: list[float] = []
         self.estimate_s: float | None = None  # seconds per epoch, from the first one
         self.training_s = self.validation_started = None
+        self.validation_batches = 0
 
     def rate(self, step: int) -> float:
         total = max(1, self.epochs * self.steps_per_epoch)
@@ -132,7 +133,14 @@ class WarmupCosine(keras.callbacks.Callback):
     def on_test_begin(self, logs=None) -> None:
         if self.training_s is None:  # the first epoch's training, its first batches left out
             self.training_s = (time.perf_counter() - self.timed_from) * self.steps_per_epoch / self.timed_batches
-            self.validation_started = time.perf_counter()
+            self.validation_started = self.validation_timed_from = time.perf_counter()
+            self.validation_batches = 0
+
+    def on_test_batch_end(self, batch: int, logs=None) -> None:
+        if self.estimate_s is None and self.validation_started is not None:
+            self.validation_batches += 1
+            if batch == 0:  # the first validation batch traces the evaluation: left out too
+                self.validation_timed_from = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         now = time.perf_counter()
@@ -141,7 +149,9 @@ class WarmupCosine(keras.callbacks.Callback):
             if self.training_s is None:  # no validation: the whole first epoch
                 self.estimate_s = self.epoch_seconds[0]
             else:
-                self.estimate_s = self.training_s + (now - self.validation_started)
+                timed = self.validation_batches - 1
+                validation_s = (now - self.validation_timed_from) * self.validation_batches / timed if timed > 0 else now - self.validation_started
+                self.estimate_s = self.training_s + validation_s
             # The first epoch (tracing included) is spent; the rest run at the estimate.
             self.epochs = max(1, min(self.epochs, 1 + int((self.budget_s - self.epoch_seconds[0]) / self.estimate_s)))
         if len(self.epoch_seconds) >= self.epochs:

@@ -66,7 +66,7 @@ def test_warmup_cosine_rises_over_the_first_epoch_then_decays_to_zero():
 
 
 def test_the_final_training_budget_comes_from_the_first_epoch_and_holds():
-    split = random_split(4096)
+    split = random_split(8192)
     validation = Split(split.x[:1024], split.y[:1024])
     unlimited = train_final(PlainCNN(), kt.HyperParameters(), split, validation, epochs=4, batch_size=64, augment=False, seed=0, on_epoch_end=lambda *_: None, budget_s=1e6)
     # The estimate (the first epoch with its first batches left out) is the epoch time later epochs measure.
