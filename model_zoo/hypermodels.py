@@ -99,12 +99,11 @@ class CNNZoo(ZooHyperModel):
     def build(self, hp: kt.HyperParameters) -> keras.Model:
         family = hp.Choice("family", list(self.families), default=self.families[0])
         choices = pick_architecture(hp)
-        convs = 1
+        convs = 1  # plain's layout ignores it
         stacked = [f for f in self.families if f != "plain"]
         if stacked:
             # Declared from the first build (so the oracle samples it from the first
             # trial on), conditional on a family that uses it: plain trials record none.
             with hp.conditional_scope("family", stacked):
-                convs_choice = pick_convs_per_block(hp)
-            convs = convs_choice if family != "plain" else 1
+                convs = pick_convs_per_block(hp)
         return make_cnn(**choices, **FAMILY_LAYOUT[family](convs), dtype_policy=self.dtype_policy)

@@ -97,7 +97,6 @@ class WarmupCosine(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None) -> None:
         self.steps_per_epoch = int(self.params["steps"])
-        self.epochs = self.most or int(self.params["epochs"])
         self.rate_peak = self.peak or float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         self.first_epoch, self.step = None, 0
         self.started = time.perf_counter()
@@ -122,13 +121,12 @@ class WarmupCosine(keras.callbacks.Callback):
         self.epoch_started = self.timed_from = time.perf_counter()
         self.timed_batches = self.steps_per_epoch
 
+    # Begin hooks only: a batch-end hook turns off Keras' asynchronous dispatch of each batch's logs.
     def on_train_batch_begin(self, batch: int, logs=None) -> None:
+        if batch == self.WARM_BATCHES and self.training_s is None and self.steps_per_epoch > 2 * self.WARM_BATCHES:
+            self.timed_from, self.timed_batches = time.perf_counter(), self.steps_per_epoch - self.WARM_BATCHES
         self.model.optimizer.learning_rate.assign(self.rate(self.step))
         self.step += 1
-
-    def on_train_batch_end(self, batch: int, logs=None) -> None:
-        if batch + 1 == self.WARM_BATCHES and self.steps_per_epoch > 2 * self.WARM_BATCHES:
-            self.timed_from, self.timed_batches = time.perf_counter(), self.steps_per_epoch - self.WARM_BATCHES
 
     def on_test_begin(self, logs=None) -> None:
         if self.training_s is None:  # the first epoch's training, its first batches left out
@@ -136,10 +134,10 @@ class WarmupCosine(keras.callbacks.Callback):
             self.validation_started = self.validation_timed_from = time.perf_counter()
             self.validation_batches = 0
 
-    def on_test_batch_end(self, batch: int, logs=None) -> None:
+    def on_test_batch_begin(self, batch: int, logs=None) -> None:
         if self.estimate_s is None and self.validation_started is not None:
-            self.validation_batches += 1
-            if batch == 0:  # the first validation batch traces the evaluation: left out too
+            self.validation_batches = batch + 1
+            if batch == 1:  # the first validation batch traces the evaluation: left out too
                 self.validation_timed_from = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:

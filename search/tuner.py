@@ -92,7 +92,7 @@ class TrackedTuner:
                 "param_count": self._param_count,
                 "multiply_adds": self._multiply_adds,
                 "wall_time_s": time.perf_counter() - self._trial_started,
-                "epochs_saved": planned_epochs(trial, self.max_epochs) - pruned if pruned else None,
+                "epochs_saved": epochs_saved(trial, self.max_epochs, pruned),
             }
             reason = failure_reason(ended) if failed else ""
             self.tracker.end_trial(trial.trial_id, failed, summary, reason, pruned=pruned)
@@ -277,6 +277,11 @@ def planned_epochs(trial: kt.engine.trial.Trial, max_epochs: int) -> int:
     return int(trial.hyperparameters.values.get("tuner/epochs", max_epochs))
 
 
+def epochs_saved(trial: kt.engine.trial.Trial, max_epochs: int, pruned_after: int | None) -> int | None:
+    """The epochs a pruned trial did not train (None: it was not pruned)."""
+    return planned_epochs(trial, max_epochs) - pruned_after if pruned_after else None
+
+
 def active_values(hp: kt.HyperParameters) -> dict[str, object]:
     """The trial's hyperparameter values, without those its choices switched off."""
     return {name: value for name, value in hp.values.items() if hp.is_active(name)}
@@ -300,7 +305,7 @@ def trial_rows(tuner: kt.Tuner) -> list[dict]:
             "val_accuracy": t.score if t.status == "COMPLETED" else None,
             "best_step": t.best_step,
             "pruned": pruned.get(t.trial_id),
-            "epochs_saved": planned_epochs(t, max_epochs) - pruned[t.trial_id] if t.trial_id in pruned else None,
+            "epochs_saved": epochs_saved(t, max_epochs, pruned.get(t.trial_id)),
             "hyperparameters": active_values(t.hyperparameters),
         }
         for t in sorted(tuner.oracle.trials.values(), key=lambda t: t.trial_id)
