@@ -34,6 +34,8 @@ TARGETS = {
     # Per profile: wall seconds at most, test accuracy at least (the mean over seeds), and each seed's at least.
     "profiles": {"fast": (60, 0.993, 0.0), "default": (720, 0.996, 0.995), "thorough": (3600, 0.997, 0.0)},
     "distinct_architectures": {"default": 15},  # at least, per search
+    # Per profile: robust_accuracy_mean at least, and every corruption of the suite at least.
+    "robustness": {"default": (0.97, 0.90)},
 }
 TRAINING_IMAGES = 10_240  # one timed epoch per variant and round
 
@@ -45,12 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profiles", default="", help="also run these profiles end to end with `mlflow run`, e.g. fast,default")
     parser.add_argument("--profiles-only", action="store_true", help="only the --profiles runs")
     parser.add_argument("--seeds", default="42", help="comma-separated seeds: each profile runs once per seed (default 42)")
+    parser.add_argument("--settings", default="", help="settings for the profile runs, as name=value[;name=value], e.g. augment=jitter")
     parser.add_argument("--out", default="benchmark.json", help="JSON results (default: benchmark.json)")
+    parser.add_argument("--tracking-uri", default="", help="keep the runs in this store (default: a throw-away sqlite store)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
     with tempfile.TemporaryDirectory(prefix="mnist-bench-") as tmp:
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri or f"sqlite:///{tmp}/mlflow.db"
         from search import data as data_module  # noqa: PLC0415 - TensorFlow loads after the environment is set
 
         data = data_module.load_mnist(data_module.data_source())
@@ -61,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             results["inference"] = inference_throughput(data)
         profiles = [p for p in args.profiles.split(",") if p]
         seeds = [int(seed) for seed in args.seeds.split(",") if seed]
-        results["profiles"] = {p: [profile_end_to_end(p, seed) for seed in seeds] for p in profiles}
+        settings = [item for item in args.settings.split(";") if item]
+        results["settings"] = settings
+        results["profiles"] = {p: [profile_end_to_end(p, seed, settings) for seed in seeds] for p in profiles}
 
     print(table(results))
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
@@ -201,19 +207,21 @@ def inference_throughput(data, batch_size: int = 1_000, passes: int = 3) -> dict
     }
 
 
-def profile_end_to_end(profile: str, seed: int) -> dict:
-    """`mlflow run . -P profile=<profile> -P seed=<seed>`: wall time, the test accuracy it
-    printed, and what its search did (trials, distinct architectures, pruned, the winner)."""
+def profile_end_to_end(profile: str, seed: int, settings: list[str] = ()) -> dict:
+    """`mlflow run . -P profile=<profile> -P seed=<seed> [-P name=value ...]`: wall time, the
+    test accuracy it printed, its robustness suite, and what its search did (trials,
+    distinct architectures, pruned, the winner)."""
     from search import tracking  # noqa: PLC0415
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):  # set by the runs above
         env.pop(name, None)
     command = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "-P", f"profile={profile}", "-P", f"seed={seed}", "--experiment-name", f"benchmark-{profile}"]
+    command += [arg for setting in settings for arg in ("-P", setting)]
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
-    found = re.search(r"^test_accuracy (\d\.\d+) - (.*)$", done.stdout, re.MULTILINE)
+    found = re.search(r"^test_accuracy (\d\.\d+), robust_accuracy_mean \d\.\d+ - (.*)$", done.stdout, re.MULTILINE)
     run_id = re.search(r"^search run (\w+):", done.stdout, re.MULTILINE)
     if done.returncode or not found or not run_id:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
@@ -226,26 +234,34 @@ def table(results: dict) -> str:
     rows = _micro_rows(results) if "training" in results else []
     for profile, runs in results["profiles"].items():
         rows += _profile_rows(profile, runs)
-    lines = [f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, {results['machine']['date']}", "", "| figure | measured | target | met |", "|---|---|---|---|"]
+    settings = f", settings {' '.join(results['settings'])}" if results.get("settings") else ""
+    lines = [f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, {results['machine']['date']}{settings}", "", "| figure | measured | target | met |", "|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in rows]
     return "\n".join(lines)
 
 
 def _profile_rows(profile: str, runs: list[dict]) -> list[tuple[str, str, str, str]]:
     wall_target, mean_target, each_target = TARGETS["profiles"].get(profile, (None, None, None))
+    robust_mean_target, robust_each_target = TARGETS["robustness"].get(profile, (None, None))
     rows = []
     for run in runs:
-        name = f"profile {profile}, seed {run['seed']}: mlflow run"
+        name = f"profile {profile}, seed {run['seed']}"
         if run.get("exit"):
-            rows.append((name, f"failed: {run['error']}", "", "no"))
+            rows.append((f"{name}: mlflow run", f"failed: {run['error']}", "", "no"))
             continue
         target = f"<= {wall_target / 60:.0f} min" + (f", >= {each_target:.2%}" if each_target else "") if wall_target else ""
         met = _met(run["wall_s"] <= wall_target and run["test_accuracy"] >= each_target) if wall_target else ""
-        rows.append((name, f"{run['wall_s'] / 60:.1f} min, test {run['test_accuracy']:.2%}", target, met))
+        rows.append((f"{name}: mlflow run", f"{run['wall_s'] / 60:.1f} min, test {run['test_accuracy']:.2%}", target, met))
+        robust = run["robust_accuracy"]
+        worst = min(robust, key=robust.get)
+        robust_target = f">= {robust_mean_target:.0%}, each >= {robust_each_target:.0%}" if robust_mean_target else ""
+        robust_met = _met(run["robust_accuracy_mean"] >= robust_mean_target and robust[worst] >= robust_each_target) if robust_mean_target else ""
+        rows.append((f"{name}: robustness suite", f"mean {run['robust_accuracy_mean']:.2%}, worst {worst} {robust[worst]:.2%}", robust_target, robust_met))
+        rows.append((f"{name}: each corruption", " ".join(f"{k} {v:.2%}" for k, v in robust.items()), "", ""))
         least = TARGETS["distinct_architectures"].get(profile)
         searched = f"{run['architectures']} distinct architectures in {run['trials']} trials, {run['pruned']} pruned ({run['epochs_saved']} epochs saved)"
-        rows.append((f"profile {profile}, seed {run['seed']}: search", searched, f">= {least} architectures" if least else "", _met(run["architectures"] >= least) if least else ""))
-        rows.append((f"profile {profile}, seed {run['seed']}: winner", run["winner"], "", ""))
+        rows.append((f"{name}: search", searched, f">= {least} architectures" if least else "", _met(run["architectures"] >= least) if least else ""))
+        rows.append((f"{name}: winner", run["winner"], "", ""))
     done = [run for run in runs if not run.get("exit")]
     if done and mean_target:
         mean = statistics.fmean(run["test_accuracy"] for run in done)

@@ -39,18 +39,27 @@ class TestReport:
 
 @dataclass(frozen=True)
 class Comparison:
-    """A challenger against the champion on the same test images (McNemar's exact test)."""
+    """A challenger against the champion on the same test images (McNemar's exact test)
+    and on the same robustness suite."""
 
     challenger_accuracy: float
     champion_accuracy: float
     challenger_only_right: int  # discordant: the challenger right, the champion wrong
     champion_only_right: int  # discordant: the champion right, the challenger wrong
     p_value: float  # two-sided exact binomial test on the discordant pairs
+    challenger_robust_accuracy: float  # robust_accuracy_mean
+    champion_robust_accuracy: float
+    champion_clears_gates: bool  # the champion's own figures against today's gates
 
     @property
     def challenger_wins(self) -> bool:
-        """The promotion rule: strictly higher accuracy on the same test images."""
-        return self.challenger_accuracy > self.champion_accuracy
+        """The promotion rule: a champion that fails today's gates always loses; otherwise
+        the challenger must be no worse on both the clean test split and the robustness
+        suite's mean, and better on one of them."""
+        if not self.champion_clears_gates:
+            return True
+        clean, robust = self.challenger_accuracy - self.champion_accuracy, self.challenger_robust_accuracy - self.champion_robust_accuracy
+        return clean >= 0 and robust >= 0 and (clean > 0 or robust > 0)
 
 
 def evaluate(model: keras.Model, test: Split, batch_size: int = 1024) -> TestReport:
@@ -69,12 +78,16 @@ def report(probabilities: np.ndarray, labels: np.ndarray) -> TestReport:
     return TestReport(accuracy=float((predicted == labels).mean()), loss=loss, confusion=confusion, predicted=predicted)
 
 
-def compare(challenger: TestReport, champion: TestReport, labels: np.ndarray) -> Comparison:
-    """McNemar's exact test of two models' predictions on the same labelled images."""
+def compare(
+    challenger: TestReport, champion: TestReport, labels: np.ndarray, challenger_robust: float, champion_robust: float, gates: tuple[float, float]
+) -> Comparison:
+    """Two models on the same labelled images (McNemar's exact test) and on the same
+    robustness suite (their robust_accuracy_mean); `gates` = (threshold, robust_threshold)."""
     challenger_right, champion_right = challenger.predicted == labels, champion.predicted == labels
     b = int((challenger_right & ~champion_right).sum())
     c = int((champion_right & ~challenger_right).sum())
-    return Comparison(challenger.accuracy, champion.accuracy, b, c, mcnemar_p_value(b, c))
+    clears = champion.accuracy >= gates[0] and champion_robust >= gates[1]
+    return Comparison(challenger.accuracy, champion.accuracy, b, c, mcnemar_p_value(b, c), challenger_robust, champion_robust, clears)
 
 
 def mcnemar_p_value(b: int, c: int) -> float:

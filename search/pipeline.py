@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import warnings
@@ -14,7 +15,7 @@ import keras_tuner as kt
 from experiments import SearchConfig, champion_uri, from_params
 from model_zoo import average_of, precision_policy
 from search import data as data_module
-from search import eda, evaluate, pyfunc_model, report, tracking
+from search import eda, evaluate, model_card, pyfunc_model, report, robustness, tracking
 from search.data import DataError, Split
 from search.tracking import TrackingError
 from search.train import Precision, choose_precision, train_final
@@ -125,18 +126,27 @@ def run_search(
                 warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
                 best_model = tuner.load_model(winner.trial)
 
-        # 5. The test split, touched once, after the search: the model, and the int8 form the registry serves.
+        # 5. The test split, touched once, after the search: clean, then corrupted;
+        #    the model, and the int8 form the registry serves.
         test_report = evaluate.evaluate(best_model, data.test)
         log_evaluation(tracker, test_report, data.test, out / "evaluation")
+        corrupted = robustness.suite(data.test, config.seed, config.robust_size)
+        robust_report = evaluate_robustness(tracker, best_model, corrupted, out / "evaluation")
         int8_model = int8_form(tracker, best_model, test_report, data.test, config)
 
-        # 6. Registry gate; a challenger is compared with the champion on the same test images.
+        # 6. Registry gates; a challenger is compared with the champion on the same test images and suite.
+        scores = {"test_accuracy": test_report.accuracy, "robust_accuracy_mean": robust_report.mean}
+        gates = {"test_accuracy": config.threshold, "robust_accuracy_mean": config.robust_threshold}
         comparison = None
-        if test_report.accuracy >= config.threshold and tracker.champion_version(config.model_name, config.champion_alias):
+        if all(scores[k] >= gates[k] for k in gates) and tracker.champion_version(config.model_name, config.champion_alias):
             champion = tracking.load_keras_model(champion_uri(config))
-            comparison = evaluate.compare(test_report, evaluate.evaluate(champion, data.test), data.test.y)
-        decision = tracker.register_if_better(best_model, test_report.accuracy, config.threshold, config.model_name, config.champion_alias, comparison, int8_model)
-        print(f"test_accuracy {test_report.accuracy:.4f} - {decision.reason}")
+            champion_robust = robustness.evaluate(keras_predict(champion), corrupted).mean
+            comparison = evaluate.compare(test_report, evaluate.evaluate(champion, data.test), data.test.y, robust_report.mean, champion_robust, (config.threshold, config.robust_threshold))
+        card = ""
+        if all(scores[k] >= gates[k] for k in gates):
+            card = write_model_card(tracker, config, data, winner, best_model, test_report, robust_report, int8_model, gates)
+        decision = tracker.register_if_better(best_model, scores, gates, config.model_name, config.champion_alias, comparison, int8_model, card)
+        print(f"test_accuracy {test_report.accuracy:.4f}, robust_accuracy_mean {robust_report.mean:.4f} - {decision.reason}")
 
         # 7. The report: figures comparing the trials, and report.html.
         tracker.log_artifacts(write_report(tracker.trial_records(), config, decision, out), "report")
@@ -182,6 +192,37 @@ def retrain_winner(tracker: tracking.SearchTracker, hypermodel: kt.HyperModel, h
     return model
 
 
+def keras_predict(model: keras.Model):
+    """digits -> probabilities of a Keras model, in large batches."""
+    return lambda digits: model.predict(digits, batch_size=1024, verbose=0)
+
+
+def evaluate_robustness(run: tracking.SearchTracker, model: keras.Model, corrupted: dict[str, Split], out: Path) -> robustness.RobustnessReport:
+    """The model on every corruption of the suite: robust_accuracy_* metrics and a figure, under `evaluation/`."""
+    result = robustness.evaluate(keras_predict(model), corrupted)
+    run.log_metrics(result.metrics())
+    run.log_artifact(robustness.plot_examples(corrupted, result, out / "robustness.png"), "evaluation")
+    worst, worst_accuracy = result.worst
+    print(f"robustness suite: robust_accuracy_mean {result.mean:.4f} over {len(corrupted)} corruptions, the worst {worst} {worst_accuracy:.4f}", flush=True)
+    return result
+
+
+def write_model_card(
+    tracker: tracking.SearchTracker, config: SearchConfig, data: data_module.MnistData, winner, model: keras.Model,
+    test_report: evaluate.TestReport, robust_report: robustness.RobustnessReport, int8_model: bytes | None, gates: dict[str, float],
+) -> str:
+    """The registered version's card (search/model_card.py), its speed measured on the served form."""
+    served = pyfunc_model.DigitClassifier.from_tflite(int8_model) if int8_model else pyfunc_model.DigitClassifier.float32(model)
+    speed = model_card.measure_speed(served.predict, data.test.x)
+    tracker.log_metrics({"served_latency_ms_p50": speed.latency_ms_p50, "served_digits_per_second": speed.digits_per_second})
+    return model_card.write(
+        data=data, hyperparameters=winner.trial.hyperparameters.values, param_count=model.count_params(), multiply_adds=winner.multiply_adds,
+        test=test_report, robustness=robust_report, robust_size=min(config.robust_size, len(data.test)),
+        int8_accuracy=tracker.metric("int8_test_accuracy"), served_form="int8" if int8_model else "float32", speed=speed,
+        search_run_id=tracker.run_id, settings=dataclasses.asdict(config), gates=gates,
+    )
+
+
 def int8_form(tracker: tracking.SearchTracker, model, test_report: evaluate.TestReport, test: Split, config: SearchConfig) -> bytes | None:
     """The model with int8 weights for the registry to serve, or None (served in float32):
     switched off, a model TensorFlow Lite cannot convert, or more than
@@ -211,6 +252,7 @@ def write_report(records: list[dict], config: SearchConfig, decision: tracking.R
         "Accuracy against model cost": report.accuracy_vs_cost(records, folder / "accuracy_vs_cost.png"),
         "Winner: test confusion matrix": Path(shutil.copy(out / "evaluation" / "confusion_matrix.png", folder)),
         "Winner: misclassified test digits": Path(shutil.copy(out / "evaluation" / "misclassified.png", folder)),
+        "Winner: the robustness suite": Path(shutil.copy(out / "evaluation" / "robustness.png", folder)),
     }
     settings = {k.removeprefix("config."): v for k, v in tracking.config_params(config).items()}
     report.write_html(folder / "report.html", f"MNIST CNN search ({config.profile} profile)", settings, records, figures, decision.reason)
@@ -218,16 +260,18 @@ def write_report(records: list[dict], config: SearchConfig, decision: tracking.R
 
 
 def evaluate_model(model_uri: str, data_path: str = "", config: SearchConfig | None = None) -> evaluate.TestReport:
-    """Evaluate any logged or registered model on the MNIST test split, in a run of its own."""
+    """Evaluate any logged or registered model on the MNIST test split and the robustness suite, in a run of its own."""
     config = config or SearchConfig()
     data = data_module.load_mnist(data_module.data_source(data_path), config.validation_size)
     model = tracking.load_keras_model(model_uri)
     with tracking.tracked_run(config.experiment_name) as run:
         run.log_params({"model_uri": model_uri, "data_source": data.source, "data_sha256": data.digest})
         run.set_tag("command", "evaluate")
+        out = Path(config.output_dir) / run.run_id / "evaluation"
         test_report = evaluate.evaluate(model, data.test)
-        log_evaluation(run, test_report, data.test, Path(config.output_dir) / run.run_id / "evaluation")
-    print(f"{model_uri}: test_accuracy {test_report.accuracy:.4f}, test_loss {test_report.loss:.4f} (run {run.run_id})")
+        log_evaluation(run, test_report, data.test, out)
+        robust_report = evaluate_robustness(run, model, robustness.suite(data.test, config.seed, config.robust_size), out)
+    print(f"{model_uri}: test_accuracy {test_report.accuracy:.4f}, test_loss {test_report.loss:.4f}, robust_accuracy_mean {robust_report.mean:.4f} (run {run.run_id})")
     return test_report
 
 

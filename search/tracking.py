@@ -94,6 +94,10 @@ class SearchTracker:
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
 
+    def metric(self, key: str) -> float | None:
+        """The parent run's latest value of metric `key`, or None."""
+        return self.client.get_run(self.run_id).data.metrics.get(key)
+
     def log_artifact(self, path: Path, artifact_dir: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_dir)
 
@@ -212,27 +216,32 @@ class SearchTracker:
             return None
 
     def register_if_better(
-        self, model, test_accuracy: float, threshold: float, model_name: str, alias: str, comparison: Comparison | None,
-        int8_model: bytes | None = None,
+        self, model, scores: Mapping[str, float], gates: Mapping[str, float], model_name: str, alias: str, comparison: Comparison | None,
+        int8_model: bytes | None = None, card: str = "",
     ) -> RegistryDecision:
-        """Register `model` if it clears `threshold`; move `alias` to it if it beats the champion.
+        """Register `model` if each of its `scores` named in `gates` reaches its gate; move
+        `alias` to it if it beats the champion (`Comparison.challenger_wins`).
 
         `comparison` is the challenger against the current champion on the same
-        test images (None: there is no champion). The champion it replaces gets
-        alias `previous_champion`, so a rollback is one call. `int8_model` (a TFLite
-        flatbuffer) is what the pyfunc serves; None: the float32 model.
+        test images and robustness suite (None: there is no champion). The champion
+        it replaces gets alias `previous_champion`, so a rollback is one call.
+        `int8_model` (a TFLite flatbuffer) is what the pyfunc serves; None: the
+        float32 model. `card` (Markdown) is logged as `model/model_card.md` and
+        becomes the version's description.
         """
-        if test_accuracy < threshold:
-            return self._decided(RegistryDecision(False, f"not registered: test_accuracy {test_accuracy:.4f} < threshold {threshold:.4f}"))
+        failed = [f"{name} {scores[name]:.4f} < {gate:.4f}" for name, gate in gates.items() if scores[name] < gate]
+        if failed:
+            return self._decided(RegistryDecision(False, "not registered: " + ", ".join(failed)))
         previous = self.champion_version(model_name, alias)
-        self._log_model(model, int8_model)
+        self._log_model(model, int8_model, card)
         version = str(_patient(mlflow.register_model)(f"runs:/{self.run_id}/model", model_name).version)
-        tags = {"test_accuracy": f"{test_accuracy:.6f}", "search_run_id": self.run_id, "served_form": "int8" if int8_model else "float32"}
+        tags = {**{name: f"{value:.6f}" for name, value in scores.items()}, "search_run_id": self.run_id, "served_form": "int8" if int8_model else "float32"}
         if comparison is not None:
             tags.update(
                 {
                     "champion_version": previous,
                     "champion_test_accuracy": f"{comparison.champion_accuracy:.6f}",
+                    "champion_robust_accuracy_mean": f"{comparison.champion_robust_accuracy:.6f}",
                     "mcnemar_challenger_only_right": str(comparison.challenger_only_right),
                     "mcnemar_champion_only_right": str(comparison.champion_only_right),
                     "mcnemar_p_value": f"{comparison.p_value:.6g}",
@@ -240,25 +249,34 @@ class SearchTracker:
             )
         for key, value in tags.items():
             self.client.set_model_version_tag(model_name, version, key, value)
+        if card:
+            self.client.update_model_version(model_name, version, description=card)
+        figures = f"test_accuracy {scores.get('test_accuracy', 0):.4f}, robust_accuracy_mean {scores.get('robust_accuracy_mean', 0):.4f}"
         if comparison is not None and not comparison.challenger_wins:
             return self._decided(
                 RegistryDecision(
                     True,
-                    f"registered {model_name} version {version}; @{alias} stays version {previous} "
-                    f"(test_accuracy {comparison.champion_accuracy:.4f} >= {test_accuracy:.4f}, McNemar p={comparison.p_value:.3g})",
+                    f"registered {model_name} version {version}; @{alias} stays version {previous}: it is not worse on both "
+                    f"({figures}; the champion's {comparison.champion_accuracy:.4f} and {comparison.champion_robust_accuracy:.4f}, McNemar p={comparison.p_value:.3g})",
                     version,
                 )
             )
         self.client.set_registered_model_alias(model_name, alias, version)
         if previous is not None:
             self.client.set_registered_model_alias(model_name, f"previous_{alias}", previous)
-        against = f", beating version {previous} ({comparison.champion_accuracy:.4f}, McNemar p={comparison.p_value:.3g})" if comparison else ""
-        return self._decided(RegistryDecision(True, f"registered {model_name} version {version} as @{alias} (test_accuracy {test_accuracy:.4f}{against})", version, True))
+        against = (
+            f", replacing version {previous} ({comparison.champion_accuracy:.4f} and {comparison.champion_robust_accuracy:.4f}"
+            + ("" if comparison.champion_clears_gates else ", below today's gates")
+            + f", McNemar p={comparison.p_value:.3g})"
+            if comparison
+            else ""
+        )
+        return self._decided(RegistryDecision(True, f"registered {model_name} version {version} as @{alias} ({figures}{against})", version, True))
 
-    def _log_model(self, model, int8_model: bytes | None) -> None:
+    def _log_model(self, model, int8_model: bytes | None, card: str = "") -> None:
         """The model under artifact `model/`: Keras' native format of Keras' own layers
         (flavor `keras`) and the pyfunc of search/pyfunc_model.py, shipped with it
-        (flavor `python_function`), which serves `int8_model` where given."""
+        (flavor `python_function`), which serves `int8_model` where given; its card beside."""
         import mlflow.keras  # noqa: PLC0415 - TensorFlow glue only when a model is logged
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -272,6 +290,8 @@ class SearchTracker:
             mlmodel.flavors["python_function"].update(loader_module=PYFUNC_MODULE, code="code", data="data")
             mlmodel.signature = MODEL_SIGNATURE
             mlmodel.save(str(path / "MLmodel"))
+            if card:
+                (path / "model_card.md").write_text(card)
             self.client.log_artifacts(self.run_id, str(path), "model")
 
     def _decided(self, decision: RegistryDecision) -> RegistryDecision:
@@ -323,14 +343,17 @@ def attach(parent_run_id: str, worker: str) -> SearchTracker:
 def search_summary(run_id: str) -> dict:
     """What search run `run_id` did, from its logged runs: trials, distinct architectures
     (trials whose active hyperparameters other than the learning rate differ), pruned
-    trials and the epochs they saved, and the kept winner's hyperparameters."""
+    trials and the epochs they saved, the kept winner's hyperparameters, and its
+    accuracy on the robustness suite (the mean and each corruption's)."""
     client = PatientClient()
     tracker = SearchTracker(client.get_run(run_id))
     records = tracker.trial_records()
     tracker.close()
     not_architecture = ("learning_rate", "tuner/")
     architectures = {tuple(sorted((k, v) for k, v in r["hyperparameters"].items() if not k.startswith(not_architecture))) for r in records}
-    winner_id = client.get_run(run_id).data.tags.get("winner_trial_id")
+    parent = client.get_run(run_id)
+    winner_id = parent.data.tags.get("winner_trial_id")
+    robust = {k.removeprefix("robust_accuracy_"): v for k, v in parent.data.metrics.items() if k.startswith("robust_accuracy_") and k != "robust_accuracy_mean"}
     winner = next((r["hyperparameters"] for r in records if r["trial_id"] == winner_id and r["status"] == "FINISHED"), {})
     return {
         "trials": len(records),
@@ -338,6 +361,8 @@ def search_summary(run_id: str) -> dict:
         "pruned": sum(bool(r["pruned"]) for r in records),
         "epochs_saved": int(sum(r["epochs_saved"] or 0 for r in records)),
         "winner": " ".join(f"{k}={v}" for k, v in winner.items() if not k.startswith("tuner/")),
+        "robust_accuracy_mean": parent.data.metrics.get("robust_accuracy_mean"),
+        "robust_accuracy": robust,
     }
 
 

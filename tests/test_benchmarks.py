@@ -19,6 +19,9 @@ def test_cpu_seconds_count_work_not_waiting():
     assert cpu_seconds["busy"][0] > 0.5 * seconds["busy"][0]
 
 
+ROBUST = {"robust_accuracy_mean": 0.95, "robust_accuracy": {"rotation": 0.99, "line": 0.89, "scale": 0.97}}
+
+
 def test_table_marks_each_target_met_or_not():
     results = {
         "machine": {"cpu": "Test CPU", "cores": 2, "date": "2026-11-24 00:00 UTC"},
@@ -26,10 +29,10 @@ def test_table_marks_each_target_met_or_not():
         "tracking": {"ratio": 1.05, "cpu_ratio": 1.01, "fastest_ratio": 0.99, "seconds": {"with MLflow": [10.5], "without": [10.0]}},
         "inference": {"digits_per_s": 25_000.0, "float32_digits_per_s": 7_000.0},
         "profiles": {
-            "fast": [{"seed": 42, "exit": 0, "wall_s": 50.0, "test_accuracy": 0.994, "trials": 2, "architectures": 1, "pruned": 0, "epochs_saved": 0, "winner": "dropout=0.2"}],
+            "fast": [{"seed": 42, "exit": 0, "wall_s": 50.0, "test_accuracy": 0.994, "trials": 2, "architectures": 1, "pruned": 0, "epochs_saved": 0, "winner": "dropout=0.2", **ROBUST}],
             "default": [
-                {"seed": 42, "exit": 0, "wall_s": 700.0, "test_accuracy": 0.9965, "trials": 16, "architectures": 16, "pruned": 6, "epochs_saved": 6, "winner": "family=residual"},
-                {"seed": 43, "exit": 0, "wall_s": 800.0, "test_accuracy": 0.9949, "trials": 16, "architectures": 14, "pruned": 5, "epochs_saved": 5, "winner": "family=batchnorm"},
+                {"seed": 42, "exit": 0, "wall_s": 700.0, "test_accuracy": 0.9965, "trials": 16, "architectures": 16, "pruned": 6, "epochs_saved": 6, "winner": "family=residual", **ROBUST},
+                {"seed": 43, "exit": 0, "wall_s": 800.0, "test_accuracy": 0.9949, "trials": 16, "architectures": 14, "pruned": 5, "epochs_saved": 5, "winner": "family=batchnorm", "robust_accuracy_mean": 0.975, "robust_accuracy": {"rotation": 0.99, "line": 0.96}},
             ],
         },
     }
@@ -47,6 +50,9 @@ def test_table_marks_each_target_met_or_not():
     assert row["profile default, seed 43: mlflow run"].endswith("| no |")  # 13.3 min > 12, and 99.49% < 99.50%
     assert row["profile default, seed 43: search"].endswith("| 14 distinct architectures in 16 trials, 5 pruned (5 epochs saved) | >= 15 architectures | no |")
     assert row["profile default, seed 42: winner"].endswith("| family=residual |  |  |")
+    assert row["profile default, seed 42: robustness suite"].endswith("| mean 95.00%, worst line 89.00% | >= 97%, each >= 90% | no |")
+    assert row["profile default, seed 43: robustness suite"].endswith("| mean 97.50%, worst line 96.00% | >= 97%, each >= 90% | yes |")
+    assert row["profile default, seed 42: each corruption"].endswith("| rotation 99.00% line 89.00% scale 97.00% |  |  |")
     assert row["profile default: mean test accuracy of 2 seed(s)"].endswith("| 99.57% | >= 99.60% | no |")
 
 

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from experiments import FAMILIES, PROFILES, TUNERS, ConfigError, SearchConfig, from_params, resolve
+from experiments import FAMILIES, PROFILES, TUNERS, ConfigError, SearchConfig, from_params, parse_setting, resolve, resolve_text
 from model_zoo import FAMILIES as ZOO_FAMILIES
 
 
@@ -15,7 +15,8 @@ def test_defaults_are_the_documented_ones():
     assert config.validation_size == 6_000
     assert config.families == ("plain", "batchnorm", "residual")
     assert (config.prune, config.prune_min_trials, config.prune_grace_epochs, config.trial_schedule) == (True, 3, 1, True)
-    assert (config.final_epochs, config.augment) == (40, True)
+    assert (config.final_epochs, config.augment) == (40, "robust")
+    assert (config.robust_threshold, config.robust_size) == (0.90, 10_000)
     assert (config.final_learning_rate, config.winner_within_se) == (3e-3, 1.0)
     assert (config.final_models, config.serve_int8, config.int8_max_accuracy_drop) == (1, True, 0.001)
     assert config.fixed == ()  # the default searches the whole architecture space: no pins
@@ -80,14 +81,41 @@ def test_a_pinned_hyperparameter_outside_the_space_raises():
         fixed_hyperparameters(CNNZoo(), ("width=3",))
 
 
-def test_false_is_a_value_not_a_blank():
-    assert resolve("default", augment=False).augment is False
-
-
-def test_blank_and_zero_overrides_mean_the_profiles_value():
-    assert resolve("smoke", tuner="", max_trials=0, threshold=0, model_name="", seed=None) == resolve("smoke")
+def test_only_none_means_the_profiles_value():
+    assert resolve("smoke", tuner=None, max_trials=None, seed=None) == resolve("smoke")
     assert resolve("smoke", tuner="bayesian", max_trials=5).tuner == "bayesian"
-    assert resolve("smoke", max_trials=5).max_trials == 5
+    # 0, "", () and False are values like any other.
+    assert resolve("smoke", seed=0).seed == 0 and resolve("fast", fixed=()).fixed == () and resolve("default", prune=False).prune is False
+    assert resolve("smoke", final_epochs=0).final_epochs == 0 and resolve("smoke", early_stopping_patience=0).early_stopping_patience == 0
+
+
+@pytest.mark.parametrize(
+    "name, text, value",
+    [
+        ("seed", "0", 0), ("max_trials", "3.0", 3), ("final_minutes", "2.5", 2.5), ("fixed", "", ()), ("fixed", "head=gap, dropout=0.1", ("head=gap", "dropout=0.1")),
+        ("prune", "false", False), ("prune", "True", True), ("augment", "jitter", "jitter"), ("data", "", ""),
+    ],
+)  # fmt: skip
+def test_settings_read_from_text_as_their_fields_types(name, text, value):
+    assert parse_setting(name, text) == value and type(parse_setting(name, text)) is type(value)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"seed": "x"}, "setting seed: 'x' is not a number"),
+        ({"max_trials": "2.5"}, "setting max_trials: '2.5' is not a whole number"),
+        ({"prune": "maybe"}, "setting prune: 'maybe' is not true or false"),
+        ({"learning_rate": "0.1"}, "unknown setting(s) learning_rate"),
+        ({"augment": "mixup"}, "unknown augmentation 'mixup': choose one of none, jitter, robust"),
+        ({"robust_threshold": "1.2"}, "robust_threshold must be in (0, 1], got 1.2"),
+        ({"robust_size": "0"}, "robust_size must be a positive integer, got 0"),
+    ],
+)
+def test_bad_text_settings_raise_one_clear_error(settings, message):
+    with pytest.raises(ConfigError) as err:
+        resolve_text(settings)
+    assert message in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,10 @@ def test_parent_run_records_settings_data_figures_and_results(smoke_search):
     client = mlflow.MlflowClient(store)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     artifacts |= {a.path for d in ("eda", "evaluation") for a in client.list_artifacts(parent.info.run_id, d)}
-    assert {"trials.csv", "eda/sample_digits.png", "eda/label_distribution.png", "evaluation/confusion_matrix.png", "evaluation/misclassified.png"} <= artifacts
+    assert {"trials.csv", "eda/sample_digits.png", "eda/label_distribution.png", "evaluation/confusion_matrix.png", "evaluation/misclassified.png", "evaluation/robustness.png"} <= artifacts
+    # The robustness suite, after the clean test split.
+    assert {f"robust_accuracy_{name}" for name in ("gaussian_noise", "rotation", "thick_strokes", "occlusion", "low_resolution", "mean")} <= set(metrics)
+    assert 0.1 < metrics["robust_accuracy_mean"] < metrics["test_accuracy"]
     trials_csv = Path(client.download_artifacts(parent.info.run_id, "trials.csv")).read_text().splitlines()
     assert trials_csv[0].startswith("trial_id,status,val_accuracy,best_step") and len(trials_csv) == 4
 
@@ -62,10 +65,10 @@ def test_report_is_logged_and_linked(smoke_search):
     parent = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags][0]
     client = mlflow.MlflowClient(store)
     files = {Path(a.path).name: a.file_size for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert set(files) == {"report.html", "learning_curves.png", "hyperparameters.png", "accuracy_vs_cost.png", "confusion_matrix.png", "misclassified.png"}
+    assert set(files) == {"report.html", "learning_curves.png", "hyperparameters.png", "accuracy_vs_cost.png", "confusion_matrix.png", "misclassified.png", "robustness.png"}
     assert all(size > 10_000 for size in files.values())
     page = Path(client.download_artifacts(parent.info.run_id, "report/report.html")).read_text()
-    assert page.count("src='data:image/png;base64,") == 5 and "registered mnist-cnn version 1 as @champion" in page
+    assert page.count("src='data:image/png;base64,") == 6 and "registered mnist-cnn version 1 as @champion" in page
     assert f"report: {parent.info.artifact_uri}/report/report.html" in result.stdout
     # Progress: a line per trial start and end, and the top trials table.
     assert len(re.findall(r"\] trial \d/3 \(id \d\): family=plain", result.stdout)) == 3
@@ -87,6 +90,7 @@ def test_best_model_is_registered_as_champion_and_loads_in_a_fresh_process(smoke
     parent = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags][0]
     assert version.tags["search_run_id"] == parent.info.run_id
     assert float(version.tags["test_accuracy"]) == pytest.approx(parent.data.metrics["test_accuracy"], abs=1e-6)
+    assert float(version.tags["robust_accuracy_mean"]) == pytest.approx(parent.data.metrics["robust_accuracy_mean"], abs=1e-6)
     # The pyfunc serves the int8 form (of a bf16 model too), whose test accuracy the run logged beside the model's.
     assert version.tags["served_form"] == parent.data.tags["served_form"] == "int8"
     served_accuracy = parent.data.metrics["int8_test_accuracy"]
@@ -112,7 +116,7 @@ def test_below_threshold_nothing_is_registered_and_the_run_says_why(tmp_path, mn
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = mlflow_run(fresh_project(tmp_path), store, mnist_npz, "profile=smoke", "threshold=0.999", "max_trials=1", "max_epochs=1")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "not registered: test_accuracy" in result.stdout and "< threshold 0.9990" in result.stdout
+    assert "not registered: test_accuracy" in result.stdout and "< 0.9990" in result.stdout
     assert mlflow.MlflowClient(store).search_registered_models() == []
     (parent,) = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.tags["registry_decision"].startswith("not registered: test_accuracy")
@@ -147,7 +151,7 @@ def test_the_winner_is_retrained_within_its_time_budget_and_logged_per_epoch(tra
     from tests.conftest import write_npz
 
     data = write_npz(tmp_path / "tiny.npz", n_train=700, n_test=100)
-    config = resolve("smoke", data=str(data), validation_size=100, max_trials=2, max_epochs=1, final_epochs=2, final_minutes=10.0, augment=True)
+    config = resolve("smoke", data=str(data), validation_size=100, max_trials=2, max_epochs=1, final_epochs=2, final_minutes=10.0, augment="robust")
     result = run_search(config, verbose=0)
 
     run = mlflow.get_run(result.run_id)
@@ -164,7 +168,7 @@ def test_several_retrainings_are_averaged_into_the_registered_model(tracking_sto
     from tests.conftest import write_npz
 
     data = write_npz(tmp_path / "tiny.npz", n_train=700, n_test=100)
-    config = resolve("smoke", data=str(data), validation_size=100, max_trials=1, max_epochs=1, final_epochs=1, final_models=2, threshold=0.01)
+    config = resolve("smoke", data=str(data), validation_size=100, max_trials=1, max_epochs=1, final_epochs=1, final_models=2, threshold=0.01, robust_threshold=0.01)
     result = run_search(config, verbose=0)
 
     metrics = mlflow.get_run(result.run_id).data.metrics
@@ -214,3 +218,35 @@ def test_a_short_default_search_tries_different_architectures(tracking_store, tm
     varied = [name for name in architecture if len({c.data.params.get(name) for c in children if name in c.data.params}) > 1]
     assert len(varied) >= 5, varied
     assert len({tuple(c.data.params.get(name) for name in architecture) for c in children}) == 8  # 8 distinct networks
+
+
+def test_the_registered_version_carries_its_model_card(smoke_search):
+    store, _ = smoke_search
+    client = mlflow.MlflowClient(store)
+    version = client.get_model_version_by_alias("mnist-cnn", "champion")
+    parent = client.get_run(version.tags["search_run_id"])
+    card = version.description
+    assert card == Path(client.download_artifacts(parent.info.run_id, "model/model_card.md")).read_text()
+    metrics = parent.data.metrics
+    # What it saw, what it is, how well, how fast, where from.
+    assert parent.data.params["data_sha256"] in card and "| training images | 54,000" in card and "| test images (read once, after the search) | 10,000" in card
+    assert "| `family` | plain |" in card and f"{int(metrics['winner_multiply_adds']):,} multiply-adds per digit" in card
+    assert f"**{100 * metrics['test_accuracy']:.2f}%** of 10,000 digits (95% interval " in card
+    for digit in range(10):
+        assert f"| {digit} | {100 * metrics[f'test_recall_digit_{digit}']:.2f}% |" in card
+    assert f"Mean **{100 * metrics['robust_accuracy_mean']:.2f}%**" in card
+    assert f"| gaussian_noise | {100 * metrics['robust_accuracy_gaussian_noise']:.2f}% |" in card
+    assert f"int8 weights: {100 * metrics['int8_test_accuracy']:.2f}% on the test set" in card
+    assert f"{metrics['served_latency_ms_p50']:.2f} ms for one digit (median)" in card and metrics["served_digits_per_second"] > 100
+    assert parent.info.run_id in card and "## Known limits" in card
+
+
+def test_a_model_below_the_robustness_gate_is_not_registered(tmp_path, mnist_npz):
+    """A real two-epoch model of clean digits that clears the clean gate but not a robust one of 99%."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = mlflow_run(fresh_project(tmp_path), store, mnist_npz, "profile=smoke", "robust_threshold=0.99", "max_trials=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (parent,) = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.metrics["test_accuracy"] >= 0.9 and parent.data.metrics["robust_accuracy_mean"] < 0.99
+    assert parent.data.tags["registry_decision"] == f"not registered: robust_accuracy_mean {parent.data.metrics['robust_accuracy_mean']:.4f} < 0.9900"
+    assert mlflow.MlflowClient(store).search_registered_models() == []

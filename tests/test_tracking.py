@@ -6,6 +6,7 @@ import dataclasses
 import os
 import signal
 import time
+from pathlib import Path
 
 import keras
 import keras_tuner as kt
@@ -135,37 +136,53 @@ def test_parent_adopts_the_run_that_mlflow_run_started(tracking_store, monkeypat
     assert mlflow.get_run(started.info.run_id).info.status == "FINISHED"
 
 
-def test_registry_gate_champion_and_previous_champion(tracking_store):
+GATES = {"test_accuracy": 0.90, "robust_accuracy_mean": 0.90}
+
+
+def test_registry_gates_champion_and_previous_champion(tracking_store):
     model = make_cnn(conv_filters=(4,))
     client = mlflow.MlflowClient()
 
     def against_champion(challenger, champion):
-        return Comparison(challenger, champion, challenger_only_right=30, champion_only_right=12, p_value=0.0079)
+        return Comparison(challenger, champion, 30, 12, 0.0079, challenger_robust_accuracy=0.95, champion_robust_accuracy=0.94, champion_clears_gates=True)
+
+    def register(test_accuracy, comparison=None, robust=0.95):
+        scores = {"test_accuracy": test_accuracy, "robust_accuracy_mean": robust}
+        return tracker.register_if_better(model, scores, GATES, "digits", "champion", comparison, card="# card")
 
     with tracking.tracked_run("registry") as tracker:
-        below = tracker.register_if_better(model, 0.85, 0.90, "digits", "champion", None)
+        below = register(0.85, robust=0.80)
         assert not below.registered and client.search_registered_models() == []
-        assert mlflow.get_run(tracker.run_id).data.tags["registry_decision"] == "not registered: test_accuracy 0.8500 < threshold 0.9000"
+        assert mlflow.get_run(tracker.run_id).data.tags["registry_decision"] == "not registered: test_accuracy 0.8500 < 0.9000, robust_accuracy_mean 0.8000 < 0.9000"
+        assert register(0.95, robust=0.89).reason == "not registered: robust_accuracy_mean 0.8900 < 0.9000"
 
-        first = tracker.register_if_better(model, 0.95, 0.90, "digits", "champion", None)
-        worse = tracker.register_if_better(model, 0.93, 0.90, "digits", "champion", against_champion(0.93, 0.95))
-        better = tracker.register_if_better(model, 0.97, 0.90, "digits", "champion", against_champion(0.97, 0.95))
+        first = register(0.95)
+        worse = register(0.93, against_champion(0.93, 0.95))
+        better = register(0.97, against_champion(0.97, 0.95))
     assert (first.version, first.champion) == ("1", True)
     assert (worse.version, worse.champion) == ("2", False)
-    assert worse.reason == "registered digits version 2; @champion stays version 1 (test_accuracy 0.9500 >= 0.9300, McNemar p=0.0079)"
+    assert worse.reason == (
+        "registered digits version 2; @champion stays version 1: it is not worse on both "
+        "(test_accuracy 0.9300, robust_accuracy_mean 0.9500; the champion's 0.9500 and 0.9400, McNemar p=0.0079)"
+    )
     assert (better.version, better.champion) == ("3", True)
     assert str(client.get_model_version_by_alias("digits", "champion").version) == "3"
     assert str(client.get_model_version_by_alias("digits", "previous_champion").version) == "1"
     assert client.get_model_version("digits", "3").tags == {
         "test_accuracy": "0.970000",
+        "robust_accuracy_mean": "0.950000",
         "search_run_id": tracker.run_id,
         "served_form": "float32",
         "champion_version": "1",
         "champion_test_accuracy": "0.950000",
+        "champion_robust_accuracy_mean": "0.940000",
         "mcnemar_challenger_only_right": "30",
         "mcnemar_champion_only_right": "12",
         "mcnemar_p_value": "0.0079",
     }
+    # The card is the version's description and travels with the model.
+    assert client.get_model_version("digits", "3").description == "# card"
+    assert Path(mlflow.artifacts.download_artifacts("models:/digits/3")).joinpath("model_card.md").read_text() == "# card"
     digits = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
     expected = model.predict((digits / 255.0).astype(np.float32)[..., None], verbose=0)
     # The keras flavor: the Keras model itself.
@@ -185,7 +202,7 @@ def test_a_model_registered_with_its_int8_form_serves_that_form(tracking_store):
     model = make_cnn(conv_filters=(4,), batch_norm=True)
     int8_model = pyfunc_model.int8_tflite(model)
     with tracking.tracked_run("registry") as tracker:
-        tracker.register_if_better(model, 0.95, 0.90, "digits", "champion", None, int8_model)
+        tracker.register_if_better(model, {"test_accuracy": 0.95}, {"test_accuracy": 0.90}, "digits", "champion", None, int8_model)
     assert mlflow.MlflowClient().get_model_version("digits", "1").tags["served_form"] == "int8"
     digits = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
     served = mlflow.pyfunc.load_model("models:/digits@champion").predict(digits)

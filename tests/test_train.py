@@ -9,13 +9,13 @@ import pytest
 
 from experiments import ConfigError
 from model_zoo import PlainCNN, make_cnn, precision_policy
+from search.augment import jitter, robust
 from search.data import Split
 from search.train import (
     AUTO_PRECISION_ENV,
     BF16_MIN_SPEEDUP,
     Precision,
     WarmupCosine,
-    augmentation,
     choose_precision,
     evaluation_dataset,
     train_final,
@@ -33,7 +33,7 @@ def test_train_final_reports_every_epoch_and_keeps_a_working_model():
     hp = kt.HyperParameters()
     hp.Fixed("conv_filters_0", 16)
     seen = []
-    run = train_final(PlainCNN(), hp, split, Split(split.x[:64], split.y[:64]), epochs=3, batch_size=64, augment=True, seed=1, on_epoch_end=lambda epoch, logs: seen.append((epoch, sorted(logs))))
+    run = train_final(PlainCNN(), hp, split, Split(split.x[:64], split.y[:64]), epochs=3, batch_size=64, augment="robust", seed=1, on_epoch_end=lambda epoch, logs: seen.append((epoch, sorted(logs))))
     assert [epoch for epoch, _ in seen] == [0, 1, 2] and run.epochs == 3 and len(run.epoch_seconds) == 3
     assert run.epoch_estimate_s is None  # no budget, nothing estimated
     assert seen[0][1] == ["accuracy", "loss", "val_accuracy", "val_loss"]
@@ -68,12 +68,12 @@ def test_warmup_cosine_rises_over_the_first_epoch_then_decays_to_zero():
 def test_the_final_training_budget_comes_from_the_first_epoch_and_holds():
     split = random_split(8192)
     validation = Split(split.x[:1024], split.y[:1024])
-    unlimited = train_final(PlainCNN(), kt.HyperParameters(), split, validation, epochs=4, batch_size=64, augment=False, seed=0, on_epoch_end=lambda *_: None, budget_s=1e6)
+    unlimited = train_final(PlainCNN(), kt.HyperParameters(), split, validation, epochs=4, batch_size=64, augment="none", seed=0, on_epoch_end=lambda *_: None, budget_s=1e6)
     # The estimate (the first epoch with its first batches left out) is the epoch time later epochs measure.
     later = statistics.median(unlimited.epoch_seconds[1:])
     assert unlimited.epochs == 4 and abs(unlimited.epoch_estimate_s - later) <= 0.25 * later, (unlimited.epoch_estimate_s, unlimited.epoch_seconds)
     budget_s = unlimited.epoch_seconds[0] + 1.5 * later  # two epochs' worth
-    limited = train_final(PlainCNN(), kt.HyperParameters(), split, validation, epochs=4, batch_size=64, augment=False, seed=0, on_epoch_end=lambda *_: None, budget_s=budget_s)
+    limited = train_final(PlainCNN(), kt.HyperParameters(), split, validation, epochs=4, batch_size=64, augment="none", seed=0, on_epoch_end=lambda *_: None, budget_s=budget_s)
     assert limited.epochs == max(1, min(4, 1 + int((budget_s - limited.epoch_seconds[0]) / limited.epoch_estimate_s)))
     assert sum(limited.epoch_seconds) <= 1.25 * budget_s
     # The cosine still ended at zero: the schedule was settled to the epochs that fit.
@@ -98,20 +98,44 @@ def test_evaluation_dataset_is_the_split_in_order():
 def test_datasets_run_without_the_tf_data_autotuner():
     # With it, some epochs ran at exactly 1 ms per image on this project's machine (search/train.py).
     split = random_split(10)
-    for dataset in (training_dataset(split, 4, seed=0), training_dataset(split, 4, seed=0, augment=True), evaluation_dataset(split, 4)):
+    for dataset in (training_dataset(split, 4, seed=0), training_dataset(split, 4, seed=0, augment="jitter"), training_dataset(split, 4, seed=0, augment="robust"), evaluation_dataset(split, 4)):
         assert dataset.options().autotune.enabled is False
 
 
-def test_augmentation_moves_pixels_but_keeps_shape_range_and_ink():
-    digit = np.zeros((8, 28, 28, 1), np.float32)
+def a_bar(n: int = 8) -> np.ndarray:
+    digit = np.zeros((n, 28, 28, 1), np.float32)
     digit[:, 10:18, 12:16] = 1.0
-    jittered = keras.ops.convert_to_numpy(augmentation(seed=0)(digit, training=True))
+    return digit
+
+
+def test_jitter_moves_pixels_but_keeps_shape_range_and_ink():
+    digit = a_bar()
+    jittered = keras.ops.convert_to_numpy(jitter(seed=0)(digit, training=True))
     assert jittered.shape == digit.shape
     assert jittered.min() >= 0.0 and jittered.max() <= 1.0 + 1e-6
     assert not np.allclose(jittered, digit)
     assert np.all(jittered.sum(axis=(1, 2, 3)) > 0.5 * digit[0].sum())  # the digit stays in the frame
     # At inference the layers do nothing.
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(augmentation(seed=0)(digit, training=False)), digit)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(jitter(seed=0)(digit, training=False)), digit)
+
+
+def test_robust_augmentation_is_deterministic_in_range_and_changes_each_image_its_own_way():
+    digits = a_bar(64)
+    seed = np.array([3, 4], np.int64)
+    changed = robust(digits, seed).numpy()
+    np.testing.assert_array_equal(robust(digits, seed).numpy(), changed)
+    assert not np.array_equal(robust(digits, np.array([3, 5], np.int64)).numpy(), changed)
+    assert changed.shape == digits.shape and changed.min() >= 0.0 and changed.max() <= 1.0
+    assert all(not np.allclose(image, digits[0]) for image in changed)  # every image is moved
+    assert len({image.tobytes() for image in changed}) == len(changed)
+    # The pipeline gives each batch its own seed, the same ones for the same seed.
+    first, again = (next(iter(training_dataset(random_split(), 32, seed=7, augment="robust")))[0].numpy() for _ in range(2))
+    np.testing.assert_array_equal(first, again)
+
+
+def test_an_unknown_augmentation_is_refused():
+    with pytest.raises(ValueError, match="unknown augmentation 'mixup': choose one of none, jitter, robust"):
+        training_dataset(random_split(8), 4, seed=0, augment="mixup")
 
 
 def test_precision_choice(monkeypatch):
