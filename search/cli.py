@@ -11,7 +11,7 @@ import os
 import sys
 import traceback
 
-from experiments import PROFILES, ConfigError, champion_uri, resolve
+from experiments import PROFILES, SETTINGS, ConfigError, champion_uri, resolve_text
 from search import interrupts
 
 EXIT_USAGE = 2
@@ -55,18 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", default="default", help=f"one of {', '.join(PROFILES)} (default: default)")
-    # Blank or 0 means "the profile's value", as in the MLproject.
-    parser.add_argument("--tuner", default="", help="hyperband, bayesian or random")
-    parser.add_argument("--max-trials", type=_whole, default=0, help="most trials to run")
-    parser.add_argument("--max-epochs", type=_whole, default=0, help="most epochs per trial")
-    parser.add_argument("--threshold", type=float, default=0.0, help="test accuracy needed to register, in (0, 1]")
-    parser.add_argument("--model-name", default="", help="registered model name")
-    parser.add_argument("--data", default="", help="MNIST .npz (default: $MNIST_NPZ, else Keras' download)")
-    parser.add_argument("--seed", type=_whole, default=0, help="random seed")
-    parser.add_argument("--families", default="", help="comma-separated model families, e.g. plain,batchnorm")
-    parser.add_argument("--fixed", default="", help="comma-separated hyperparameters to pin, e.g. conv_blocks=2,convs_per_block=1")
-    parser.add_argument("--output-dir", default="", help="figures, tables and tuner state (default: outputs; distributed: a shared directory)")
+    """Every setting of experiments.SearchConfig, as `--name value` (also `--name-with-dashes`,
+    and what `mlflow run -P name=value` passes) or as `name=value`; a setting not given
+    keeps the profile's value."""
+    parser.add_argument("--profile", default=None, help=f"one of {', '.join(PROFILES)} (default: default)")
+    for name, default in SETTINGS.items():
+        flags = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        parser.add_argument(*flags, dest=name, default=None, metavar="VALUE", help=f"default: {shown!r} or the profile's")
+    parser.add_argument("settings", nargs="*", metavar="name=value", help="settings as name=value, e.g. seed=0 fixed= final_epochs=10")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,19 +117,13 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace):
-    return resolve(
-        args.profile,
-        tuner=args.tuner,
-        max_trials=args.max_trials,
-        max_epochs=args.max_epochs,
-        threshold=args.threshold,
-        model_name=args.model_name,
-        data=args.data,
-        seed=args.seed,
-        families=tuple(f.strip() for f in args.families.split(",") if f.strip()),
-        fixed=tuple(f.strip() for f in args.fixed.split(",") if f.strip()),
-        output_dir=args.output_dir,
-    )
+    given = {name: getattr(args, name) for name in ("profile", *SETTINGS) if getattr(args, name) is not None}
+    for setting in args.settings:
+        name, equals, value = setting.partition("=")
+        if not equals or not name.strip():
+            raise ConfigError(f"{setting!r} is not a setting of the form name=value")
+        given[name.strip()] = value
+    return resolve_text(given)
 
 
 def _resume(args: argparse.Namespace) -> int:

@@ -80,3 +80,50 @@ def test_traceback_only_when_asked(tmp_path, tracking_store):
     assert "Traceback" not in quiet.stderr
     debug = subprocess.run(args, env={**env, "SEARCH_DEBUG": "1"}, capture_output=True, text=True, timeout=120)
     assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+# A value other than the default (and than any profile's) for every setting, as text.
+EVERY_SETTING = {
+    "tuner": "bayesian", "families": "residual,plain", "fixed": "", "objective": "val_accuracy", "max_trials": "5", "max_epochs": "3",
+    "hyperband_factor": "2", "early_stopping_patience": "0", "prune": "false", "prune_min_trials": "4", "prune_grace_epochs": "2",
+    "trial_schedule": "false", "validation_size": "5000", "train_subset": "0", "batch_size": "64", "precision": "float32",
+    "winner_within_se": "0", "final_epochs": "0", "final_learning_rate": "0.001", "final_minutes": "0", "final_models": "3",
+    "augment": "jitter", "serve_int8": "false", "int8_max_accuracy_drop": "0.5", "threshold": "0.5", "robust_threshold": "0.25",
+    "robust_size": "100", "model_name": "digits", "champion_alias": "best", "experiment_name": "mine", "seed": "0", "data": "x.npz",
+    "output_dir": "out",
+}  # fmt: skip
+
+
+def test_every_setting_reaches_the_config_from_the_command_line_and_from_mlflow_run():
+    from mlflow.projects.utils import load_project
+
+    from experiments import SETTINGS, parse_setting, resolve
+    from search.cli import _config, build_parser
+
+    assert set(EVERY_SETTING) == set(SETTINGS), "a setting without a round-trip value here"
+    expected = resolve("fast", **{name: parse_setting(name, text) for name, text in EVERY_SETTING.items()})
+    assert expected.seed == 0 and expected.fixed == () and expected.final_epochs == 0  # values that used to mean "the profile's"
+    parse = lambda argv: _config(build_parser().parse_args(argv))  # noqa: E731
+    assert parse(["run", "--profile", "fast", *(f"{k}={v}" for k, v in EVERY_SETTING.items())]) == expected
+    assert parse(["run", "--profile", "fast", *(arg for k, v in EVERY_SETTING.items() for arg in (f"--{k.replace('_', '-')}", v))]) == expected
+    # What `mlflow run . -P profile=fast -P name=value ...` runs: MLflow builds the command line.
+    command = load_project(str(REPO)).get_entry_point("main").compute_command({"profile": "fast", **EVERY_SETTING}, None)
+    argv = __import__("shlex").split(command)
+    assert argv[:4] == ["python", "-m", "search", "run"]
+    assert parse(argv[3:]) == expected
+    # Not given: the profile's value.
+    assert parse(["run", "--profile", "fast"]) == resolve("fast")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["seed"], "'seed' is not a setting of the form name=value"),
+        (["width=3"], "unknown setting(s) width"),
+        (["--seed", "zero"], "setting seed: 'zero' is not a number"),
+    ],
+)
+def test_a_bad_setting_on_the_command_line_is_one_line_and_exit_2(argv, message, tracking_store, capsys):
+    assert main(["run", "--profile", "smoke", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
