@@ -8,6 +8,8 @@ from pathlib import Path
 
 import keras
 import numpy as np
+from scipy.stats import binomtest
+from sklearn.metrics import confusion_matrix
 
 from search.data import Split
 from search.plots import save, subplots
@@ -73,8 +75,7 @@ def report(probabilities: np.ndarray, labels: np.ndarray) -> TestReport:
     predicted = probabilities.argmax(axis=1)
     picked = probabilities[np.arange(len(labels)), labels]
     loss = float(-np.log(np.clip(picked, 1e-7, 1.0)).mean())  # as Keras clips
-    confusion = np.zeros((10, 10), dtype=np.int64)
-    np.add.at(confusion, (labels, predicted), 1)
+    confusion = confusion_matrix(labels, predicted, labels=range(10))
     return TestReport(accuracy=float((predicted == labels).mean()), loss=loss, confusion=confusion, predicted=predicted)
 
 
@@ -92,11 +93,7 @@ def compare(
 
 def mcnemar_p_value(b: int, c: int) -> float:
     """Exact two-sided McNemar p-value: P(as uneven a split of b + c discordant pairs | no difference)."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
-    return min(1.0, 2 * tail / 2**n)
+    return 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
 
 
 def plot_confusion_matrix(report: TestReport, path: Path) -> Path:

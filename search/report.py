@@ -7,11 +7,11 @@ Every function takes the trial records the tracker read back from MLflow
 from __future__ import annotations
 
 import base64
-import html
 import math
 from pathlib import Path
 from typing import Mapping
 
+import jinja2
 import numpy as np
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
@@ -101,45 +101,15 @@ def pareto_front(sizes: np.ndarray, accuracies: np.ndarray) -> np.ndarray:
 
 def write_html(path: Path, title: str, settings: Mapping[str, object], records: list[dict], figures: Mapping[str, Path], decision: str) -> Path:
     """One page, images embedded, so it can be mailed or opened from the MLflow UI."""
-    top = completed(records)[:10]
-    setting_rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items())
-    trial_rows = "".join(
-        f"<tr><td>{html.escape(r['trial_id'])}</td><td>{r['val_accuracy']:.4f}</td><td>{int(r['param_count'] or 0):,}</td>"
-        f"<td>{(r['wall_time_s'] or 0):.0f}</td><td>{html.escape(_describe(r['hyperparameters']))}</td></tr>"
-        for r in top
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent), autoescape=True, undefined=jinja2.StrictUndefined)
+    environment.filters["describe"] = _describe
+    pruned = [{**r, "epochs_saved": r.get("epochs_saved") or 0} for r in records if r.get("pruned")]
+    page = environment.get_template("report.html.j2").render(
+        title=title, decision=decision, settings=settings, records=records, completed=completed(records), pruned=pruned,
+        failed=sum(r["status"] == "FAILED" for r in records),
+        killed=sum(r["status"] == "KILLED" for r in records),  # interrupted, then run again on resume
+        images={caption: base64.b64encode(p.read_bytes()).decode() for caption, p in figures.items()},
     )
-    failed = sum(r["status"] == "FAILED" for r in records)
-    killed = sum(r["status"] == "KILLED" for r in records)  # interrupted, then run again on resume
-    pruned = [r for r in records if r.get("pruned")]
-    pruned_rows = "".join(
-        f"<tr><td>{html.escape(r['trial_id'])}</td><td>{r['pruned']}</td><td>{int(r.get('epochs_saved') or 0)}</td>"
-        f"<td>{r['val_accuracy']:.4f}</td><td>{html.escape(_describe(r['hyperparameters']))}</td></tr>"
-        for r in pruned
-    )
-    pruned_section = (
-        f"<h2>Pruned trials</h2><p>{len(pruned)} trials stopped below the median of the finished trials, "
-        f"saving {sum(int(r.get('epochs_saved') or 0) for r in pruned)} epochs.</p>"
-        f"<table><tr><th>trial</th><th>stopped after epoch</th><th>epochs saved</th><th>best val_accuracy</th><th>hyperparameters</th></tr>{pruned_rows}</table>"
-        if pruned
-        else ""
-    )
-    images = "".join(
-        f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(caption)}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
-        for caption, p in figures.items()
-    )
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;margin-bottom:1em}}
-th,td{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:90%}}img{{max-width:100%}}</style></head>
-<body><h1>{html.escape(title)}</h1>
-<p><b>Registry decision:</b> {html.escape(decision)}</p>
-<p>{len(records)} trial runs: {len(completed(records))} completed ({len(pruned)} of them pruned), {failed} failed, {killed} interrupted.</p>
-<h2>Settings</h2><table>{setting_rows}</table>
-<h2>Top trials</h2><table><tr><th>trial</th><th>best val_accuracy</th><th>parameters</th><th>seconds</th><th>hyperparameters</th></tr>{trial_rows}</table>
-{pruned_section}
-{images}
-</body></html>
-"""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page)
     return path

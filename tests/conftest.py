@@ -1,24 +1,16 @@
-"""Fixtures: the real MNIST file, small data sets, and a private tracking store per test."""
+"""Fixtures: the real MNIST file, a private tracking store per test, the Keras dtype
+policy, and one smoke search shared by the end-to-end tests. Helpers are in tests/helpers.py."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SECRET = "s3cr3t-token-value"  # in the environment of the smoke search; must not reach the store
-PROJECT_FILES = ("MLproject", "conda.yaml", "requirements.txt", "experiments", "model_zoo", "search")
+from tests.helpers import MLFLOW_RUN_ENV, REPO, fresh_project, mlflow_run
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of test logs
 
 
@@ -55,20 +47,6 @@ def mnist_npz() -> Path:
     return path
 
 
-def write_npz(path: Path, n_train: int = 120, n_test: int = 40, seed: int = 0, **replace) -> Path:
-    """A small MNIST-layout .npz of random digits; `replace` swaps in bad arrays."""
-    rng = np.random.default_rng(seed)
-    arrays = {
-        "x_train": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        "y_train": (np.arange(n_train) % 10).astype(np.uint8),
-        "x_test": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        "y_test": (np.arange(n_test) % 10).astype(np.uint8),
-    }
-    arrays.update(replace)
-    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
-    return path
-
-
 @pytest.fixture
 def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A fresh sqlite tracking store in this test's own directory, which is also the cwd
@@ -82,40 +60,6 @@ def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         os.environ.pop(var, None)
 
 
-MLFLOW_RUN_ENV = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
-
-
-def mlflow_run(project: Path, store: str, mnist_npz: Path, *params: str) -> subprocess.CompletedProcess:
-    """`mlflow run <project> --env-manager local -P ...` with this test's python first on PATH."""
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": store,
-        "MNIST_NPZ": str(mnist_npz),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "DATABASE_PASSWORD": SECRET,
-    }
-    for var in MLFLOW_RUN_ENV:
-        env.pop(var, None)
-    args = [sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local"]
-    for param in params:
-        args += ["-P", param]
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
-
-
-def fresh_project(tmp_path: Path) -> Path:
-    """A copy of the project's files, as a fresh checkout has them (no outputs, no store)."""
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in PROJECT_FILES:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, project / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, project / name)
-    return project
-
-
 @pytest.fixture(scope="session")
 def smoke_search(tmp_path_factory, mnist_npz):
     """One smoke search through `mlflow run`, shared by the end-to-end and UI tests: (store, result)."""
@@ -124,46 +68,3 @@ def smoke_search(tmp_path_factory, mnist_npz):
     result = mlflow_run(fresh_project(tmp), store, mnist_npz, "profile=smoke")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return store, result
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def mlflow_listening(args: list[str], probe: str, cwd: Path, env: dict | None = None, timeout_s: float = 180) -> Iterator[str]:
-    """`python -m mlflow <args> --host 127.0.0.1 --port <free port>`, yielding its base URL once
-    GET `probe` answers; stopped afterwards."""
-    port = free_port()
-    env = {**os.environ, **(env or {}), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    log_path = cwd / f"mlflow-{port}.log"
-    with log_path.open("w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", *args, "--host", "127.0.0.1", "--port", str(port)], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            assert server.poll() is None, log_path.read_text()[-3000:]
-            try:
-                urllib.request.urlopen(url + probe, timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"mlflow {args[0]} did not answer in {timeout_s:.0f} s"
-                time.sleep(0.5)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-def rest_predictions(url: str, digits: np.ndarray) -> dict:
-    """POST `digits` to a served model's /invocations; its predictions as arrays."""
-    import json
-
-    request = urllib.request.Request(f"{url}/invocations", data=json.dumps({"inputs": digits.tolist()}).encode(), headers={"Content-Type": "application/json"})
-    predictions = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
-    return {name: np.array(value) for name, value in predictions.items()}

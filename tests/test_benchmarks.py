@@ -62,7 +62,7 @@ def test_every_import_inside_the_benchmark_functions_resolves():
     import ast
     import importlib
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     for node in ast.walk(ast.parse((REPO / "benchmarks" / "run.py").read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from search.cli import main
-from tests.conftest import REPO, free_port, write_npz
+from tests.helpers import REPO, free_port, write_npz
 
 
 def bad_input(case: str, tmp_path) -> tuple[list[str], str]:

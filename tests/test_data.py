@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from search.data import KERAS_SOURCE, DataError, data_source, load_mnist
-from tests.conftest import write_npz
+from tests.helpers import write_npz
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import MLFLOW_RUN_ENV, free_port, fresh_project, mlflow_listening
+from tests.helpers import MLFLOW_RUN_ENV, free_port, fresh_project, mlflow_listening
+
+pytestmark = pytest.mark.e2e
 
 
 def _postgres_bin() -> Path | None:

@@ -9,7 +9,7 @@ from model_zoo import make_cnn
 from search import eda
 from search.data import load_mnist
 from search.evaluate import TestReport, compare, evaluate, mcnemar_p_value, plot_confusion_matrix, plot_misclassified
-from tests.conftest import write_npz
+from tests.helpers import write_npz
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

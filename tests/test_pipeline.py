@@ -13,7 +13,9 @@ import mlflow
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, SECRET, fresh_project, mlflow_run
+from tests.helpers import REPO, SECRET, fresh_project, mlflow_run
+
+pytestmark = pytest.mark.e2e
 
 
 def runs(store):
@@ -148,7 +150,7 @@ def test_predict_with_a_model_that_does_not_exist(smoke_search):
 def test_the_winner_is_retrained_within_its_time_budget_and_logged_per_epoch(tracking_store, tmp_path):
     from experiments import resolve
     from search.pipeline import run_search
-    from tests.conftest import write_npz
+    from tests.helpers import write_npz
 
     data = write_npz(tmp_path / "tiny.npz", n_train=700, n_test=100)
     config = resolve("smoke", data=str(data), validation_size=100, max_trials=2, max_epochs=1, final_epochs=2, final_minutes=10.0, augment="robust")
@@ -165,7 +167,7 @@ def test_the_winner_is_retrained_within_its_time_budget_and_logged_per_epoch(tra
 def test_several_retrainings_are_averaged_into_the_registered_model(tracking_store, tmp_path):
     from experiments import resolve
     from search.pipeline import run_search
-    from tests.conftest import write_npz
+    from tests.helpers import write_npz
 
     data = write_npz(tmp_path / "tiny.npz", n_train=700, n_test=100)
     config = resolve("smoke", data=str(data), validation_size=100, max_trials=1, max_epochs=1, final_epochs=1, final_models=2, threshold=0.01, robust_threshold=0.01)
@@ -184,7 +186,7 @@ def test_the_int8_form_is_served_only_when_on_and_within_the_accuracy_drop(track
     from search import evaluate, tracking
     from search.data import load_mnist
     from search.pipeline import int8_form
-    from tests.conftest import write_npz
+    from tests.helpers import write_npz
 
     test = load_mnist(write_npz(tmp_path / "tiny.npz", n_train=700, n_test=200), validation_size=100).test
     model = make_cnn(conv_filters=(4,))  # untrained: about 10% right
@@ -205,7 +207,7 @@ def test_a_short_default_search_tries_different_architectures(tracking_store, tm
 
     from experiments import resolve
     from search.pipeline import run_search
-    from tests.conftest import write_npz
+    from tests.helpers import write_npz
 
     data = write_npz(tmp_path / "tiny.npz", n_train=500, n_test=100)
     config = dataclasses.replace(resolve("default", data=str(data), validation_size=100, max_trials=8, max_epochs=1), final_epochs=0)

@@ -11,7 +11,9 @@ import mlflow
 import numpy as np
 import pytest
 
-from tests.conftest import MLFLOW_RUN_ENV, REPO, mlflow_listening, rest_predictions
+from tests.helpers import MLFLOW_RUN_ENV, REPO, mlflow_listening, rest_predictions
+
+pytestmark = pytest.mark.e2e
 
 
 def search_command(store: str, mnist_npz: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:

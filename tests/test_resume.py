@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from search.train import AUTO_PRECISION_ENV
-from tests.conftest import MLFLOW_RUN_ENV, REPO, mlflow_listening, rest_predictions
+from tests.helpers import MLFLOW_RUN_ENV, REPO, mlflow_listening, rest_predictions
+
+pytestmark = pytest.mark.e2e
 
 MAX_TRIALS = 4
 

@@ -5,7 +5,7 @@ import pytest
 
 from search import robustness
 from search.data import load_mnist
-from tests.conftest import write_npz
+from tests.helpers import write_npz
 from tests.test_evaluate import assert_png
 
 

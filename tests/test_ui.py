@@ -14,7 +14,9 @@ import mlflow
 import pytest
 from playwright.sync_api import sync_playwright
 
-from tests.conftest import REPO, mlflow_listening
+from tests.helpers import REPO, mlflow_listening
+
+pytestmark = pytest.mark.e2e
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # No background traffic: this machine reaches nothing but loopback.

@@ -1,0 +1,112 @@
+"""Helpers the tests share: small data files, a fresh copy of the project, `mlflow run`,
+MLflow servers on a free local port, and REST calls to a served model."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "s3cr3t-token-value"  # in the environment of the smoke search; must not reach the store
+PROJECT_FILES = ("MLproject", "conda.yaml", "requirements.txt", "experiments", "model_zoo", "search")
+
+
+def write_npz(path: Path, n_train: int = 120, n_test: int = 40, seed: int = 0, **replace) -> Path:
+    """A small MNIST-layout .npz of random digits; `replace` swaps in bad arrays."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "x_train": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "y_train": (np.arange(n_train) % 10).astype(np.uint8),
+        "x_test": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "y_test": (np.arange(n_test) % 10).astype(np.uint8),
+    }
+    arrays.update(replace)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return path
+
+
+MLFLOW_RUN_ENV = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
+def mlflow_run(project: Path, store: str, mnist_npz: Path, *params: str) -> subprocess.CompletedProcess:
+    """`mlflow run <project> --env-manager local -P ...` with this test's python first on PATH."""
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": store,
+        "MNIST_NPZ": str(mnist_npz),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "DATABASE_PASSWORD": SECRET,
+    }
+    for var in MLFLOW_RUN_ENV:
+        env.pop(var, None)
+    args = [sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local"]
+    for param in params:
+        args += ["-P", param]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+
+
+def fresh_project(tmp_path: Path) -> Path:
+    """A copy of the project's files, as a fresh checkout has them (no outputs, no store)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in PROJECT_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, project / name)
+    return project
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_listening(args: list[str], probe: str, cwd: Path, env: dict | None = None, timeout_s: float = 180) -> Iterator[str]:
+    """`python -m mlflow <args> --host 127.0.0.1 --port <free port>`, yielding its base URL once
+    GET `probe` answers; stopped afterwards."""
+    port = free_port()
+    env = {**os.environ, **(env or {}), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log_path = cwd / f"mlflow-{port}.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", *args, "--host", "127.0.0.1", "--port", str(port)], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            try:
+                urllib.request.urlopen(url + probe, timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"mlflow {args[0]} did not answer in {timeout_s:.0f} s"
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def rest_predictions(url: str, digits: np.ndarray) -> dict:
+    """POST `digits` to a served model's /invocations; its predictions as arrays."""
+    import json
+
+    request = urllib.request.Request(f"{url}/invocations", data=json.dumps({"inputs": digits.tolist()}).encode(), headers={"Content-Type": "application/json"})
+    predictions = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
+    return {name: np.array(value) for name, value in predictions.items()}
