@@ -38,6 +38,8 @@ TARGETS = {
     "robustness": {"default": (0.97, 0.90)},
 }
 TRAINING_IMAGES = 10_240  # one timed epoch per variant and round
+RESULTS = REPO / "benchmarks" / "RESULTS.md"  # every run's table, newest first: the figures the README points to
+RESULTS_TITLE = "# Benchmark results\n\nWritten by `python -m benchmarks` (benchmarks/run.py), newest first. Compare ratios within one run: these machines vary by up to 2x between runs.\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default="", help="settings for the profile runs, as name=value[;name=value], e.g. augment=jitter")
     parser.add_argument("--out", default="benchmark.json", help="JSON results (default: benchmark.json)")
     parser.add_argument("--tracking-uri", default="", help="keep the runs in this store (default: a throw-away sqlite store)")
+    parser.add_argument("--results", default=str(RESULTS), help=f"the Markdown file the table is added to, newest first (default: {RESULTS.relative_to(REPO)}; '' to skip)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -72,7 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwritten: {args.out}")
+    if args.results:
+        add_to_results(Path(args.results), results, "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]))
+        print(f"added to: {args.results}")
     return 0
+
+
+def add_to_results(path: Path, results: dict, command: str) -> None:
+    """Put this run's table at the top of the results file, under its command and commit;
+    earlier runs stay below it (the file's first line is its title)."""
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=False).stdout.strip()
+    section = f"## `{command}`\n\ncommit {commit}{' with uncommitted changes' if dirty else ''}, {results['machine']['date']}\n\n{table(results)}\n"
+    text = path.read_text() if path.exists() else RESULTS_TITLE
+    title, _, earlier = text.partition("\n## ")
+    path.write_text(title.rstrip() + "\n\n" + section + ("\n## " + earlier if earlier else ""))
 
 
 def training_throughput(data, rounds: int) -> dict:
@@ -178,7 +195,7 @@ def inference_throughput(data, batch_size: int = 1_000, passes: int = 3) -> dict
     import numpy as np  # noqa: PLC0415
 
     from model_zoo import BatchNormCNN  # noqa: PLC0415
-    from search import pyfunc_model, tracking  # noqa: PLC0415
+    from search import pyfunc_model, registry, tracking  # noqa: PLC0415
 
     model = BatchNormCNN().build(kt.HyperParameters())
     # 300 steps: enough for batch norm's moving statistics to settle.
@@ -186,7 +203,7 @@ def inference_throughput(data, batch_size: int = 1_000, passes: int = 3) -> dict
     served = {}
     for form, int8_model in (("int8", pyfunc_model.int8_tflite(model)), ("float32", None)):
         with contextlib.redirect_stdout(io.StringIO()), tracking.tracked_run("benchmark-inference") as tracker:
-            tracker.register_if_better(model, 1.0, 0.5, f"benchmark-cnn-{form}", "champion", None, int8_model)
+            registry.register_if_better(tracker, model, {"test_accuracy": 1.0}, {"test_accuracy": 0.5}, f"benchmark-cnn-{form}", "champion", None, int8_model)
         served[form] = tracking.load_pyfunc_model(f"models:/benchmark-cnn-{form}@champion")
     digits = np.round(data.test.x[..., 0] * 255).astype(np.uint8)
     predicted = {}

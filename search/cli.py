@@ -145,7 +145,7 @@ def _predict(args: argparse.Namespace) -> int:
     from search import images, predict, tracking
 
     names, digits = images.read_inputs(args.input)  # bad input fails before the model loads
-    model = tracking.load_keras_model(args.model_uri)
+    model = tracking.load_pyfunc_model(args.model_uri)
     for prediction in predict.predict(model, names, digits):
         print(prediction.line(as_json=args.json))
     return 0

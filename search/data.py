@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from search.pyfunc_model import InputError, as_digits
+
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 KERAS_SOURCE = "keras.datasets.mnist"
 
@@ -58,12 +60,12 @@ def load_mnist(source: str, validation_size: int = 6_000) -> MnistData:
     n_train = len(arrays["y_train"])
     if not 0 < validation_size < n_train:
         raise DataError(f"{source}: cannot hold out {validation_size} validation images from {n_train} training images")
-    x_train, y_train = _normalise(arrays["x_train"]), arrays["y_train"].astype(np.int64)
+    x_train, y_train = _as_digits(source, arrays["x_train"]), arrays["y_train"].astype(np.int64)
     cut = n_train - validation_size
     return MnistData(
         train=Split(x_train[:cut], y_train[:cut]),
         validation=Split(x_train[cut:], y_train[cut:]),
-        test=Split(_normalise(arrays["x_test"]), arrays["y_test"].astype(np.int64)),
+        test=Split(_as_digits(source, arrays["x_test"]), arrays["y_test"].astype(np.int64)),
         source=source,
         digest=_digest(arrays),
     )
@@ -97,32 +99,23 @@ def _read_keras() -> dict[str, np.ndarray]:
 
 def _check_array(source: str, key: str, a: np.ndarray) -> None:
     where = f"{source}: {key}"
+    if key.startswith("x"):
+        _as_digits(where, a)
+        return
     if len(a) == 0:
         raise DataError(f"{where} is empty")
-    if key.startswith("y"):
-        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
-            raise DataError(f"{where} must be a 1-D integer array, got {a.dtype} of shape {a.shape}")
-        if a.min() < 0 or a.max() > 9:
-            raise DataError(f"{where} has labels outside 0..9 (min {a.min()}, max {a.max()})")
-        return
-    if a.shape[1:] not in ((28, 28), (28, 28, 1)):
-        raise DataError(f"{where} must have shape (N, 28, 28) or (N, 28, 28, 1), got {a.shape}")
-    if np.issubdtype(a.dtype, np.integer):
-        if a.min() < 0 or a.max() > 255:
-            raise DataError(f"{where} has integer pixels outside 0..255 (min {a.min()}, max {a.max()})")
-    elif np.issubdtype(a.dtype, np.floating):
-        if not np.isfinite(a).all():
-            raise DataError(f"{where} has {int((~np.isfinite(a)).sum())} NaN or infinite pixel(s)")
-        if a.min() < 0 or a.max() > 1:
-            raise DataError(f"{where} has float pixels outside [0, 1] (min {a.min()}, max {a.max()})")
-    else:
-        raise DataError(f"{where} has dtype {a.dtype}: expected integers 0..255 or floats in [0, 1]")
+    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+        raise DataError(f"{where} must be a 1-D integer array, got {a.dtype} of shape {a.shape}")
+    if a.min() < 0 or a.max() > 9:
+        raise DataError(f"{where} has labels outside 0..9 (min {a.min()}, max {a.max()})")
 
 
-def _normalise(images: np.ndarray) -> np.ndarray:
-    """float32 in [0, 1], shape (N, 28, 28, 1)."""
-    scale = 255.0 if np.issubdtype(images.dtype, np.integer) else 1.0
-    return (images.reshape(-1, 28, 28, 1) / scale).astype(np.float32)
+def _as_digits(where: str, images: np.ndarray) -> np.ndarray:
+    """float32 in [0, 1], shape (N, 28, 28, 1): the digits as the registered model reads them."""
+    try:
+        return as_digits(images, where)
+    except InputError as err:
+        raise DataError(str(err)) from None
 
 
 def _digest(arrays: dict[str, np.ndarray]) -> str:

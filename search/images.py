@@ -66,7 +66,7 @@ def read_array(path: Path) -> np.ndarray:
         raise InputError(f"{path}: not a readable {path.suffix} array ({type(err).__name__})") from None
     if array is None:
         raise InputError(f"{path}: the .npz holds no array")
-    return as_digits(array, str(path))
+    return as_digits(array, f"{path}: the array")
 
 
 def to_mnist(gray: np.ndarray) -> np.ndarray:

@@ -1,7 +1,10 @@
-"""The search, top to bottom: data, EDA, tuner search, one test evaluation, registry gate."""
+"""The search, top to bottom, as phases that take and return values: prepare the data,
+record the setup (and EDA), search, pick the winner, build the model, evaluate it once,
+promote it (the registry), report."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import sys
@@ -15,12 +18,12 @@ import keras_tuner as kt
 from experiments import SearchConfig, champion_uri, from_params
 from model_zoo import average_of, precision_policy
 from search import data as data_module
-from search import eda, evaluate, model_card, pyfunc_model, report, robustness, tracking
+from search import eda, evaluate, model_card, pyfunc_model, registry, report, robustness, tracking
 from search.data import DataError, Split
 from search.tracking import TrackingError
 from search.train import Precision, choose_precision, train_final
 from search.progress import top_table
-from search.tuner import failure_reason, make_tuner, pick_winner, run_trials, seed_pruner, trial_rows, write_trials_csv
+from search.tuner import failure_reason, make_tuner, pick_winner, run_trials, seed_pruner
 
 
 class SearchFailed(RuntimeError):
@@ -35,7 +38,7 @@ class SearchResult:
     best_val_accuracy: float
     winner_hyperparameters: dict  # of the trial kept (see pick_winner), not always the best score's
     test: evaluate.TestReport
-    decision: tracking.RegistryDecision
+    decision: registry.RegistryDecision
 
 
 @dataclass(frozen=True)
@@ -62,15 +65,7 @@ def run_search(
     """
     # Keras' progress bars and Keras Tuner's tables in a terminal; in logs, our lines only.
     verbose = (1 if sys.stdout.isatty() else 0) if verbose is None else verbose
-
-    # 1. Data: loaded and validated before anything trains.
-    data = data_module.load_mnist(data_module.data_source(config.data), config.validation_size)
-    if resume and resume.data_sha256 != data.digest:
-        raise DataError(f"{data.source}: not the data search {resume.run_id} started with (sha256 {data.digest[:12]}..., logged {resume.data_sha256[:12]}...)")
-    tuner_dir = Path(config.output_dir) / resume.run_id / "tuner" if resume else None
-    if tuner_dir and not (tuner_dir / "oracle.json").is_file():
-        raise TrackingError(f"no tuner state at {tuner_dir}: resume from the directory the search ran in")
-    train = data_module.subset(data.train, config.train_subset)
+    data = prepare_data(config, resume)
     # Chosen once per search; a resumed search keeps the one it started with.
     precision = Precision(resume.precision, "resumed") if resume and resume.precision else choose_precision(config.precision)
     keras.utils.set_random_seed(config.seed)
@@ -79,88 +74,146 @@ def run_search(
     # one, which Keras Tuner resets before each build: the caller's is put back after.
     with precision_policy(None), tracking.tracked_run(config.experiment_name, resume.run_id if resume else "") as tracker:
         out = Path(config.output_dir) / tracker.run_id
-        tracker.log_params(tracking.config_params(config))
-        tracker.log_params({"data_source": data.source, "data_sha256": data.digest, "train_images": len(train), "validation_images": len(data.validation)})
-        if not (resume and resume.precision):
-            tracker.log_params(precision.params())
-        print(f"precision {precision.policy} ({precision.reason})", flush=True)
+        record_setup(tracker, config, data, precision, resume, out)
+        tuner = search(tracker, config, data, precision.policy, resume, hypermodel, chief, verbose, out)
+        winner = pick(tracker, tuner, config, len(data.validation))
+        model = build_model(tracker, tuner, winner, data, config)
+        evaluation = evaluate_once(tracker, model, data, config, out)
+        decision = promote(tracker, model, evaluation, winner, data, config)
+        write_search_report(tracker, config, decision, out)
 
-        # 2. EDA figures (a resumed search has them already).
-        if not resume:
-            tracker.log_artifact(eda.sample_grid(data.train, out / "eda" / "sample_digits.png", config.seed), "eda")
-            tracker.log_artifact(eda.label_distribution(data, out / "eda" / "label_distribution.png"), "eda")
+    trials = list(tuner.oracle.trials.values())
+    return SearchResult(
+        run_id=tracker.run_id,
+        trials=len(trials),
+        completed_trials=sum(t.status == "COMPLETED" for t in trials),
+        best_val_accuracy=winner.best.score,
+        winner_hyperparameters=winner.trial.hyperparameters.values,
+        test=evaluation.test,
+        decision=decision,
+    )
 
-        # 3. The search, scored on the validation split.
-        tuner = make_tuner(config, tracker, out, project_name="tuner", hypermodel=hypermodel, resume=resume is not None, dtype_policy=precision.policy)
-        if resume:
-            seed_pruner(tuner, tracker.trial_records())
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The model on the test split, read once: clean, corrupted, and its int8 form."""
+
+    test: evaluate.TestReport
+    robust: robustness.RobustnessReport
+    corrupted: dict[str, Split]  # the suite, for comparing the champion on the same digits
+    int8_model: bytes | None  # what the registry serves; None: the float32 model
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return {"test_accuracy": self.test.accuracy, "robust_accuracy_mean": self.robust.mean}
+
+
+def prepare_data(config: SearchConfig, resume: Resume | None) -> data_module.MnistData:
+    """MNIST loaded, validated and split before anything trains; a resumed search must see the same data."""
+    data = data_module.load_mnist(data_module.data_source(config.data), config.validation_size)
+    if resume and resume.data_sha256 != data.digest:
+        raise DataError(f"{data.source}: not the data search {resume.run_id} started with (sha256 {data.digest[:12]}..., logged {resume.data_sha256[:12]}...)")
+    tuner_dir = Path(config.output_dir) / resume.run_id / "tuner" if resume else None
+    if tuner_dir and not (tuner_dir / "oracle.json").is_file():
+        raise TrackingError(f"no tuner state at {tuner_dir}: resume from the directory the search ran in")
+    return data
+
+
+def record_setup(tracker: tracking.SearchTracker, config: SearchConfig, data: data_module.MnistData, precision: Precision, resume: Resume | None, out: Path) -> None:
+    """The resolved settings, the data and the precision as params; the EDA figures (a resumed search has them)."""
+    tracker.log_params(tracking.config_params(config))
+    train_images = len(data_module.subset(data.train, config.train_subset))
+    tracker.log_params({"data_source": data.source, "data_sha256": data.digest, "train_images": train_images, "validation_images": len(data.validation)})
+    if not (resume and resume.precision):
+        tracker.log_params(precision.params())
+    print(f"precision {precision.policy} ({precision.reason})", flush=True)
+    if not resume:
+        tracker.log_artifact(eda.sample_grid(data.train, out / "eda" / "sample_digits.png", config.seed), "eda")
+        tracker.log_artifact(eda.label_distribution(data, out / "eda" / "label_distribution.png"), "eda")
+
+
+def search(
+    tracker: tracking.SearchTracker, config: SearchConfig, data: data_module.MnistData, dtype_policy: str, resume: Resume | None,
+    hypermodel: kt.HyperModel | None, chief, verbose: int, out: Path,
+) -> kt.Tuner:
+    """The Keras Tuner search, scored on the validation split; trials.csv and the top trials table."""
+    tuner = make_tuner(config, tracker, out, project_name="tuner", hypermodel=hypermodel, resume=resume is not None, dtype_policy=dtype_policy)
+    if resume:
+        seed_pruner(tuner, tracker.trial_records())
+    try:
         try:
             if chief:
                 chief.search(tuner, tracker)
             else:
-                run_trials(tuner, config, train, data.validation, verbose)
+                run_trials(tuner, config, data_module.subset(data.train, config.train_subset), data.validation, verbose)
         except RuntimeError as err:
             if "consecutive failures" not in str(err):
                 raise
             last = tuner.oracle.trials[tuner.oracle.end_order[-1]]
             raise SearchFailed(f"{tuner.oracle.max_consecutive_failed_trials} trials failed in a row, the last with: {failure_reason(last)}") from None
-        finally:
-            rows = trial_rows(tuner)
-            tracker.log_artifact(write_trials_csv(rows, out / "trials.csv"))
-        print(top_table(rows))
-        trials = list(tuner.oracle.trials.values())
-        completed = [t for t in trials if t.status == "COMPLETED"]
-        if not completed:
-            raise SearchFailed(f"all {len(trials)} trials failed; see the failure_reason tags of the trial runs")
-        winner = pick_winner(tuner, len(data.validation), config.winner_within_se)
-        tracker.log_metrics({"best_val_accuracy": winner.best.score, "winner_val_accuracy": winner.trial.score, "winner_multiply_adds": winner.multiply_adds})
-        tracker.set_tag("best_trial_id", winner.best.trial_id)
-        tracker.set_tag("winner_trial_id", winner.trial.trial_id)
-        print(winner.describe(), flush=True)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the table of what ran, if the store still answers
+            tracker.log_artifact(report.write_trials_csv(tracker.trial_records(), out / "trials.csv"))
+        raise
+    records = tracker.trial_records()
+    tracker.log_artifact(report.write_trials_csv(records, out / "trials.csv"))
+    print(top_table(records))
+    return tuner
 
-        # 4. The model: the winner's checkpoint, or its configuration retrained longer (N times: their average).
-        if config.final_epochs:
-            best_model = retrain_winner(tracker, tuner.hypermodel, winner.trial.hyperparameters, data, config)
-        else:
-            with warnings.catch_warnings():  # checkpoints hold weights only, not the optimizer state
-                warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-                best_model = tuner.load_model(winner.trial)
 
-        # 5. The test split, touched once, after the search: clean, then corrupted;
-        #    the model, and the int8 form the registry serves.
-        test_report = evaluate.evaluate(best_model, data.test)
-        log_evaluation(tracker, test_report, data.test, out / "evaluation")
-        corrupted = robustness.suite(data.test, config.seed, config.robust_size)
-        robust_report = evaluate_robustness(tracker, best_model, corrupted, out / "evaluation")
-        int8_model = int8_form(tracker, best_model, test_report, data.test, config)
+def pick(tracker: tracking.SearchTracker, tuner: kt.Tuner, config: SearchConfig, validation_images: int):
+    """The trial whose configuration becomes the model (see tuner.pick_winner)."""
+    trials = list(tuner.oracle.trials.values())
+    if not any(t.status == "COMPLETED" for t in trials):
+        raise SearchFailed(f"all {len(trials)} trials failed; see the failure_reason tags of the trial runs")
+    winner = pick_winner(tuner, validation_images, config.winner_within_se)
+    tracker.log_metrics({"best_val_accuracy": winner.best.score, "winner_val_accuracy": winner.trial.score, "winner_multiply_adds": winner.multiply_adds})
+    tracker.set_tag("best_trial_id", winner.best.trial_id)
+    tracker.set_tag("winner_trial_id", winner.trial.trial_id)
+    print(winner.describe(), flush=True)
+    return winner
 
-        # 6. Registry gates; a challenger is compared with the champion on the same test images and suite.
-        scores = {"test_accuracy": test_report.accuracy, "robust_accuracy_mean": robust_report.mean}
-        gates = {"test_accuracy": config.threshold, "robust_accuracy_mean": config.robust_threshold}
-        comparison = None
-        if all(scores[k] >= gates[k] for k in gates) and tracker.champion_version(config.model_name, config.champion_alias):
-            champion = tracking.load_keras_model(champion_uri(config))
-            champion_robust = robustness.evaluate(keras_predict(champion), corrupted).mean
-            comparison = evaluate.compare(test_report, evaluate.evaluate(champion, data.test), data.test.y, robust_report.mean, champion_robust, (config.threshold, config.robust_threshold))
-        card = ""
-        if all(scores[k] >= gates[k] for k in gates):
-            card = write_model_card(tracker, config, data, winner, best_model, test_report, robust_report, int8_model, gates)
-        decision = tracker.register_if_better(best_model, scores, gates, config.model_name, config.champion_alias, comparison, int8_model, card)
-        print(f"test_accuracy {test_report.accuracy:.4f}, robust_accuracy_mean {robust_report.mean:.4f} - {decision.reason}")
 
-        # 7. The report: figures comparing the trials, and report.html.
-        tracker.log_artifacts(write_report(tracker.trial_records(), config, decision, out), "report")
-        print(f"report: {tracker.artifact_uri('report/report.html')}")
+def build_model(tracker: tracking.SearchTracker, tuner: kt.Tuner, winner, data: data_module.MnistData, config: SearchConfig) -> keras.Model:
+    """The winner's checkpoint, or its configuration retrained longer (`final_models` times: their average)."""
+    if config.final_epochs:
+        return retrain_winner(tracker, tuner.hypermodel, winner.trial.hyperparameters, data, config)
+    with warnings.catch_warnings():  # checkpoints hold weights only, not the optimizer state
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        return tuner.load_model(winner.trial)
 
-    return SearchResult(
-        run_id=tracker.run_id,
-        trials=len(trials),
-        completed_trials=len(completed),
-        best_val_accuracy=winner.best.score,
-        winner_hyperparameters=winner.trial.hyperparameters.values,
-        test=test_report,
-        decision=decision,
-    )
+
+def evaluate_once(tracker: tracking.SearchTracker, model: keras.Model, data: data_module.MnistData, config: SearchConfig, out: Path) -> Evaluation:
+    """The test split, touched once, after the search: clean, then the robustness suite; then the int8 form."""
+    test_report = evaluate.evaluate(model, data.test)
+    log_evaluation(tracker, test_report, data.test, out / "evaluation")
+    corrupted = robustness.suite(data.test, config.seed, config.robust_size)
+    robust_report = evaluate_robustness(tracker, model, corrupted, out / "evaluation")
+    return Evaluation(test_report, robust_report, corrupted, int8_form(tracker, model, test_report, data.test, config))
+
+
+def promote(tracker: tracking.SearchTracker, model: keras.Model, evaluation: Evaluation, winner, data: data_module.MnistData, config: SearchConfig) -> registry.RegistryDecision:
+    """The registry gates; a challenger is compared with the champion on the same test digits and suite."""
+    scores = evaluation.scores
+    gates = {"test_accuracy": config.threshold, "robust_accuracy_mean": config.robust_threshold}
+    clears = all(scores[k] >= gates[k] for k in gates)
+    comparison, card = None, ""
+    if clears and tracker.alias_version(config.model_name, config.champion_alias):
+        champion = tracking.load_keras_model(champion_uri(config))
+        champion_robust = robustness.evaluate(keras_predict(champion), evaluation.corrupted).mean
+        champion_test = evaluate.evaluate(champion, data.test)
+        comparison = evaluate.compare(evaluation.test, champion_test, data.test.y, evaluation.robust.mean, champion_robust, (config.threshold, config.robust_threshold))
+    if clears:
+        card = write_model_card(tracker, config, data, winner, model, evaluation, gates)
+    decision = registry.register_if_better(tracker, model, scores, gates, config.model_name, config.champion_alias, comparison, evaluation.int8_model, card)
+    print(f"test_accuracy {scores['test_accuracy']:.4f}, robust_accuracy_mean {scores['robust_accuracy_mean']:.4f} - {decision.reason}")
+    return decision
+
+
+def write_search_report(tracker: tracking.SearchTracker, config: SearchConfig, decision: registry.RegistryDecision, out: Path) -> None:
+    """Figures comparing the trials and report.html, under `report/`."""
+    tracker.log_artifacts(write_report(tracker.trial_records(), config, decision, out), "report")
+    print(f"report: {tracker.artifact_uri('report/report.html')}")
 
 
 def retrain_winner(tracker: tracking.SearchTracker, hypermodel: kt.HyperModel, hyperparameters: kt.HyperParameters, data: data_module.MnistData, config: SearchConfig) -> keras.Model:
@@ -208,17 +261,17 @@ def evaluate_robustness(run: tracking.SearchTracker, model: keras.Model, corrupt
 
 
 def write_model_card(
-    tracker: tracking.SearchTracker, config: SearchConfig, data: data_module.MnistData, winner, model: keras.Model,
-    test_report: evaluate.TestReport, robust_report: robustness.RobustnessReport, int8_model: bytes | None, gates: dict[str, float],
+    tracker: tracking.SearchTracker, config: SearchConfig, data: data_module.MnistData, winner, model: keras.Model, evaluation: Evaluation, gates: dict[str, float]
 ) -> str:
     """The registered version's card (search/model_card.py), its speed measured on the served form."""
-    served = pyfunc_model.DigitClassifier.from_tflite(int8_model) if int8_model else pyfunc_model.DigitClassifier.float32(model)
+    int8 = evaluation.int8_model
+    served = pyfunc_model.DigitClassifier.from_tflite(int8) if int8 else pyfunc_model.DigitClassifier.float32(model)
     speed = model_card.measure_speed(served.predict, data.test.x)
     tracker.log_metrics({"served_latency_ms_p50": speed.latency_ms_p50, "served_digits_per_second": speed.digits_per_second})
     return model_card.write(
         data=data, hyperparameters=winner.trial.hyperparameters.values, param_count=model.count_params(), multiply_adds=winner.multiply_adds,
-        test=test_report, robustness=robust_report, robust_size=min(config.robust_size, len(data.test)),
-        int8_accuracy=tracker.metric("int8_test_accuracy"), served_form="int8" if int8_model else "float32", speed=speed,
+        test=evaluation.test, robustness=evaluation.robust, robust_size=min(config.robust_size, len(data.test)),
+        int8_accuracy=tracker.metric("int8_test_accuracy"), served_form="int8" if int8 else "float32", speed=speed,
         search_run_id=tracker.run_id, settings=dataclasses.asdict(config), gates=gates,
     )
 
@@ -242,7 +295,7 @@ def int8_form(tracker: tracking.SearchTracker, model, test_report: evaluate.Test
     return int8.tflite if int8 is not None else None
 
 
-def write_report(records: list[dict], config: SearchConfig, decision: tracking.RegistryDecision, out: Path) -> Path:
+def write_report(records: list[dict], config: SearchConfig, decision: registry.RegistryDecision, out: Path) -> Path:
     """The report folder: trial figures, the winner's evaluation figures and report.html."""
     folder = out / "report"
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,10 @@
-"""Classify digits with a logged or registered model: one line per input."""
+"""Classify digits with a logged or registered model, as MLflow serves it: one line per input."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
 
-import keras
 import numpy as np
 
 
@@ -19,8 +18,9 @@ class Prediction:
         return json.dumps(asdict(self)) if as_json else f"{self.input}\t{self.digit}\t{self.probability:.4f}"
 
 
-def predict(model: keras.Model, names: list[str], digits: np.ndarray, batch_size: int = 1024) -> list[Prediction]:
-    """The most probable digit of each of `digits` (float32 (N, 28, 28, 1) in [0, 1]) and its probability."""
-    probabilities = model.predict(digits, batch_size=batch_size, verbose=0)
-    best = probabilities.argmax(axis=1)
+def predict(model, names: list[str], digits: np.ndarray) -> list[Prediction]:
+    """The most probable digit of each of `digits` (float32 (N, 28, 28, 1) in [0, 1]) and its
+    probability, from `model` as MLflow's pyfunc serves it (the registered model's served form)."""
+    answer = model.predict(digits)
+    probabilities, best = np.asarray(answer["probabilities"]), np.asarray(answer["digit"])
     return [Prediction(name, int(d), float(p[d])) for name, d, p in zip(names, best, probabilities)]

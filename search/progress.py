@@ -49,9 +49,14 @@ class Progress:
         print(f"[{time.strftime('%H:%M:%S')}] {self.prefix}{line}", file=self.out, flush=True)
 
 
-def top_table(rows: list[Mapping[str, object]], k: int = 5) -> str:
-    """The `k` best completed trials as a fixed-width table (rows: trial_id, val_accuracy, hyperparameters)."""
-    done = sorted((r for r in rows if r.get("val_accuracy") is not None), key=lambda r: -float(r["val_accuracy"]))[:k]
+def completed(records: list[Mapping[str, object]]) -> list[Mapping[str, object]]:
+    """Trial records (SearchTracker.trial_records) that finished with a score, best first."""
+    return sorted((r for r in records if r.get("val_accuracy") is not None), key=lambda r: -float(r["val_accuracy"]))
+
+
+def top_table(records: list[Mapping[str, object]], k: int = 5) -> str:
+    """The `k` best completed trials as a fixed-width table."""
+    done = completed(records)[:k]
     lines = [f"top {len(done)} trials", f"{'trial':>6}  {'val_accuracy':>12}  hyperparameters"]
     lines += [f"{r['trial_id']:>6}  {float(r['val_accuracy']):>12.4f}  {describe(r['hyperparameters'])}" for r in done]
     return "\n".join(lines)

@@ -30,18 +30,23 @@ class InputError(ValueError):
 
 
 def as_digits(array: np.ndarray, where: str = "input") -> np.ndarray:
-    """(N, 28, 28) or (N, 28, 28, 1) digits, integers 0..255 or floats 0..1, as float32 (N, 28, 28, 1)."""
-    if array.ndim not in (3, 4) or array.shape[1:3] != (SIZE, SIZE) or (array.ndim == 4 and array.shape[3] != 1) or len(array) == 0:
-        raise InputError(f"{where}: expected digits of shape (N, 28, 28) or (N, 28, 28, 1), got {array.shape}")
+    """(N, 28, 28) or (N, 28, 28, 1) digits, integers 0..255 or floats 0..1, as float32 (N, 28, 28, 1).
+    The one check of digits in this project: the training data is read through it too."""
+    if array.ndim not in (3, 4) or array.shape[1:3] != (SIZE, SIZE) or (array.ndim == 4 and array.shape[3] != 1):
+        raise InputError(f"{where} must have shape (N, 28, 28) or (N, 28, 28, 1), got {array.shape}")
+    if len(array) == 0:
+        raise InputError(f"{where} is empty")
     if np.issubdtype(array.dtype, np.integer):
         if array.min() < 0 or array.max() > 255:
-            raise InputError(f"{where}: integer pixels must be in 0..255")
+            raise InputError(f"{where} has integer pixels outside 0..255 (min {array.min()}, max {array.max()})")
         return (array.reshape(-1, SIZE, SIZE, 1) / 255.0).astype(np.float32)
     if np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-            raise InputError(f"{where}: float pixels must be finite and in [0, 1]")
+        if not np.isfinite(array).all():
+            raise InputError(f"{where} has {int((~np.isfinite(array)).sum())} NaN or infinite pixel(s)")
+        if array.min() < 0 or array.max() > 1:
+            raise InputError(f"{where} has float pixels outside [0, 1] (min {array.min()}, max {array.max()})")
         return array.reshape(-1, SIZE, SIZE, 1).astype(np.float32)
-    raise InputError(f"{where}: dtype {array.dtype} is not uint8 0..255 or float 0..1")
+    raise InputError(f"{where} has dtype {array.dtype}: expected integers 0..255 or floats in [0, 1]")
 
 
 BATCH = 1024  # digits per forward pass

@@ -7,6 +7,7 @@ Every function takes the trial records the tracker read back from MLflow
 from __future__ import annotations
 
 import base64
+import csv
 import math
 from pathlib import Path
 from typing import Mapping
@@ -16,11 +17,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from search.plots import save, subplots
-
-
-def completed(records: list[dict]) -> list[dict]:
-    """Trials that finished with a score, best first."""
-    return sorted((r for r in records if r["val_accuracy"] is not None), key=lambda r: -r["val_accuracy"])
+from search.progress import completed, describe
 
 
 def learning_curves(records: list[dict], path: Path, top: int = 5) -> Path:
@@ -102,7 +99,7 @@ def pareto_front(sizes: np.ndarray, accuracies: np.ndarray) -> np.ndarray:
 def write_html(path: Path, title: str, settings: Mapping[str, object], records: list[dict], figures: Mapping[str, Path], decision: str) -> Path:
     """One page, images embedded, so it can be mailed or opened from the MLflow UI."""
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent), autoescape=True, undefined=jinja2.StrictUndefined)
-    environment.filters["describe"] = _describe
+    environment.filters["describe"] = describe
     pruned = [{**r, "epochs_saved": r.get("epochs_saved") or 0} for r in records if r.get("pruned")]
     page = environment.get_template("report.html.j2").render(
         title=title, decision=decision, settings=settings, records=records, completed=completed(records), pruned=pruned,
@@ -122,5 +119,15 @@ def _number(value: object) -> float | None:
         return None
 
 
-def _describe(hyperparameters: Mapping[str, object]) -> str:
-    return " ".join(f"{k}={v}" for k, v in hyperparameters.items() if not k.startswith("tuner/"))
+def write_trials_csv(records: list[dict], path: Path) -> Path:
+    """The trials table: id, status, best val_accuracy and its epoch, pruning, every hyperparameter; a row per trial run."""
+    hp_names = sorted({name for r in records for name in r["hyperparameters"]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["trial_id", "status", "val_accuracy", "best_step", "pruned", "epochs_saved", *hp_names])
+        writer.writeheader()
+        for r in records:
+            best_step = max(r["curve"], key=lambda point: point[1])[0] if r["curve"] else None
+            row = {"trial_id": r["trial_id"], "status": r["status"], "val_accuracy": r["val_accuracy"], "best_step": best_step, "pruned": r["pruned"], "epochs_saved": None if r["epochs_saved"] is None else int(r["epochs_saved"])}
+            writer.writerow(row | dict(r["hyperparameters"]))
+    return path

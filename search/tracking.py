@@ -12,10 +12,8 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -27,9 +25,6 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from model_zoo import with_keras_layers
-from search import pyfunc_model
-from search.evaluate import Comparison
 
 # What the logged model needs to be loaded and served; given explicitly
 # because inferring it costs seconds per call.
@@ -47,7 +42,6 @@ MODEL_SIGNATURE = ModelSignature(
         [TensorSpec(np.dtype(np.float32), (-1, 10), "probabilities"), TensorSpec(np.dtype(np.int64), (-1,), "digit")]
     ),
 )
-PYFUNC_MODULE = "mnist_digits_pyfunc"
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 # Waits between retries while another process holds the sqlite write lock
 # (MLflow already waits 20 s inside each attempt).
@@ -58,14 +52,6 @@ PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOU
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used, or the run asked for cannot be resumed."""
-
-
-@dataclass(frozen=True)
-class RegistryDecision:
-    registered: bool
-    reason: str  # one line for people: stdout and the parent run's tag
-    version: str | None = None
-    champion: bool = False  # whether the alias now points to this version
 
 
 class SearchTracker:
@@ -207,96 +193,60 @@ class SearchTracker:
             self.client.set_terminated(run_id, status)
         self._trial_runs.clear()
 
-    # --- registry -------------------------------------------------------------
-    def champion_version(self, model_name: str, alias: str) -> str | None:
-        """The version `alias` points to, or None when there is no champion yet."""
+    # --- models and the registry ---------------------------------------------
+    def log_model(self, keras_model, loader: Path, loader_module: str, files: Mapping[str, bytes], card: str) -> str:
+        """Log `keras_model` as an MLflow logged model of this run, named `model`: MLflow's
+        keras flavor, and a pyfunc flavor served by `loader` (a module shipped with the
+        model as `code/<loader_module>.py`, reading `files` under `data/`); `card`
+        beside it as `model_card.md`. MLflow links the run's metrics of step 0 (the
+        test and robustness metrics) to it. Returns its `models:/` URI."""
+        info = _patient(Model.log)(
+            artifact_path=None, name="model", flavor=_KerasWithPyfunc, run_id=self.run_id,
+            keras_model=keras_model, loader=loader, loader_module=loader_module, files=files, card=card,
+        )
+        return info.model_uri
+
+    def register(self, model_uri: str, name: str) -> str:
+        """A new version of registered model `name` from `model_uri`; its version number."""
+        return str(_patient(mlflow.register_model)(model_uri, name).version)
+
+    def tag_version(self, name: str, version: str, tags: Mapping[str, str], description: str = "") -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, version, key, value)
+        if description:
+            self.client.update_model_version(name, version, description=description)
+
+    def alias_version(self, name: str, alias: str) -> str | None:
+        """The version `alias` of model `name` points to, or None (no such model or alias)."""
         try:
-            return str(self.client.get_model_version_by_alias(model_name, alias).version)
+            return str(self.client.get_model_version_by_alias(name, alias).version)
         except mlflow.exceptions.MlflowException:
             return None
 
-    def register_if_better(
-        self, model, scores: Mapping[str, float], gates: Mapping[str, float], model_name: str, alias: str, comparison: Comparison | None,
-        int8_model: bytes | None = None, card: str = "",
-    ) -> RegistryDecision:
-        """Register `model` if each of its `scores` named in `gates` reaches its gate; move
-        `alias` to it if it beats the champion (`Comparison.challenger_wins`).
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, version)
 
-        `comparison` is the challenger against the current champion on the same
-        test images and robustness suite (None: there is no champion). The champion
-        it replaces gets alias `previous_champion`, so a rollback is one call.
-        `int8_model` (a TFLite flatbuffer) is what the pyfunc serves; None: the
-        float32 model. `card` (Markdown) is logged as `model/model_card.md` and
-        becomes the version's description.
-        """
-        failed = [f"{name} {scores[name]:.4f} < {gate:.4f}" for name, gate in gates.items() if scores[name] < gate]
-        if failed:
-            return self._decided(RegistryDecision(False, "not registered: " + ", ".join(failed)))
-        previous = self.champion_version(model_name, alias)
-        self._log_model(model, int8_model, card)
-        version = str(_patient(mlflow.register_model)(f"runs:/{self.run_id}/model", model_name).version)
-        tags = {**{name: f"{value:.6f}" for name, value in scores.items()}, "search_run_id": self.run_id, "served_form": "int8" if int8_model else "float32"}
-        if comparison is not None:
-            tags.update(
-                {
-                    "champion_version": previous,
-                    "champion_test_accuracy": f"{comparison.champion_accuracy:.6f}",
-                    "champion_robust_accuracy_mean": f"{comparison.champion_robust_accuracy:.6f}",
-                    "mcnemar_challenger_only_right": str(comparison.challenger_only_right),
-                    "mcnemar_champion_only_right": str(comparison.champion_only_right),
-                    "mcnemar_p_value": f"{comparison.p_value:.6g}",
-                }
-            )
-        for key, value in tags.items():
-            self.client.set_model_version_tag(model_name, version, key, value)
-        if card:
-            self.client.update_model_version(model_name, version, description=card)
-        figures = f"test_accuracy {scores.get('test_accuracy', 0):.4f}, robust_accuracy_mean {scores.get('robust_accuracy_mean', 0):.4f}"
-        if comparison is not None and not comparison.challenger_wins:
-            return self._decided(
-                RegistryDecision(
-                    True,
-                    f"registered {model_name} version {version}; @{alias} stays version {previous}: it is not worse on both "
-                    f"({figures}; the champion's {comparison.champion_accuracy:.4f} and {comparison.champion_robust_accuracy:.4f}, McNemar p={comparison.p_value:.3g})",
-                    version,
-                )
-            )
-        self.client.set_registered_model_alias(model_name, alias, version)
-        if previous is not None:
-            self.client.set_registered_model_alias(model_name, f"previous_{alias}", previous)
-        against = (
-            f", replacing version {previous} ({comparison.champion_accuracy:.4f} and {comparison.champion_robust_accuracy:.4f}"
-            + ("" if comparison.champion_clears_gates else ", below today's gates")
-            + f", McNemar p={comparison.p_value:.3g})"
-            if comparison
-            else ""
-        )
-        return self._decided(RegistryDecision(True, f"registered {model_name} version {version} as @{alias} ({figures}{against})", version, True))
 
-    def _log_model(self, model, int8_model: bytes | None, card: str = "") -> None:
-        """The model under artifact `model/`: Keras' native format of Keras' own layers
-        (flavor `keras`) and the pyfunc of search/pyfunc_model.py, shipped with it
-        (flavor `python_function`), which serves `int8_model` where given; its card beside."""
+class _KerasWithPyfunc:
+    """A flavor for `mlflow.models.Model.log`: MLflow's keras flavor (float32, for
+    `mlflow.keras.load_model`), with a pyfunc flavor whose loader module is shipped with the model."""
+
+    @staticmethod
+    def save_model(path, mlflow_model: Model, keras_model, loader: Path, loader_module: str, files: Mapping[str, bytes], card: str) -> None:
         import mlflow.keras  # noqa: PLC0415 - TensorFlow glue only when a model is logged
 
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model"
-            mlflow.keras.save_model(with_keras_layers(model), str(path), signature=KERAS_SIGNATURE, pip_requirements=list(MODEL_REQUIREMENTS))
-            if int8_model:
-                (path / "data" / pyfunc_model.TFLITE_FILE).write_bytes(int8_model)
-            (path / "code").mkdir()
-            shutil.copy(pyfunc_model.__file__, path / "code" / f"{PYFUNC_MODULE}.py")
-            mlmodel = Model.load(str(path / "MLmodel"))
-            mlmodel.flavors["python_function"].update(loader_module=PYFUNC_MODULE, code="code", data="data")
-            mlmodel.signature = MODEL_SIGNATURE
-            mlmodel.save(str(path / "MLmodel"))
-            if card:
-                (path / "model_card.md").write_text(card)
-            self.client.log_artifacts(self.run_id, str(path), "model")
-
-    def _decided(self, decision: RegistryDecision) -> RegistryDecision:
-        self.set_tag("registry_decision", decision.reason)
-        return decision
+        mlflow.keras.save_model(keras_model, path, mlflow_model=mlflow_model, signature=KERAS_SIGNATURE, pip_requirements=list(MODEL_REQUIREMENTS))
+        folder = Path(path)
+        for name, content in files.items():
+            (folder / "data" / name).write_bytes(content)
+        (folder / "code").mkdir()
+        shutil.copy(loader, folder / "code" / f"{loader_module}.py")
+        if card:
+            (folder / "model_card.md").write_text(card)
+        keras_env = mlflow_model.flavors["python_function"]["env"]
+        mlflow.pyfunc.add_to_model(mlflow_model, loader_module=loader_module, code="code", data="data", conda_env=keras_env["conda"], python_env=keras_env["virtualenv"])
+        mlflow_model.signature = MODEL_SIGNATURE
+        mlflow_model.save(str(folder / "MLmodel"))
 
 
 @contextlib.contextmanager
@@ -368,20 +318,23 @@ def search_summary(run_id: str) -> dict:
 
 def load_keras_model(model_uri: str):
     """The Keras model at `model_uri` (e.g. `models:/mnist-cnn@champion`), loaded with Keras' safe mode."""
-    check_reachable()
     import mlflow.keras  # noqa: PLC0415 - TensorFlow glue only when a model is loaded
 
-    try:
-        return mlflow.keras.load_model(model_uri)
-    except Exception as err:  # MLflow raises several types for a missing model or alias
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise TrackingError(f"cannot load model {model_uri!r}: {first_line[:300]}") from None
+    return _load(mlflow.keras.load_model, model_uri)
 
 
 def load_pyfunc_model(model_uri: str):
     """The model at `model_uri` as MLflow's generic pyfunc, as a serving process loads it."""
+    return _load(mlflow.pyfunc.load_model, model_uri)
+
+
+def _load(loader, model_uri: str):
     check_reachable()
-    return mlflow.pyfunc.load_model(model_uri)
+    try:
+        return loader(model_uri)
+    except Exception as err:  # MLflow raises several types for a missing model or alias
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise TrackingError(f"cannot load model {model_uri!r}: {first_line[:300]}") from None
 
 
 def resumable_params(run_id: str) -> dict[str, str]:

@@ -9,7 +9,6 @@ deep-copies for every trial.
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
 import time
 from dataclasses import dataclass
@@ -291,34 +290,3 @@ def failure_reason(trial: kt.engine.trial.Trial) -> str:
     """The last line of the trial's traceback: the error itself."""
     lines = [line for line in (trial.message or "").splitlines() if line.strip()]
     return lines[-1].strip() if lines else "the trial failed without a message"
-
-
-def trial_rows(tuner: kt.Tuner) -> list[dict]:
-    """One dict per trial: trial_id, status, val_accuracy (None unless completed), best_step,
-    pruned (epochs trained before the median rule stopped it, else None), epochs_saved, hyperparameters."""
-    pruned = tuner.pruner.pruned if getattr(tuner, "pruner", None) else {}
-    max_epochs = getattr(tuner, "max_epochs", 1)
-    return [
-        {
-            "trial_id": t.trial_id,
-            "status": t.status,
-            "val_accuracy": t.score if t.status == "COMPLETED" else None,
-            "best_step": t.best_step,
-            "pruned": pruned.get(t.trial_id),
-            "epochs_saved": epochs_saved(t, max_epochs, pruned.get(t.trial_id)),
-            "hyperparameters": active_values(t.hyperparameters),
-        }
-        for t in sorted(tuner.oracle.trials.values(), key=lambda t: t.trial_id)
-    ]
-
-
-def write_trials_csv(rows: list[dict], path: Path) -> Path:
-    """The trials table: id, status, score, best epoch and every hyperparameter, one row per trial."""
-    hp_names = sorted({name for row in rows for name in row["hyperparameters"]})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, ["trial_id", "status", "val_accuracy", "best_step", "pruned", "epochs_saved", *hp_names])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: v for k, v in row.items() if k != "hyperparameters"} | row["hyperparameters"])
-    return path

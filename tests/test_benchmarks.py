@@ -69,3 +69,17 @@ def test_every_import_inside_the_benchmark_functions_resolves():
             module = importlib.import_module(node.module)
             for alias in node.names:
                 assert hasattr(module, alias.name) or importlib.import_module(f"{node.module}.{alias.name}"), (node.module, alias.name)
+
+
+def test_each_run_puts_its_table_first_in_the_results_file(tmp_path):
+    from benchmarks.run import add_to_results
+
+    results = {"machine": {"cpu": "Test CPU", "cores": 2, "date": "2026-11-30 00:00 UTC"}, "profiles": {}}
+    path = tmp_path / "RESULTS.md"
+    add_to_results(path, results, "python -m benchmarks --profiles fast")
+    add_to_results(path, {**results, "machine": {**results["machine"], "date": "2026-12-01 00:00 UTC"}}, "python -m benchmarks")
+    text = path.read_text()
+    assert text.startswith("# Benchmark results\n")
+    newer, older = text.index("## `python -m benchmarks`\n"), text.index("## `python -m benchmarks --profiles fast`\n")
+    assert newer < older and text.count("| figure | measured | target | met |") == 2
+    assert "2026-12-01 00:00 UTC" in text[newer:older] and "commit " in text[newer:older]

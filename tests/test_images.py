@@ -66,11 +66,11 @@ def test_bad_inputs_are_one_clear_error(tmp_path):
     (tmp_path / "huge.jpg").write_bytes(b"\xff" * (MAX_FILE_BYTES + 1))
     cases[tmp_path / "huge.jpg"] = "bytes is too large for a digit image"
     np.save(tmp_path / "wrong_shape.npy", np.zeros((2, 32, 32), np.uint8))
-    cases[tmp_path / "wrong_shape.npy"] = "expected digits of shape (N, 28, 28) or (N, 28, 28, 1), got (2, 32, 32)"
+    cases[tmp_path / "wrong_shape.npy"] = "must have shape (N, 28, 28) or (N, 28, 28, 1), got (2, 32, 32)"
     np.save(tmp_path / "wrong_dtype.npy", np.zeros((2, 28, 28), bool))
-    cases[tmp_path / "wrong_dtype.npy"] = "dtype bool is not uint8 0..255 or float 0..1"
+    cases[tmp_path / "wrong_dtype.npy"] = "has dtype bool: expected integers 0..255 or floats in [0, 1]"
     np.save(tmp_path / "too_bright.npy", np.full((2, 28, 28), 3.0, np.float32))
-    cases[tmp_path / "too_bright.npy"] = "float pixels must be finite and in [0, 1]"
+    cases[tmp_path / "too_bright.npy"] = "has float pixels outside [0, 1]"
     for path, message in cases.items():
         with pytest.raises(InputError) as err:
             read_inputs(path)

@@ -222,13 +222,14 @@ def test_a_short_default_search_tries_different_architectures(tracking_store, tm
     assert len({tuple(c.data.params.get(name) for name in architecture) for c in children}) == 8  # 8 distinct networks
 
 
-def test_the_registered_version_carries_its_model_card(smoke_search):
+def test_the_registered_version_carries_its_model_card(smoke_search, monkeypatch):
     store, _ = smoke_search
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     client = mlflow.MlflowClient(store)
     version = client.get_model_version_by_alias("mnist-cnn", "champion")
     parent = client.get_run(version.tags["search_run_id"])
     card = version.description
-    assert card == Path(client.download_artifacts(parent.info.run_id, "model/model_card.md")).read_text()
+    assert card == Path(mlflow.artifacts.download_artifacts(f"models:/mnist-cnn/{version.version}")).joinpath("model_card.md").read_text()
     metrics = parent.data.metrics
     # What it saw, what it is, how well, how fast, where from.
     assert parent.data.params["data_sha256"] in card and "| training images | 54,000" in card and "| test images (read once, after the search) | 10,000" in card

@@ -11,7 +11,8 @@ from experiments import resolve
 from search import tracking
 from search.data import Split
 from search.pruning import MedianStopping
-from search.tuner import make_tuner, run_trials, trial_rows, write_trials_csv
+from search.report import write_trials_csv
+from search.tuner import make_tuner, run_trials
 
 
 def test_a_trial_below_the_median_of_finished_trials_stops():
@@ -60,13 +61,13 @@ def test_a_real_trial_that_is_clearly_worse_is_stopped_and_logged_as_pruned(trac
             config = resolve("smoke", max_trials=trials, max_epochs=3, early_stopping_patience=0, fixed=(*pins, f"learning_rate={learning_rate}"))
             tuner = make_tuner(config, tracker, tmp_path / name, "tuner", pruner=rule)
             run_trials(tuner, config, train, validation)
-        tracker.flush()
-        rows = trial_rows(tuner)
-    assert rule.pruned == {rows[0]["trial_id"]: 1}
-    write_trials_csv(rows, tmp_path / "trials.csv")
+        records = tracker.trial_records()
+    (hopeless,) = [r for r in records if r["pruned"]]
+    assert rule.pruned == {hopeless["trial_id"]: 1}
+    write_trials_csv(records, tmp_path / "trials.csv")
     with (tmp_path / "trials.csv").open() as f:
-        (row,) = list(csv.DictReader(f))
-    assert (row["pruned"], row["epochs_saved"], row["status"]) == ("1", "2", "COMPLETED")
+        (row,) = [r for r in csv.DictReader(f) if r["pruned"]]
+    assert (row["pruned"], row["epochs_saved"], row["status"], row["best_step"]) == ("1", "2", "FINISHED", "0")
     client = mlflow.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("pruning").experiment_id], "tags.trial_id != ''")
     pruned = [r for r in runs if "pruned" in r.data.tags]

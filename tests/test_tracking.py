@@ -16,7 +16,7 @@ import pytest
 
 from experiments import resolve
 from model_zoo import PlainCNN, make_cnn
-from search import interrupts, pyfunc_model, tracking
+from search import interrupts, pyfunc_model, registry, tracking
 from search.data import load_mnist
 from search.evaluate import Comparison
 from search.pipeline import SearchFailed, run_search
@@ -148,7 +148,8 @@ def test_registry_gates_champion_and_previous_champion(tracking_store):
 
     def register(test_accuracy, comparison=None, robust=0.95):
         scores = {"test_accuracy": test_accuracy, "robust_accuracy_mean": robust}
-        return tracker.register_if_better(model, scores, GATES, "digits", "champion", comparison, card="# card")
+        tracker.log_metrics(scores)  # as the pipeline logs its evaluation before the registry decides
+        return registry.register_if_better(tracker, model, scores, GATES, "digits", "champion", comparison, card="# card")
 
     with tracking.tracked_run("registry") as tracker:
         below = register(0.85, robust=0.80)
@@ -183,6 +184,12 @@ def test_registry_gates_champion_and_previous_champion(tracking_store):
     # The card is the version's description and travels with the model.
     assert client.get_model_version("digits", "3").description == "# card"
     assert Path(mlflow.artifacts.download_artifacts("models:/digits/3")).joinpath("model_card.md").read_text() == "# card"
+    # Each registered version is an MLflow logged model of the search run, its scores linked to it.
+    logged = mlflow.search_logged_models(experiment_ids=[mlflow.get_run(tracker.run_id).info.experiment_id], output_format="list")
+    assert len(logged) == 3 and {m.source_run_id for m in logged} == {tracker.run_id}
+    (third,) = [m for m in logged if m.model_id in client.get_model_version("digits", "3").source]
+    linked = {metric.key: metric.value for metric in third.metrics}
+    assert linked == {"test_accuracy": 0.97, "robust_accuracy_mean": 0.95}
     digits = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
     expected = model.predict((digits / 255.0).astype(np.float32)[..., None], verbose=0)
     # The keras flavor: the Keras model itself.
@@ -194,7 +201,7 @@ def test_registry_gates_champion_and_previous_champion(tracking_store):
         out = pyfunc.predict(batch)
         np.testing.assert_allclose(out["probabilities"], expected, rtol=1e-5)
         np.testing.assert_array_equal(out["digit"], expected.argmax(axis=1))
-    with pytest.raises(ValueError, match=r"expected digits of shape \(N, 28, 28\) or \(N, 28, 28, 1\), got \(3, 32, 32\)"):
+    with pytest.raises(ValueError, match=r"input must have shape \(N, 28, 28\) or \(N, 28, 28, 1\), got \(3, 32, 32\)"):
         pyfunc.predict(np.zeros((3, 32, 32), np.uint8))
 
 
@@ -202,7 +209,7 @@ def test_a_model_registered_with_its_int8_form_serves_that_form(tracking_store):
     model = make_cnn(conv_filters=(4,), batch_norm=True)
     int8_model = pyfunc_model.int8_tflite(model)
     with tracking.tracked_run("registry") as tracker:
-        tracker.register_if_better(model, {"test_accuracy": 0.95}, {"test_accuracy": 0.90}, "digits", "champion", None, int8_model)
+        registry.register_if_better(tracker, model, {"test_accuracy": 0.95}, {"test_accuracy": 0.90}, "digits", "champion", None, int8_model)
     assert mlflow.MlflowClient().get_model_version("digits", "1").tags["served_form"] == "int8"
     digits = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
     served = mlflow.pyfunc.load_model("models:/digits@champion").predict(digits)

@@ -1,0 +1,79 @@
+"""The registry policy: which model is registered, which one the alias names, and the tags that say why.
+
+A model is registered when every score named in the gates reaches its gate
+(clean `test_accuracy` >= threshold, `robust_accuracy_mean` >= robust_threshold).
+It becomes the champion (alias `champion`) when there is none, or when it beats
+the champion by `Comparison.challenger_wins`; the champion it replaces gets
+alias `previous_champion`, so a rollback is one call. Every call ends with the
+search run's tag `registry_decision`, one line for people.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from model_zoo import with_keras_layers
+from search import pyfunc_model
+from search.evaluate import Comparison
+from search.tracking import SearchTracker
+
+PYFUNC_MODULE = "mnist_digits_pyfunc"  # the name search/pyfunc_model.py is shipped under
+
+
+@dataclass(frozen=True)
+class RegistryDecision:
+    registered: bool
+    reason: str  # one line for people: stdout and the parent run's tag
+    version: str | None = None
+    champion: bool = False  # whether the alias now points to this version
+
+
+def register_if_better(
+    tracker: SearchTracker, model, scores: Mapping[str, float], gates: Mapping[str, float], model_name: str, alias: str,
+    comparison: Comparison | None, int8_model: bytes | None = None, card: str = "",
+) -> RegistryDecision:
+    """Register `model` if each of its `scores` named in `gates` reaches its gate; move
+    `alias` to it if it beats the champion. `comparison` is the challenger against the
+    current champion (None: there is none). `int8_model` (a TFLite flatbuffer) is what
+    the pyfunc serves; None: the float32 model. `card` (Markdown) travels with the model
+    as `model_card.md` and becomes the version's description."""
+    failed = [f"{name} {scores[name]:.4f} < {gate:.4f}" for name, gate in gates.items() if scores[name] < gate]
+    if failed:
+        return _decided(tracker, RegistryDecision(False, "not registered: " + ", ".join(failed)))
+    previous = tracker.alias_version(model_name, alias)
+    files = {pyfunc_model.TFLITE_FILE: int8_model} if int8_model else {}
+    model_uri = tracker.log_model(with_keras_layers(model), Path(pyfunc_model.__file__), PYFUNC_MODULE, files, card)
+    version = tracker.register(model_uri, model_name)
+    tags = {**{name: f"{value:.6f}" for name, value in scores.items()}, "search_run_id": tracker.run_id, "served_form": "int8" if int8_model else "float32"}
+    if comparison is not None:
+        tags |= {
+            "champion_version": previous,
+            "champion_test_accuracy": f"{comparison.champion_accuracy:.6f}",
+            "champion_robust_accuracy_mean": f"{comparison.champion_robust_accuracy:.6f}",
+            "mcnemar_challenger_only_right": str(comparison.challenger_only_right),
+            "mcnemar_champion_only_right": str(comparison.champion_only_right),
+            "mcnemar_p_value": f"{comparison.p_value:.6g}",
+        }
+    tracker.tag_version(model_name, version, tags, description=card)
+    figures = ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
+    if comparison is not None and not comparison.challenger_wins:
+        reason = (
+            f"registered {model_name} version {version}; @{alias} stays version {previous}: it is not worse on both "
+            f"({figures}; the champion's {comparison.champion_accuracy:.4f} and {comparison.champion_robust_accuracy:.4f}, McNemar p={comparison.p_value:.3g})"
+        )
+        return _decided(tracker, RegistryDecision(True, reason, version))
+    tracker.set_alias(model_name, alias, version)
+    if previous is not None:
+        tracker.set_alias(model_name, f"previous_{alias}", previous)
+    against = ""
+    if comparison is not None:
+        below = "" if comparison.champion_clears_gates else ", below today's gates"
+        against = f", replacing version {previous} ({comparison.champion_accuracy:.4f} and {comparison.champion_robust_accuracy:.4f}{below}, McNemar p={comparison.p_value:.3g})"
+    return _decided(tracker, RegistryDecision(True, f"registered {model_name} version {version} as @{alias} ({figures}{against})", version, True))
+
+
+def _decided(tracker: SearchTracker, decision: RegistryDecision) -> RegistryDecision:
+    tracker.set_tag("registry_decision", decision.reason)
+    return decision
