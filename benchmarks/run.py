@@ -52,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default="", help="settings for the profile runs, as name=value[;name=value], e.g. augment=jitter")
     parser.add_argument("--out", default="benchmark.json", help="JSON results (default: benchmark.json)")
     parser.add_argument("--tracking-uri", default="", help="keep the runs in this store (default: a throw-away sqlite store)")
-    parser.add_argument("--results", default=str(RESULTS), help=f"the Markdown file the table is added to, newest first (default: {RESULTS.relative_to(REPO)}; '' to skip)")
+    parser.add_argument(
+        "--results",
+        default=str(RESULTS),
+        help=f"the Markdown file the table is added to, newest first (default: {RESULTS.relative_to(REPO)}; '' to skip)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -84,8 +88,13 @@ def main(argv: list[str] | None = None) -> int:
 def add_to_results(path: Path, results: dict, command: str) -> None:
     """Put this run's table at the top of the results file, under its command and commit;
     earlier runs stay below it (the file's first line is its title)."""
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=False).stdout.strip()
+    commit = (
+        subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+        or "unknown"
+    )
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     section = f"## `{command}`\n\ncommit {commit}{' with uncommitted changes' if dirty else ''}, {results['machine']['date']}\n\n{table(results)}\n"
     text = path.read_text() if path.exists() else RESULTS_TITLE
     title, _, earlier = text.partition("\n## ")
@@ -116,15 +125,21 @@ def training_throughput(data, rounds: int) -> dict:
     project, keras_bn = build(policy), with_keras_layers(build(policy))
     plain, plain_batch = with_keras_layers(build("float32")), with_keras_layers(build("float32"))
     variants: dict[str, Callable[[Split], object]] = {
-        f"project path ({policy}, tf.data, batch {batch}, fused batch norm)": lambda s: project.fit(training_dataset(s, batch, config.seed), shuffle=False, verbose=0),
+        f"project path ({policy}, tf.data, batch {batch}, fused batch norm)": lambda s: project.fit(
+            training_dataset(s, batch, config.seed), shuffle=False, verbose=0
+        ),
         "plain fp32 model.fit(x, y), batch 32": lambda s: plain.fit(s.x, s.y, verbose=0),
         f"plain fp32 model.fit(x, y), batch {batch}": lambda s: plain_batch.fit(s.x, s.y, batch_size=batch, verbose=0),
         # Which part of the speedup is the fused batch norm.
-        "project path with Keras' BatchNormalization": lambda s: keras_bn.fit(training_dataset(s, batch, config.seed), shuffle=False, verbose=0),
+        "project path with Keras' BatchNormalization": lambda s: keras_bn.fit(
+            training_dataset(s, batch, config.seed), shuffle=False, verbose=0
+        ),
     }
     if cpu_has_bf16() and policy != "mixed_bfloat16":
         bf16 = build("mixed_bfloat16")
-        variants[f"mixed_bfloat16, tf.data, batch {batch}, fused batch norm"] = lambda s: bf16.fit(training_dataset(s, batch, config.seed), shuffle=False, verbose=0)
+        variants[f"mixed_bfloat16, tf.data, batch {batch}, fused batch norm"] = lambda s: bf16.fit(
+            training_dataset(s, batch, config.seed), shuffle=False, verbose=0
+        )
     warm_up = Split(split.x[: batch * 4], split.y[: batch * 4])
     for fit in variants.values():
         fit(warm_up)  # builds the train function outside the timing
@@ -203,13 +218,17 @@ def inference_throughput(data, batch_size: int = 1_000, passes: int = 3) -> dict
     served = {}
     for form, int8_model in (("int8", pyfunc_model.int8_tflite(model)), ("float32", None)):
         with contextlib.redirect_stdout(io.StringIO()), tracking.tracked_run("benchmark-inference") as tracker:
-            registry.register_if_better(tracker, model, {"test_accuracy": 1.0}, {"test_accuracy": 0.5}, f"benchmark-cnn-{form}", "champion", None, int8_model)
+            registry.register_if_better(
+                tracker, model, {"test_accuracy": 1.0}, {"test_accuracy": 0.5}, f"benchmark-cnn-{form}", "champion", None, int8_model
+            )
         served[form] = tracking.load_pyfunc_model(f"models:/benchmark-cnn-{form}@champion")
     digits = np.round(data.test.x[..., 0] * 255).astype(np.uint8)
     predicted = {}
 
     def classify(form: str) -> None:
-        predicted[form] = np.concatenate([served[form].predict(digits[i : i + batch_size])["digit"] for i in range(0, len(digits), batch_size)])
+        predicted[form] = np.concatenate(
+            [served[form].predict(digits[i : i + batch_size])["digit"] for i in range(0, len(digits), batch_size)]
+        )
 
     for form in served:
         served[form].predict(digits[:batch_size])  # warm-up
@@ -233,7 +252,21 @@ def profile_end_to_end(profile: str, seed: int, settings: list[str] = ()) -> dic
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):  # set by the runs above
         env.pop(name, None)
-    command = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "-P", f"profile={profile}", "-P", f"seed={seed}", "--experiment-name", f"benchmark-{profile}"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(REPO),
+        "--env-manager",
+        "local",
+        "-P",
+        f"profile={profile}",
+        "-P",
+        f"seed={seed}",
+        "--experiment-name",
+        f"benchmark-{profile}",
+    ]
     command += [arg for setting in settings for arg in ("-P", setting)]
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -243,7 +276,14 @@ def profile_end_to_end(profile: str, seed: int, settings: list[str] = ()) -> dic
     if done.returncode or not found or not run_id:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         return {"seed": seed, "wall_s": wall, "exit": done.returncode, "error": " | ".join(tail)}
-    return {"seed": seed, "wall_s": wall, "exit": 0, "test_accuracy": float(found.group(1)), "decision": found.group(2), **tracking.search_summary(run_id.group(1))}
+    return {
+        "seed": seed,
+        "wall_s": wall,
+        "exit": 0,
+        "test_accuracy": float(found.group(1)),
+        "decision": found.group(2),
+        **tracking.search_summary(run_id.group(1)),
+    }
 
 
 def table(results: dict) -> str:
@@ -252,7 +292,12 @@ def table(results: dict) -> str:
     for profile, runs in results["profiles"].items():
         rows += _profile_rows(profile, runs)
     settings = f", settings {' '.join(results['settings'])}" if results.get("settings") else ""
-    lines = [f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, {results['machine']['date']}{settings}", "", "| figure | measured | target | met |", "|---|---|---|---|"]
+    lines = [
+        f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, {results['machine']['date']}{settings}",
+        "",
+        "| figure | measured | target | met |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {' | '.join(row)} |" for row in rows]
     return "\n".join(lines)
 
@@ -272,17 +317,40 @@ def _profile_rows(profile: str, runs: list[dict]) -> list[tuple[str, str, str, s
         robust = run["robust_accuracy"]
         worst = min(robust, key=robust.get)
         robust_target = f">= {robust_mean_target:.0%}, each >= {robust_each_target:.0%}" if robust_mean_target else ""
-        robust_met = _met(run["robust_accuracy_mean"] >= robust_mean_target and robust[worst] >= robust_each_target) if robust_mean_target else ""
-        rows.append((f"{name}: robustness suite", f"mean {run['robust_accuracy_mean']:.2%}, worst {worst} {robust[worst]:.2%}", robust_target, robust_met))
+        robust_met = (
+            _met(run["robust_accuracy_mean"] >= robust_mean_target and robust[worst] >= robust_each_target) if robust_mean_target else ""
+        )
+        rows.append(
+            (
+                f"{name}: robustness suite",
+                f"mean {run['robust_accuracy_mean']:.2%}, worst {worst} {robust[worst]:.2%}",
+                robust_target,
+                robust_met,
+            )
+        )
         rows.append((f"{name}: each corruption", " ".join(f"{k} {v:.2%}" for k, v in robust.items()), "", ""))
         least = TARGETS["distinct_architectures"].get(profile)
         searched = f"{run['architectures']} distinct architectures in {run['trials']} trials, {run['pruned']} pruned ({run['epochs_saved']} epochs saved)"
-        rows.append((f"{name}: search", searched, f">= {least} architectures" if least else "", _met(run["architectures"] >= least) if least else ""))
+        rows.append(
+            (
+                f"{name}: search",
+                searched,
+                f">= {least} architectures" if least else "",
+                _met(run["architectures"] >= least) if least else "",
+            )
+        )
         rows.append((f"{name}: winner", run["winner"], "", ""))
     done = [run for run in runs if not run.get("exit")]
     if done and mean_target:
         mean = statistics.fmean(run["test_accuracy"] for run in done)
-        rows.append((f"profile {profile}: mean test accuracy of {len(done)} seed(s)", f"{mean:.2%}", f">= {mean_target:.2%}", _met(mean >= mean_target and len(done) == len(runs))))
+        rows.append(
+            (
+                f"profile {profile}: mean test accuracy of {len(done)} seed(s)",
+                f"{mean:.2%}",
+                f">= {mean_target:.2%}",
+                _met(mean >= mean_target and len(done) == len(runs)),
+            )
+        )
     return rows
 
 
@@ -292,7 +360,12 @@ def _micro_rows(results: dict) -> list[tuple[str, str, str, str]]:
     names = list(rates)
     return [
         *[("training: " + name, f"{rates[name]:,.0f} img/s", "", "") for name in names],
-        ("training speedup vs plain fp32 model.fit", f"{train['speedup']:.2f}x", f">= {TARGETS['training_speedup']}x", _met(train["speedup"] >= TARGETS["training_speedup"])),
+        (
+            "training speedup vs plain fp32 model.fit",
+            f"{train['speedup']:.2f}x",
+            f">= {TARGETS['training_speedup']}x",
+            _met(train["speedup"] >= TARGETS["training_speedup"]),
+        ),
         ("training speedup vs fp32 model.fit at the same batch", f"{train['speedup_same_batch']:.2f}x", "", ""),
         ("training speedup in CPU seconds per image vs plain fp32 model.fit", f"{train['cpu_speedup']:.2f}x", "", ""),
         (
@@ -303,7 +376,12 @@ def _micro_rows(results: dict) -> list[tuple[str, str, str, str]]:
         ),
         ("tracking overhead in CPU seconds (median of pairs)", f"{track['cpu_ratio']:.3f}x", "", ""),
         ("tracking overhead, fastest search of each", f"{track['fastest_ratio']:.3f}x", "", ""),
-        ("inference: registered model via pyfunc", f"{infer['digits_per_s']:,.0f} digits/s", f">= {TARGETS['inference_digits_per_s']:,}", _met(infer["digits_per_s"] >= TARGETS["inference_digits_per_s"])),
+        (
+            "inference: registered model via pyfunc",
+            f"{infer['digits_per_s']:,.0f} digits/s",
+            f">= {TARGETS['inference_digits_per_s']:,}",
+            _met(infer["digits_per_s"] >= TARGETS["inference_digits_per_s"]),
+        ),
         ("inference: the same, served in float32 (serve_int8 off)", f"{infer['float32_digits_per_s']:,.0f} digits/s", "", ""),
     ]
 

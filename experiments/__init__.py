@@ -70,20 +70,19 @@ class SearchConfig:
     # At most this long retraining (0: no limit): the epochs that fit are settled
     # once the first one is timed. With the search (16 trials of at most two
     # epochs on 10,000 images) and the evaluation, the whole default run is
-    # meant to stay within 12 minutes on 2 CPU cores; README.md has the measured times.
+    # meant to stay within 12 minutes on 2 CPU cores (benchmarks/RESULTS.md).
     final_minutes: float = 7.5
     # N > 1: the winner's configuration is retrained N times (seeds seed, seed+1,
     # ...), final_minutes shared among them, and the registered model averages
     # their probabilities: one model for the registry, N times its cost to serve.
     final_models: int = 1
     # How the final training changes its digits every epoch (AUGMENTATIONS):
-    # robust covers the families of change of the robustness suite, at no cost
-    # in clean accuracy; README.md has the measured comparison with jitter.
+    # robust covers the families of change of the robustness suite (benchmarks/RESULTS.md
+    # compares it with jitter on the same seed and budget).
     augment: str = "robust"
     # The registered model's pyfunc serves it with int8 weights (TFLite run by
-    # XNNPACK): 20,002 against 7,460 digits/s for the default network on 2 CPU
-    # cores, the same test accuracy (99.58%). Not where that int8 form's test
-    # accuracy is more than int8_max_accuracy_drop below the float32 model's.
+    # XNNPACK), several times the digits/s of float32 on a CPU; not where that
+    # int8 form's test accuracy is more than int8_max_accuracy_drop below the float32 model's.
     serve_int8: bool = True  # False: always float32
     int8_max_accuracy_drop: float = 0.001  # 10 of the 10,000 test digits
     threshold: float = 0.90  # register only if test_accuracy >= threshold
@@ -115,7 +114,17 @@ class SearchConfig:
         for name in ("max_trials", "max_epochs", "hyperband_factor", "validation_size", "batch_size", "final_models", "robust_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("early_stopping_patience", "prune_min_trials", "prune_grace_epochs", "train_subset", "final_epochs", "final_minutes", "final_learning_rate", "winner_within_se", "int8_max_accuracy_drop"):
+        for name in (
+            "early_stopping_patience",
+            "prune_min_trials",
+            "prune_grace_epochs",
+            "train_subset",
+            "final_epochs",
+            "final_minutes",
+            "final_learning_rate",
+            "winner_within_se",
+            "int8_max_accuracy_drop",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("threshold", "robust_threshold"):
@@ -125,8 +134,8 @@ class SearchConfig:
             raise ConfigError("model_name is empty")
 
 
-# Each profile overrides only what it changes. Measured costs and accuracies
-# are in README.md (Performance); `python -m benchmarks --profiles ...` repeats them.
+# Each profile overrides only what it changes. Measured costs and accuracies are in
+# benchmarks/RESULTS.md; `python -m benchmarks --profiles ...` measures them again.
 PROFILES: dict[str, dict] = {
     # What a plain `mlflow run .` runs: 16 random architectures of all three
     # families, two epochs each on a 10,000-image subset, stopped after one if
@@ -135,13 +144,18 @@ PROFILES: dict[str, dict] = {
     "default": {},
     # About a minute: two one-epoch trials of a pinned small two-block
     # batch-norm network (16 and 32 filters, dense 128) that differ in dropout,
-    # the winner retrained for up to 5 epochs at batch 256, without
-    # augmentation. Measured on the final training alone: 99.28% in 50 s at
-    # batch 256 (peak 0.006) against 99.16% in 74 s at batch 128 (peak 0.004).
+    # the winner retrained for up to 5 epochs without augmentation, at batch 256
+    # and a higher peak rate: more of the few epochs fit in its minute.
     "fast": {
         "families": ("batchnorm",),
         "fixed": (
-            "conv_blocks=2", "convs_per_block=1", "conv_filters_0=16", "conv_filters_1=32", "kernel_size=3", "head=flatten", "dense_units=128",
+            "conv_blocks=2",
+            "convs_per_block=1",
+            "conv_filters_0=16",
+            "conv_filters_1=32",
+            "kernel_size=3",
+            "head=flatten",
+            "dense_units=128",
             # Two random trials cannot find a learning rate: pinned to the retraining's peak.
             "learning_rate=0.006",
         ),

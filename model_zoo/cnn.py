@@ -106,9 +106,8 @@ class FusedBatchNormalization(layers.BatchNormalization):
 
     Keras 3 normalises a batch with a dozen separate ops forward and backward
     (keras-team/keras-core#225, "BatchNorm is slow"); TensorFlow's
-    `FusedBatchNormV3` does it in one pass each way (oneDNN on a CPU). Measured
-    on the default network: 1.05 against 1.69 CPU ms per training image. The
-    arithmetic is the same batch norm, so at inference, and wherever the fused
+    `FusedBatchNormV3` does it in one pass each way (oneDNN on a CPU), in fewer
+    CPU seconds per image (benchmarks/RESULTS.md). The arithmetic is the same batch norm, so at inference, and wherever the fused
     kernel does not apply, this is Keras' own layer, and `with_keras_layers`
     turns a model back into Keras' layers before it is saved.
     """

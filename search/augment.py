@@ -19,7 +19,6 @@ import tensorflow as tf
 
 from experiments import AUGMENTATIONS
 
-
 # jitter: shifts of up to 8% (2.2 px), rotations of up to 0.025 turn (9
 # degrees), zooms of up to 8%; stronger jitter costs clean accuracy in short trainings.
 SHIFT, ROTATION, ZOOM = 0.08, 0.025, 0.08
@@ -107,7 +106,12 @@ def _change_pixels(x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     blur = _blend(_blur(x, 0.8), _blur(x, 1.5), column(per_image()))
     direction, step = per_image(0.0, math.pi), per_image(0.0, 1.5)
     zeros, ones = tf.zeros_like(step), tf.ones_like(step)
-    motion = tf.add_n([_resample(x, ones, zeros, zeros, ones, k * step * tf.cos(direction), k * step * tf.sin(direction)) for k in (-2, -1, 0, 1, 2)]) / 5
+    motion = (
+        tf.add_n(
+            [_resample(x, ones, zeros, zeros, ones, k * step * tf.cos(direction), k * step * tf.sin(direction)) for k in (-2, -1, 0, 1, 2)]
+        )
+        / 5
+    )
     dilate = _blend(x, tf.nn.max_pool2d(x, 3, 1, "SAME"), column(per_image(0.2, 1.0)))
     erode = _blend(x, -tf.nn.max_pool2d(-x, 3, 1, "SAME"), column(per_image(0.2, 0.8)))
     contrast = x * column(per_image(0.25, 1.0)) + column(per_image(0.0, 0.45))

@@ -30,11 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search_arguments(distributed)
     distributed.add_argument("--workers", type=_whole, default=2, help="local worker processes (default 2; 0: start workers yourself)")
     distributed.add_argument("--threads", type=_whole, default=1, help="TensorFlow threads per local worker (default 1)")
-    distributed.add_argument("--oracle-host", default="127.0.0.1", help="address the oracle binds (0.0.0.0 for other machines; default 127.0.0.1)")
+    distributed.add_argument(
+        "--oracle-host", default="127.0.0.1", help="address the oracle binds (0.0.0.0 for other machines; default 127.0.0.1)"
+    )
     distributed.add_argument("--oracle-port", type=_whole, default=0, help="oracle port (default: a free one)")
-    distributed.add_argument("--worker-timeout", type=float, default=0, help="end a trial that reports no epoch for this many seconds (default: off)")
+    distributed.add_argument(
+        "--worker-timeout", type=float, default=0, help="end a trial that reports no epoch for this many seconds (default: off)"
+    )
 
-    worker = commands.add_parser("worker", help="train trials of a distributed search (started by `distributed`, or by hand on other machines)")
+    worker = commands.add_parser(
+        "worker", help="train trials of a distributed search (started by `distributed`, or by hand on other machines)"
+    )
     worker.add_argument("--parent-run-id", required=True, help="the search's parent run, which the chief printed")
     worker.add_argument("--oracle", required=True, help="host:port of the chief's oracle")
     worker.add_argument("--tuner-id", required=True, help="a name unique among the workers, e.g. worker-3")
@@ -50,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="print JSON lines")
 
     resume = commands.add_parser("resume", help="continue an interrupted search with the settings it logged")
-    resume.add_argument("run_id", nargs="?", default=os.environ.get("MLFLOW_RUN_ID", ""), help="the search's parent run id (default: $MLFLOW_RUN_ID, as `mlflow run --run-id` sets it)")
+    resume.add_argument(
+        "run_id",
+        nargs="?",
+        default=os.environ.get("MLFLOW_RUN_ID", ""),
+        help="the search's parent run id (default: $MLFLOW_RUN_ID, as `mlflow run --run-id` sets it)",
+    )
     return parser
 
 
@@ -79,7 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     # are marked KILLED and the search can be resumed.
     interrupts.install()
     try:
-        commands = {"run": _run, "distributed": _distributed, "worker": _worker, "resume": _resume, "evaluate": _evaluate, "predict": _predict}
+        commands = {
+            "run": _run,
+            "distributed": _distributed,
+            "worker": _worker,
+            "resume": _resume,
+            "evaluate": _evaluate,
+            "predict": _predict,
+        }
         return commands[args.command](args)
     except KeyboardInterrupt:
         print("error: interrupted; continue with `python -m search resume <run id>`", file=sys.stderr)
@@ -104,7 +122,9 @@ def _distributed(args: argparse.Namespace) -> int:
     from search.distributed import Chief
     from search.pipeline import run_search
 
-    chief = Chief(workers=args.workers, threads=args.threads, host=args.oracle_host, port=args.oracle_port, worker_timeout_s=args.worker_timeout)
+    chief = Chief(
+        workers=args.workers, threads=args.threads, host=args.oracle_host, port=args.oracle_port, worker_timeout_s=args.worker_timeout
+    )
     return _report(run_search(config, chief=chief))
 
 
@@ -152,7 +172,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _report(result) -> int:
-    print(f"search run {result.run_id}: {result.completed_trials}/{result.trials} trials completed, best val_accuracy {result.best_val_accuracy:.4f}")
+    print(
+        f"search run {result.run_id}: {result.completed_trials}/{result.trials} trials completed, best val_accuracy {result.best_val_accuracy:.4f}"
+    )
     return 0
 
 
@@ -199,4 +221,3 @@ def _whole(text: str) -> int:
     if value != int(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
     return int(value)
-

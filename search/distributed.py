@@ -66,7 +66,10 @@ class Chief:
         server.start()
         tuner.save()  # as Keras Tuner's chief does before serving
         address = f"{'127.0.0.1' if self.host in ('0.0.0.0', '::') else self.host}:{port}"
-        print(f"oracle serving on {self.host}:{port}; start a worker with:\n  python -m search worker --parent-run-id {tracker.run_id} --oracle <this host>:{port} --tuner-id <unique name>", flush=True)
+        print(
+            f"oracle serving on {self.host}:{port}; start a worker with:\n  python -m search worker --parent-run-id {tracker.run_id} --oracle <this host>:{port} --tuner-id <unique name>",
+            flush=True,
+        )
         activity: dict[str, tuple[object, float]] = {}
         try:
             for index in range(self.workers):
@@ -76,7 +79,9 @@ class Chief:
                 time.sleep(POLL_S)
                 for tuner_id, process in self.processes.items():
                     if process.poll() is not None and (tuner_id in oracle.tuner_ids or tuner_id in oracle.ongoing_trials):
-                        self._end_worker(oracle, tracker, tuner_id, f"worker {tuner_id} exited with status {process.returncode} during the trial")
+                        self._end_worker(
+                            oracle, tracker, tuner_id, f"worker {tuner_id} exited with status {process.returncode} during the trial"
+                        )
                 if self.worker_timeout_s:
                     self._end_silent_trials(oracle, tracker, activity)
                 if self.processes and all(p.poll() is not None for p in self.processes.values()) and not servicer.stop_triggered:
@@ -97,7 +102,20 @@ class Chief:
         env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
         # The worker must not adopt the parent run (mlflow run passes MLFLOW_RUN_ID):
         # it logs trial runs under it instead.
-        command = [sys.executable, "-m", "search", "worker", "--parent-run-id", parent_run_id, "--oracle", address, "--tuner-id", tuner_id, "--threads", str(self.threads)]
+        command = [
+            sys.executable,
+            "-m",
+            "search",
+            "worker",
+            "--parent-run-id",
+            parent_run_id,
+            "--oracle",
+            address,
+            "--tuner-id",
+            tuner_id,
+            "--threads",
+            str(self.threads),
+        ]
         self.processes[tuner_id] = subprocess.Popen(command, env=env)
 
     def _end_worker(self, oracle: kt.Oracle, tracker: tracking.SearchTracker, tuner_id: str, reason: str) -> None:

@@ -37,4 +37,3 @@ def label_distribution(data: MnistData, path: Path) -> Path:
     ax.set_title("Label distribution per split")
     ax.legend()
     return save(fig, path)
-

@@ -80,7 +80,12 @@ def report(probabilities: np.ndarray, labels: np.ndarray) -> TestReport:
 
 
 def compare(
-    challenger: TestReport, champion: TestReport, labels: np.ndarray, challenger_robust: float, champion_robust: float, gates: tuple[float, float]
+    challenger: TestReport,
+    champion: TestReport,
+    labels: np.ndarray,
+    challenger_robust: float,
+    champion_robust: float,
+    gates: tuple[float, float],
 ) -> Comparison:
     """Two models on the same labelled images (McNemar's exact test) and on the same
     robustness suite (their robust_accuracy_mean); `gates` = (threshold, robust_threshold)."""

@@ -38,7 +38,10 @@ def machine() -> str:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         cpuinfo = ""
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), platform.processor() or "unknown CPU")
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+        platform.processor() or "unknown CPU",
+    )
     return f"{cpu}, {os.cpu_count()} cores"
 
 
@@ -56,18 +59,44 @@ def measure_speed(predict: Callable[[np.ndarray], object], digits: np.ndarray, s
 
 
 def write(
-    *, data: MnistData, hyperparameters: Mapping[str, object], param_count: int, multiply_adds: float, test: TestReport,
-    robustness: RobustnessReport, robust_size: int, int8_accuracy: float | None, served_form: str, speed: Speed,
-    search_run_id: str, settings: Mapping[str, object], gates: Mapping[str, float],
+    *,
+    data: MnistData,
+    hyperparameters: Mapping[str, object],
+    param_count: int,
+    multiply_adds: float,
+    test: TestReport,
+    robustness: RobustnessReport,
+    robust_size: int,
+    int8_accuracy: float | None,
+    served_form: str,
+    speed: Speed,
+    search_run_id: str,
+    settings: Mapping[str, object],
+    gates: Mapping[str, float],
 ) -> str:
     """The card as Markdown."""
     n = int(test.confusion.sum())
     interval = binomtest(int(round(test.accuracy * n)), n).proportion_ci(0.95, method="wilson")
     worst = sorted(robustness.accuracy.items(), key=lambda item: item[1])[:3]
-    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE.parent), undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATE.parent), undefined=jinja2.StrictUndefined, keep_trailing_newline=True
+    )
     return environment.get_template(TEMPLATE.name).render(
-        data=data, hyperparameters={k: v for k, v in hyperparameters.items() if not k.startswith("tuner/")}, param_count=param_count,
-        multiply_adds=multiply_adds, test=test, n=n, interval=(interval.low, interval.high), recall=list(enumerate(test.recall)),
-        robustness=robustness, robust_size=robust_size, worst=worst, int8_accuracy=int8_accuracy, served_form=served_form, speed=speed,
-        search_run_id=search_run_id, settings=settings, gates=gates,
+        data=data,
+        hyperparameters={k: v for k, v in hyperparameters.items() if not k.startswith("tuner/")},
+        param_count=param_count,
+        multiply_adds=multiply_adds,
+        test=test,
+        n=n,
+        interval=(interval.low, interval.high),
+        recall=list(enumerate(test.recall)),
+        robustness=robustness,
+        robust_size=robust_size,
+        worst=worst,
+        int8_accuracy=int8_accuracy,
+        served_form=served_form,
+        speed=speed,
+        search_run_id=search_run_id,
+        settings=settings,
+        gates=gates,
     )

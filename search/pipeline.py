@@ -20,9 +20,9 @@ from model_zoo import average_of, precision_policy
 from search import data as data_module
 from search import eda, evaluate, model_card, pyfunc_model, registry, report, robustness, tracking
 from search.data import DataError, Split
+from search.progress import top_table
 from search.tracking import TrackingError
 from search.train import Precision, choose_precision, train_final
-from search.progress import top_table
 from search.tuner import failure_reason, make_tuner, pick_winner, run_trials, seed_pruner
 
 
@@ -112,18 +112,29 @@ def prepare_data(config: SearchConfig, resume: Resume | None) -> data_module.Mni
     """MNIST loaded, validated and split before anything trains; a resumed search must see the same data."""
     data = data_module.load_mnist(data_module.data_source(config.data), config.validation_size)
     if resume and resume.data_sha256 != data.digest:
-        raise DataError(f"{data.source}: not the data search {resume.run_id} started with (sha256 {data.digest[:12]}..., logged {resume.data_sha256[:12]}...)")
+        raise DataError(
+            f"{data.source}: not the data search {resume.run_id} started with (sha256 {data.digest[:12]}..., logged {resume.data_sha256[:12]}...)"
+        )
     tuner_dir = Path(config.output_dir) / resume.run_id / "tuner" if resume else None
     if tuner_dir and not (tuner_dir / "oracle.json").is_file():
         raise TrackingError(f"no tuner state at {tuner_dir}: resume from the directory the search ran in")
     return data
 
 
-def record_setup(tracker: tracking.SearchTracker, config: SearchConfig, data: data_module.MnistData, precision: Precision, resume: Resume | None, out: Path) -> None:
+def record_setup(
+    tracker: tracking.SearchTracker,
+    config: SearchConfig,
+    data: data_module.MnistData,
+    precision: Precision,
+    resume: Resume | None,
+    out: Path,
+) -> None:
     """The resolved settings, the data and the precision as params; the EDA figures (a resumed search has them)."""
     tracker.log_params(tracking.config_params(config))
     train_images = len(data_module.subset(data.train, config.train_subset))
-    tracker.log_params({"data_source": data.source, "data_sha256": data.digest, "train_images": train_images, "validation_images": len(data.validation)})
+    tracker.log_params(
+        {"data_source": data.source, "data_sha256": data.digest, "train_images": train_images, "validation_images": len(data.validation)}
+    )
     if not (resume and resume.precision):
         tracker.log_params(precision.params())
     print(f"precision {precision.policy} ({precision.reason})", flush=True)
@@ -133,11 +144,20 @@ def record_setup(tracker: tracking.SearchTracker, config: SearchConfig, data: da
 
 
 def search(
-    tracker: tracking.SearchTracker, config: SearchConfig, data: data_module.MnistData, dtype_policy: str, resume: Resume | None,
-    hypermodel: kt.HyperModel | None, chief, verbose: int, out: Path,
+    tracker: tracking.SearchTracker,
+    config: SearchConfig,
+    data: data_module.MnistData,
+    dtype_policy: str,
+    resume: Resume | None,
+    hypermodel: kt.HyperModel | None,
+    chief,
+    verbose: int,
+    out: Path,
 ) -> kt.Tuner:
     """The Keras Tuner search, scored on the validation split; trials.csv and the top trials table."""
-    tuner = make_tuner(config, tracker, out, project_name="tuner", hypermodel=hypermodel, resume=resume is not None, dtype_policy=dtype_policy)
+    tuner = make_tuner(
+        config, tracker, out, project_name="tuner", hypermodel=hypermodel, resume=resume is not None, dtype_policy=dtype_policy
+    )
     if resume:
         seed_pruner(tuner, tracker.trial_records())
     try:
@@ -150,7 +170,9 @@ def search(
             if "consecutive failures" not in str(err):
                 raise
             last = tuner.oracle.trials[tuner.oracle.end_order[-1]]
-            raise SearchFailed(f"{tuner.oracle.max_consecutive_failed_trials} trials failed in a row, the last with: {failure_reason(last)}") from None
+            raise SearchFailed(
+                f"{tuner.oracle.max_consecutive_failed_trials} trials failed in a row, the last with: {failure_reason(last)}"
+            ) from None
     except BaseException:
         with contextlib.suppress(Exception):  # the table of what ran, if the store still answers
             tracker.log_artifact(report.write_trials_csv(tracker.trial_records(), out / "trials.csv"))
@@ -167,7 +189,9 @@ def pick(tracker: tracking.SearchTracker, tuner: kt.Tuner, config: SearchConfig,
     if not any(t.status == "COMPLETED" for t in trials):
         raise SearchFailed(f"all {len(trials)} trials failed; see the failure_reason tags of the trial runs")
     winner = pick_winner(tuner, validation_images, config.winner_within_se)
-    tracker.log_metrics({"best_val_accuracy": winner.best.score, "winner_val_accuracy": winner.trial.score, "winner_multiply_adds": winner.multiply_adds})
+    tracker.log_metrics(
+        {"best_val_accuracy": winner.best.score, "winner_val_accuracy": winner.trial.score, "winner_multiply_adds": winner.multiply_adds}
+    )
     tracker.set_tag("best_trial_id", winner.best.trial_id)
     tracker.set_tag("winner_trial_id", winner.trial.trial_id)
     print(winner.describe(), flush=True)
@@ -183,7 +207,9 @@ def build_model(tracker: tracking.SearchTracker, tuner: kt.Tuner, winner, data: 
         return tuner.load_model(winner.trial)
 
 
-def evaluate_once(tracker: tracking.SearchTracker, model: keras.Model, data: data_module.MnistData, config: SearchConfig, out: Path) -> Evaluation:
+def evaluate_once(
+    tracker: tracking.SearchTracker, model: keras.Model, data: data_module.MnistData, config: SearchConfig, out: Path
+) -> Evaluation:
     """The test split, touched once, after the search: clean, then the robustness suite; then the int8 form."""
     test_report = evaluate.evaluate(model, data.test)
     log_evaluation(tracker, test_report, data.test, out / "evaluation")
@@ -192,7 +218,9 @@ def evaluate_once(tracker: tracking.SearchTracker, model: keras.Model, data: dat
     return Evaluation(test_report, robust_report, corrupted, int8_form(tracker, model, test_report, data.test, config))
 
 
-def promote(tracker: tracking.SearchTracker, model: keras.Model, evaluation: Evaluation, winner, data: data_module.MnistData, config: SearchConfig) -> registry.RegistryDecision:
+def promote(
+    tracker: tracking.SearchTracker, model: keras.Model, evaluation: Evaluation, winner, data: data_module.MnistData, config: SearchConfig
+) -> registry.RegistryDecision:
     """The registry gates; a challenger is compared with the champion on the same test digits and suite."""
     scores = evaluation.scores
     gates = {"test_accuracy": config.threshold, "robust_accuracy_mean": config.robust_threshold}
@@ -202,10 +230,19 @@ def promote(tracker: tracking.SearchTracker, model: keras.Model, evaluation: Eva
         champion = tracking.load_keras_model(champion_uri(config))
         champion_robust = robustness.evaluate(keras_predict(champion), evaluation.corrupted).mean
         champion_test = evaluate.evaluate(champion, data.test)
-        comparison = evaluate.compare(evaluation.test, champion_test, data.test.y, evaluation.robust.mean, champion_robust, (config.threshold, config.robust_threshold))
+        comparison = evaluate.compare(
+            evaluation.test,
+            champion_test,
+            data.test.y,
+            evaluation.robust.mean,
+            champion_robust,
+            (config.threshold, config.robust_threshold),
+        )
     if clears:
         card = write_model_card(tracker, config, data, winner, model, evaluation, gates)
-    decision = registry.register_if_better(tracker, model, scores, gates, config.model_name, config.champion_alias, comparison, evaluation.int8_model, card)
+    decision = registry.register_if_better(
+        tracker, model, scores, gates, config.model_name, config.champion_alias, comparison, evaluation.int8_model, card
+    )
     print(f"test_accuracy {scores['test_accuracy']:.4f}, robust_accuracy_mean {scores['robust_accuracy_mean']:.4f} - {decision.reason}")
     return decision
 
@@ -216,7 +253,13 @@ def write_search_report(tracker: tracking.SearchTracker, config: SearchConfig, d
     print(f"report: {tracker.artifact_uri('report/report.html')}")
 
 
-def retrain_winner(tracker: tracking.SearchTracker, hypermodel: kt.HyperModel, hyperparameters: kt.HyperParameters, data: data_module.MnistData, config: SearchConfig) -> keras.Model:
+def retrain_winner(
+    tracker: tracking.SearchTracker,
+    hypermodel: kt.HyperModel,
+    hyperparameters: kt.HyperParameters,
+    data: data_module.MnistData,
+    config: SearchConfig,
+) -> keras.Model:
     """The winner's configuration retrained on all training images, `final_models` times
     with seeds seed, seed+1, ... (`final_minutes` shared), averaged into one model."""
     budget_s = config.final_minutes * 60 / config.final_models
@@ -225,9 +268,20 @@ def retrain_winner(tracker: tracking.SearchTracker, hypermodel: kt.HyperModel, h
         # One model keeps the metric names final_<metric>; several are final_<i>_<metric>.
         prefix = "final_" if config.final_models == 1 else f"final_{i}_"
         limit = f", as many as fit in {budget_s / 60:.1f} min" if budget_s else ""
-        print(f"retraining the winner's configuration on {len(data.train)} images for up to {config.final_epochs} epochs{limit}" + (f" (model {i + 1} of {config.final_models})" if config.final_models > 1 else ""), flush=True)
+        print(
+            f"retraining the winner's configuration on {len(data.train)} images for up to {config.final_epochs} epochs{limit}"
+            + (f" (model {i + 1} of {config.final_models})" if config.final_models > 1 else ""),
+            flush=True,
+        )
         run = train_final(
-            hypermodel, hyperparameters, data.train, data.validation, config.final_epochs, config.batch_size, config.augment, config.seed + i,
+            hypermodel,
+            hyperparameters,
+            data.train,
+            data.validation,
+            config.final_epochs,
+            config.batch_size,
+            config.augment,
+            config.seed + i,
             on_epoch_end=lambda epoch, logs, prefix=prefix: tracker.log_metrics({prefix + k: v for k, v in logs.items()}, step=epoch),
             peak_learning_rate=config.final_learning_rate,
             budget_s=budget_s,
@@ -250,18 +304,29 @@ def keras_predict(model: keras.Model):
     return lambda digits: model.predict(digits, batch_size=1024, verbose=0)
 
 
-def evaluate_robustness(run: tracking.SearchTracker, model: keras.Model, corrupted: dict[str, Split], out: Path) -> robustness.RobustnessReport:
+def evaluate_robustness(
+    run: tracking.SearchTracker, model: keras.Model, corrupted: dict[str, Split], out: Path
+) -> robustness.RobustnessReport:
     """The model on every corruption of the suite: robust_accuracy_* metrics and a figure, under `evaluation/`."""
     result = robustness.evaluate(keras_predict(model), corrupted)
     run.log_metrics(result.metrics())
     run.log_artifact(robustness.plot_examples(corrupted, result, out / "robustness.png"), "evaluation")
     worst, worst_accuracy = result.worst
-    print(f"robustness suite: robust_accuracy_mean {result.mean:.4f} over {len(corrupted)} corruptions, the worst {worst} {worst_accuracy:.4f}", flush=True)
+    print(
+        f"robustness suite: robust_accuracy_mean {result.mean:.4f} over {len(corrupted)} corruptions, the worst {worst} {worst_accuracy:.4f}",
+        flush=True,
+    )
     return result
 
 
 def write_model_card(
-    tracker: tracking.SearchTracker, config: SearchConfig, data: data_module.MnistData, winner, model: keras.Model, evaluation: Evaluation, gates: dict[str, float]
+    tracker: tracking.SearchTracker,
+    config: SearchConfig,
+    data: data_module.MnistData,
+    winner,
+    model: keras.Model,
+    evaluation: Evaluation,
+    gates: dict[str, float],
 ) -> str:
     """The registered version's card (search/model_card.py), its speed measured on the served form."""
     int8 = evaluation.int8_model
@@ -269,10 +334,19 @@ def write_model_card(
     speed = model_card.measure_speed(served.predict, data.test.x)
     tracker.log_metrics({"served_latency_ms_p50": speed.latency_ms_p50, "served_digits_per_second": speed.digits_per_second})
     return model_card.write(
-        data=data, hyperparameters=winner.trial.hyperparameters.values, param_count=model.count_params(), multiply_adds=winner.multiply_adds,
-        test=evaluation.test, robustness=evaluation.robust, robust_size=min(config.robust_size, len(data.test)),
-        int8_accuracy=tracker.metric("int8_test_accuracy"), served_form="int8" if int8 else "float32", speed=speed,
-        search_run_id=tracker.run_id, settings=dataclasses.asdict(config), gates=gates,
+        data=data,
+        hyperparameters=winner.trial.hyperparameters.values,
+        param_count=model.count_params(),
+        multiply_adds=winner.multiply_adds,
+        test=evaluation.test,
+        robustness=evaluation.robust,
+        robust_size=min(config.robust_size, len(data.test)),
+        int8_accuracy=tracker.metric("int8_test_accuracy"),
+        served_form="int8" if int8 else "float32",
+        speed=speed,
+        search_run_id=tracker.run_id,
+        settings=dataclasses.asdict(config),
+        gates=gates,
     )
 
 
@@ -287,7 +361,9 @@ def int8_form(tracker: tracking.SearchTracker, model, test_report: evaluate.Test
         int8_accuracy = evaluate.report(int8.predict(test.x)["probabilities"], test.y).accuracy
         tracker.log_metrics({"int8_test_accuracy": int8_accuracy})
         if test_report.accuracy - int8_accuracy > config.int8_max_accuracy_drop:
-            print(f"served in float32: the int8 form's test_accuracy {int8_accuracy:.4f} is more than {config.int8_max_accuracy_drop} below")
+            print(
+                f"served in float32: the int8 form's test_accuracy {int8_accuracy:.4f} is more than {config.int8_max_accuracy_drop} below"
+            )
             int8 = None
         else:
             print(f"served with int8 weights: test_accuracy {int8_accuracy:.4f} (float32: {test_report.accuracy:.4f})")
@@ -324,7 +400,9 @@ def evaluate_model(model_uri: str, data_path: str = "", config: SearchConfig | N
         test_report = evaluate.evaluate(model, data.test)
         log_evaluation(run, test_report, data.test, out)
         robust_report = evaluate_robustness(run, model, robustness.suite(data.test, config.seed, config.robust_size), out)
-    print(f"{model_uri}: test_accuracy {test_report.accuracy:.4f}, test_loss {test_report.loss:.4f}, robust_accuracy_mean {robust_report.mean:.4f} (run {run.run_id})")
+    print(
+        f"{model_uri}: test_accuracy {test_report.accuracy:.4f}, test_loss {test_report.loss:.4f}, robust_accuracy_mean {robust_report.mean:.4f} (run {run.run_id})"
+    )
     return test_report
 
 

@@ -16,7 +16,9 @@ def describe(hyperparameters: Mapping[str, object]) -> str:
             continue
         parts.append(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}")
     if "tuner/bracket" in hyperparameters:
-        parts.append(f"(bracket {hyperparameters['tuner/bracket']} round {hyperparameters['tuner/round']}, {hyperparameters['tuner/epochs']} epochs)")
+        parts.append(
+            f"(bracket {hyperparameters['tuner/bracket']} round {hyperparameters['tuner/round']}, {hyperparameters['tuner/epochs']} epochs)"
+        )
     return " ".join(parts)
 
 

@@ -66,8 +66,8 @@ class DigitClassifier:
 
     @classmethod
     def float32(cls, keras_model) -> "DigitClassifier":
-        # One traced graph for every batch size: 1.5x the digits/s of model.predict,
-        # which sets up its data pipeline on every call.
+        # One traced graph for every batch size: model.predict sets up its data
+        # pipeline on every call, which costs more than a small network's pass.
         return cls(traced_forward(float32_copy(keras_model)))
 
     @classmethod
@@ -93,10 +93,8 @@ def int8_tflite(keras_model) -> bytes | None:
     """The model (batch norms folded) as TFLite with int8 weights, its activations
     quantized batch by batch as it runs (dynamic-range quantization); a
     mixed-precision model is converted from its `float32_copy`. None for a graph
-    the converter refuses.
-
-    Run by XNNPACK on 2 CPU cores: 20,002 against 7,460 digits/s for the default
-    network in float32, with the same test accuracy (99.58%).
+    the converter refuses. Run by XNNPACK; benchmarks/RESULTS.md has its digits/s
+    against float32's.
     """
     import tensorflow as tf
 
@@ -165,8 +163,8 @@ def folded_forward(keras_model):
     before it, or the model itself where that does not give the same probabilities.
 
     Folded, a convolution, its batch norm and ReLU are one fused operation instead
-    of four passes over the activations: 7,425 against 5,263 digits/s for the
-    default network on 2 CPU cores, probabilities equal to 5e-8.
+    of four passes over the activations; the probabilities are checked against
+    the model's at load.
     """
     import keras
 
@@ -219,8 +217,11 @@ def _foldable(conv, batch_norm) -> bool:
     import keras
 
     return (
-        isinstance(conv, keras.layers.Conv2D) and conv.activation is keras.activations.linear and conv.groups == 1
-        and conv.data_format == "channels_last" and batch_norm.axis in (-1, 3)
+        isinstance(conv, keras.layers.Conv2D)
+        and conv.activation is keras.activations.linear
+        and conv.groups == 1
+        and conv.data_format == "channels_last"
+        and batch_norm.axis in (-1, 3)
     )
 
 

@@ -31,8 +31,15 @@ class RegistryDecision:
 
 
 def register_if_better(
-    tracker: SearchTracker, model, scores: Mapping[str, float], gates: Mapping[str, float], model_name: str, alias: str,
-    comparison: Comparison | None, int8_model: bytes | None = None, card: str = "",
+    tracker: SearchTracker,
+    model,
+    scores: Mapping[str, float],
+    gates: Mapping[str, float],
+    model_name: str,
+    alias: str,
+    comparison: Comparison | None,
+    int8_model: bytes | None = None,
+    card: str = "",
 ) -> RegistryDecision:
     """Register `model` if each of its `scores` named in `gates` reaches its gate; move
     `alias` to it if it beats the champion. `comparison` is the challenger against the
@@ -46,7 +53,11 @@ def register_if_better(
     files = {pyfunc_model.TFLITE_FILE: int8_model} if int8_model else {}
     model_uri = tracker.log_model(with_keras_layers(model), Path(pyfunc_model.__file__), PYFUNC_MODULE, files, card)
     version = tracker.register(model_uri, model_name)
-    tags = {**{name: f"{value:.6f}" for name, value in scores.items()}, "search_run_id": tracker.run_id, "served_form": "int8" if int8_model else "float32"}
+    tags = {
+        **{name: f"{value:.6f}" for name, value in scores.items()},
+        "search_run_id": tracker.run_id,
+        "served_form": "int8" if int8_model else "float32",
+    }
     if comparison is not None:
         tags |= {
             "champion_version": previous,
@@ -71,7 +82,9 @@ def register_if_better(
     if comparison is not None:
         below = "" if comparison.champion_clears_gates else ", below today's gates"
         against = f", replacing version {previous} ({comparison.champion_accuracy:.4f} and {comparison.champion_robust_accuracy:.4f}{below}, McNemar p={comparison.p_value:.3g})"
-    return _decided(tracker, RegistryDecision(True, f"registered {model_name} version {version} as @{alias} ({figures}{against})", version, True))
+    return _decided(
+        tracker, RegistryDecision(True, f"registered {model_name} version {version} as @{alias} ({figures}{against})", version, True)
+    )
 
 
 def _decided(tracker: SearchTracker, decision: RegistryDecision) -> RegistryDecision:

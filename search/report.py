@@ -96,13 +96,22 @@ def pareto_front(sizes: np.ndarray, accuracies: np.ndarray) -> np.ndarray:
     return np.array(front, dtype=int)
 
 
-def write_html(path: Path, title: str, settings: Mapping[str, object], records: list[dict], figures: Mapping[str, Path], decision: str) -> Path:
+def write_html(
+    path: Path, title: str, settings: Mapping[str, object], records: list[dict], figures: Mapping[str, Path], decision: str
+) -> Path:
     """One page, images embedded, so it can be mailed or opened from the MLflow UI."""
-    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent), autoescape=True, undefined=jinja2.StrictUndefined)
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).parent), autoescape=True, undefined=jinja2.StrictUndefined
+    )
     environment.filters["describe"] = describe
     pruned = [{**r, "epochs_saved": r.get("epochs_saved") or 0} for r in records if r.get("pruned")]
     page = environment.get_template("report.html.j2").render(
-        title=title, decision=decision, settings=settings, records=records, completed=completed(records), pruned=pruned,
+        title=title,
+        decision=decision,
+        settings=settings,
+        records=records,
+        completed=completed(records),
+        pruned=pruned,
         failed=sum(r["status"] == "FAILED" for r in records),
         killed=sum(r["status"] == "KILLED" for r in records),  # interrupted, then run again on resume
         images={caption: base64.b64encode(p.read_bytes()).decode() for caption, p in figures.items()},
@@ -128,6 +137,13 @@ def write_trials_csv(records: list[dict], path: Path) -> Path:
         writer.writeheader()
         for r in records:
             best_step = max(r["curve"], key=lambda point: point[1])[0] if r["curve"] else None
-            row = {"trial_id": r["trial_id"], "status": r["status"], "val_accuracy": r["val_accuracy"], "best_step": best_step, "pruned": r["pruned"], "epochs_saved": None if r["epochs_saved"] is None else int(r["epochs_saved"])}
+            row = {
+                "trial_id": r["trial_id"],
+                "status": r["status"],
+                "val_accuracy": r["val_accuracy"],
+                "best_step": best_step,
+                "pruned": r["pruned"],
+                "epochs_saved": None if r["epochs_saved"] is None else int(r["epochs_saved"]),
+            }
             writer.writerow(row | dict(r["hyperparameters"]))
     return path

@@ -100,7 +100,10 @@ def line(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     angle = rng.uniform(0, math.pi, len(x))
     through = rng.uniform(CENTRE - 6, CENTRE + 6, (len(x), 2))
     r, c = np.meshgrid(np.arange(SIZE), np.arange(SIZE), indexing="ij")
-    distance = np.abs((r[None] - through[:, 0, None, None]) * np.cos(angle)[:, None, None] - (c[None] - through[:, 1, None, None]) * np.sin(angle)[:, None, None])
+    distance = np.abs(
+        (r[None] - through[:, 0, None, None]) * np.cos(angle)[:, None, None]
+        - (c[None] - through[:, 1, None, None]) * np.sin(angle)[:, None, None]
+    )
     return np.maximum(x, np.clip(1.5 - distance, 0, 1)[..., None])
 
 
@@ -115,8 +118,21 @@ def low_resolution(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 CORRUPTIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
     f.__name__: f
     for f in (
-        gaussian_noise, impulse_noise, gaussian_blur, motion_blur, rotation, shear, scale, translation,
-        thick_strokes, thin_strokes, low_contrast, brightness, occlusion, line, low_resolution,
+        gaussian_noise,
+        impulse_noise,
+        gaussian_blur,
+        motion_blur,
+        rotation,
+        shear,
+        scale,
+        translation,
+        thick_strokes,
+        thin_strokes,
+        low_contrast,
+        brightness,
+        occlusion,
+        line,
+        low_resolution,
     )
 }
 

@@ -25,7 +25,6 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-
 # What the logged model needs to be loaded and served; given explicitly
 # because inferring it costs seconds per call.
 MODEL_REQUIREMENTS = tuple(f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "tensorflow", "keras"))
@@ -38,9 +37,7 @@ KERAS_SIGNATURE = ModelSignature(
 # as it takes (N, 28, 28) or (N, 28, 28, 1), integers 0..255 or floats 0..1.
 MODEL_SIGNATURE = ModelSignature(
     inputs=None,
-    outputs=Schema(
-        [TensorSpec(np.dtype(np.float32), (-1, 10), "probabilities"), TensorSpec(np.dtype(np.int64), (-1,), "digit")]
-    ),
+    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10), "probabilities"), TensorSpec(np.dtype(np.int64), (-1,), "digit")]),
 )
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 # Waits between retries while another process holds the sqlite write lock
@@ -201,8 +198,15 @@ class SearchTracker:
         beside it as `model_card.md`. MLflow links the run's metrics of step 0 (the
         test and robustness metrics) to it. Returns its `models:/` URI."""
         info = _patient(Model.log)(
-            artifact_path=None, name="model", flavor=_KerasWithPyfunc, run_id=self.run_id,
-            keras_model=keras_model, loader=loader, loader_module=loader_module, files=files, card=card,
+            artifact_path=None,
+            name="model",
+            flavor=_KerasWithPyfunc,
+            run_id=self.run_id,
+            keras_model=keras_model,
+            loader=loader,
+            loader_module=loader_module,
+            files=files,
+            card=card,
         )
         return info.model_uri
 
@@ -235,7 +239,9 @@ class _KerasWithPyfunc:
     def save_model(path, mlflow_model: Model, keras_model, loader: Path, loader_module: str, files: Mapping[str, bytes], card: str) -> None:
         import mlflow.keras  # noqa: PLC0415 - TensorFlow glue only when a model is logged
 
-        mlflow.keras.save_model(keras_model, path, mlflow_model=mlflow_model, signature=KERAS_SIGNATURE, pip_requirements=list(MODEL_REQUIREMENTS))
+        mlflow.keras.save_model(
+            keras_model, path, mlflow_model=mlflow_model, signature=KERAS_SIGNATURE, pip_requirements=list(MODEL_REQUIREMENTS)
+        )
         folder = Path(path)
         for name, content in files.items():
             (folder / "data" / name).write_bytes(content)
@@ -244,7 +250,14 @@ class _KerasWithPyfunc:
         if card:
             (folder / "model_card.md").write_text(card)
         keras_env = mlflow_model.flavors["python_function"]["env"]
-        mlflow.pyfunc.add_to_model(mlflow_model, loader_module=loader_module, code="code", data="data", conda_env=keras_env["conda"], python_env=keras_env["virtualenv"])
+        mlflow.pyfunc.add_to_model(
+            mlflow_model,
+            loader_module=loader_module,
+            code="code",
+            data="data",
+            conda_env=keras_env["conda"],
+            python_env=keras_env["virtualenv"],
+        )
         mlflow_model.signature = MODEL_SIGNATURE
         mlflow_model.save(str(folder / "MLmodel"))
 
@@ -303,7 +316,11 @@ def search_summary(run_id: str) -> dict:
     architectures = {tuple(sorted((k, v) for k, v in r["hyperparameters"].items() if not k.startswith(not_architecture))) for r in records}
     parent = client.get_run(run_id)
     winner_id = parent.data.tags.get("winner_trial_id")
-    robust = {k.removeprefix("robust_accuracy_"): v for k, v in parent.data.metrics.items() if k.startswith("robust_accuracy_") and k != "robust_accuracy_mean"}
+    robust = {
+        k.removeprefix("robust_accuracy_"): v
+        for k, v in parent.data.metrics.items()
+        if k.startswith("robust_accuracy_") and k != "robust_accuracy_mean"
+    }
     winner = next((r["hyperparameters"] for r in records if r["trial_id"] == winner_id and r["status"] == "FINISHED"), {})
     return {
         "trials": len(records),
@@ -359,7 +376,11 @@ def check_reachable() -> None:
         mlflow.MlflowClient().search_experiments(max_results=1)
     except Exception as err:
         text = str(err)
-        reason = "no connection" if "Max retries exceeded" in text or "Connection" in text else (text.strip().splitlines() or [type(err).__name__])[0][:200]
+        reason = (
+            "no connection"
+            if "Max retries exceeded" in text or "Connection" in text
+            else (text.strip().splitlines() or [type(err).__name__])[0][:200]
+        )
         raise TrackingError(f"tracking store {mlflow.get_tracking_uri()} is unreachable ({reason})") from None
     finally:
         for k, v in saved.items():

@@ -45,10 +45,9 @@ def evaluation_dataset(split: Split, batch_size: int) -> tf.data.Dataset:
 
 
 def _fixed(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    """`dataset` without tf.data's autotuner. With it, some `fit` calls on this
-    machine ran at exactly 1.00 ms per image whatever the model (10.25 s per
-    10,240 images, against 5.8 s for the same CPU seconds in the others): 3 of
-    7 epochs with it, 0 of 7 without, interleaved."""
+    """`dataset` without tf.data's autotuner: with it, some `fit` calls on 2-core
+    machines stalled at a fixed time per image whatever the model (benchmarks/RESULTS.md,
+    the tf.data row)."""
     options = tf.data.Options()
     options.autotune.enabled = False
     return dataset.with_options(options)
@@ -133,7 +132,9 @@ class WarmupCosine(keras.callbacks.Callback):
                 self.estimate_s = self.epoch_seconds[0]
             else:
                 timed = self.validation_batches - 1
-                validation_s = (now - self.validation_timed_from) * self.validation_batches / timed if timed > 0 else now - self.validation_started
+                validation_s = (
+                    (now - self.validation_timed_from) * self.validation_batches / timed if timed > 0 else now - self.validation_started
+                )
                 self.estimate_s = self.training_s + validation_s
             # The first epoch (tracing included) is spent; the rest run at the estimate.
             self.epochs = max(1, min(self.epochs, 1 + int((self.budget_s - self.epoch_seconds[0]) / self.estimate_s)))

@@ -84,7 +84,11 @@ def mlflow_listening(args: list[str], probe: str, cwd: Path, env: dict | None = 
     log_path = cwd / f"mlflow-{port}.log"
     with log_path.open("w") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", *args, "--host", "127.0.0.1", "--port", str(port)], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "mlflow", *args, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -107,6 +111,8 @@ def rest_predictions(url: str, digits: np.ndarray) -> dict:
     """POST `digits` to a served model's /invocations; its predictions as arrays."""
     import json
 
-    request = urllib.request.Request(f"{url}/invocations", data=json.dumps({"inputs": digits.tolist()}).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/invocations", data=json.dumps({"inputs": digits.tolist()}).encode(), headers={"Content-Type": "application/json"}
+    )
     predictions = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
     return {name: np.array(value) for name, value in predictions.items()}

@@ -14,7 +14,9 @@ def test_variants_alternate_and_reverse_order_every_other_round():
 
 
 def test_cpu_seconds_count_work_not_waiting():
-    seconds, cpu_seconds = _interleaved({"busy": 1, "asleep": 0}, rounds=1, run=lambda busy: sum(range(3_000_000)) if busy else time.sleep(0.2))
+    seconds, cpu_seconds = _interleaved(
+        {"busy": 1, "asleep": 0}, rounds=1, run=lambda busy: sum(range(3_000_000)) if busy else time.sleep(0.2)
+    )
     assert cpu_seconds["asleep"][0] < 0.05 < seconds["asleep"][0]
     assert cpu_seconds["busy"][0] > 0.5 * seconds["busy"][0]
 
@@ -25,14 +27,55 @@ ROBUST = {"robust_accuracy_mean": 0.95, "robust_accuracy": {"rotation": 0.99, "l
 def test_table_marks_each_target_met_or_not():
     results = {
         "machine": {"cpu": "Test CPU", "cores": 2, "date": "2026-11-24 00:00 UTC"},
-        "training": {"images_per_s": {"project": 1600.0, "plain bs32": 800.0, "plain bs128": 1100.0}, "speedup": 2.0, "speedup_same_batch": 1.45, "cpu_speedup": 1.9},
+        "training": {
+            "images_per_s": {"project": 1600.0, "plain bs32": 800.0, "plain bs128": 1100.0},
+            "speedup": 2.0,
+            "speedup_same_batch": 1.45,
+            "cpu_speedup": 1.9,
+        },
         "tracking": {"ratio": 1.05, "cpu_ratio": 1.01, "fastest_ratio": 0.99, "seconds": {"with MLflow": [10.5], "without": [10.0]}},
         "inference": {"digits_per_s": 25_000.0, "float32_digits_per_s": 7_000.0},
         "profiles": {
-            "fast": [{"seed": 42, "exit": 0, "wall_s": 50.0, "test_accuracy": 0.994, "trials": 2, "architectures": 1, "pruned": 0, "epochs_saved": 0, "winner": "dropout=0.2", **ROBUST}],
+            "fast": [
+                {
+                    "seed": 42,
+                    "exit": 0,
+                    "wall_s": 50.0,
+                    "test_accuracy": 0.994,
+                    "trials": 2,
+                    "architectures": 1,
+                    "pruned": 0,
+                    "epochs_saved": 0,
+                    "winner": "dropout=0.2",
+                    **ROBUST,
+                }
+            ],
             "default": [
-                {"seed": 42, "exit": 0, "wall_s": 700.0, "test_accuracy": 0.9965, "trials": 16, "architectures": 16, "pruned": 6, "epochs_saved": 6, "winner": "family=residual", **ROBUST},
-                {"seed": 43, "exit": 0, "wall_s": 800.0, "test_accuracy": 0.9949, "trials": 16, "architectures": 14, "pruned": 5, "epochs_saved": 5, "winner": "family=batchnorm", "robust_accuracy_mean": 0.975, "robust_accuracy": {"rotation": 0.99, "line": 0.96}},
+                {
+                    "seed": 42,
+                    "exit": 0,
+                    "wall_s": 700.0,
+                    "test_accuracy": 0.9965,
+                    "trials": 16,
+                    "architectures": 16,
+                    "pruned": 6,
+                    "epochs_saved": 6,
+                    "winner": "family=residual",
+                    **ROBUST,
+                },
+                {
+                    "seed": 43,
+                    "exit": 0,
+                    "wall_s": 800.0,
+                    "test_accuracy": 0.9949,
+                    "trials": 16,
+                    "architectures": 14,
+                    "pruned": 5,
+                    "epochs_saved": 5,
+                    "winner": "family=batchnorm",
+                    "robust_accuracy_mean": 0.975,
+                    "robust_accuracy": {"rotation": 0.99, "line": 0.96},
+                },
             ],
         },
     }
@@ -48,7 +91,9 @@ def test_table_marks_each_target_met_or_not():
     assert row["profile fast, seed 42: mlflow run"].endswith("| 0.8 min, test 99.40% | <= 1 min | yes |")
     assert row["profile default, seed 42: mlflow run"].endswith("| yes |")
     assert row["profile default, seed 43: mlflow run"].endswith("| no |")  # 13.3 min > 12, and 99.49% < 99.50%
-    assert row["profile default, seed 43: search"].endswith("| 14 distinct architectures in 16 trials, 5 pruned (5 epochs saved) | >= 15 architectures | no |")
+    assert row["profile default, seed 43: search"].endswith(
+        "| 14 distinct architectures in 16 trials, 5 pruned (5 epochs saved) | >= 15 architectures | no |"
+    )
     assert row["profile default, seed 42: winner"].endswith("| family=residual |  |  |")
     assert row["profile default, seed 42: robustness suite"].endswith("| mean 95.00%, worst line 89.00% | >= 97%, each >= 90% | no |")
     assert row["profile default, seed 43: robustness suite"].endswith("| mean 97.50%, worst line 96.00% | >= 97%, each >= 90% | yes |")

@@ -25,7 +25,10 @@ def bad_input(case: str, tmp_path) -> tuple[list[str], str]:
         return ["--data", str(npz)], f"{npz}: not a readable .npz file"
     data_cases = {
         "npz missing a key": (dict(y_train=None), "missing key(s) y_train"),
-        "wrong image shape": (dict(x_test=np.zeros((40, 28, 27), np.uint8)), "x_test must have shape (N, 28, 28) or (N, 28, 28, 1), got (40, 28, 27)"),
+        "wrong image shape": (
+            dict(x_test=np.zeros((40, 28, 27), np.uint8)),
+            "x_test must have shape (N, 28, 28) or (N, 28, 28, 1), got (40, 28, 27)",
+        ),
         "labels outside 0..9": (dict(y_test=np.full(40, 12, np.uint8)), "y_test has labels outside 0..9 (min 12, max 12)"),
         "images and labels of different length": (dict(y_test=np.zeros(39, np.uint8)), "x_test has 40 images but y_test has 39 labels"),
         "NaN in float images": (dict(x_train=np.full((120, 28, 28), np.nan, np.float32)), "x_train has 94080 NaN or infinite pixel(s)"),
@@ -105,7 +108,9 @@ def test_every_setting_reaches_the_config_from_the_command_line_and_from_mlflow_
     assert expected.seed == 0 and expected.fixed == () and expected.final_epochs == 0  # values that used to mean "the profile's"
     parse = lambda argv: _config(build_parser().parse_args(argv))  # noqa: E731
     assert parse(["run", "--profile", "fast", *(f"{k}={v}" for k, v in EVERY_SETTING.items())]) == expected
-    assert parse(["run", "--profile", "fast", *(arg for k, v in EVERY_SETTING.items() for arg in (f"--{k.replace('_', '-')}", v))]) == expected
+    assert (
+        parse(["run", "--profile", "fast", *(arg for k, v in EVERY_SETTING.items() for arg in (f"--{k.replace('_', '-')}", v))]) == expected
+    )
     # What `mlflow run . -P profile=fast -P name=value ...` runs: MLflow builds the command line.
     command = load_project(str(REPO)).get_entry_point("main").compute_command({"profile": "fast", **EVERY_SETTING}, None)
     argv = __import__("shlex").split(command)

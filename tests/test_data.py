@@ -50,7 +50,10 @@ def test_float_images_and_channel_axis_are_accepted(tmp_path):
 
 BAD = {
     "missing key": (dict(y_test=None), "missing key(s) y_test"),
-    "wrong image shape": (dict(x_train=np.zeros((120, 32, 32), np.uint8)), "x_train must have shape (N, 28, 28) or (N, 28, 28, 1), got (120, 32, 32)"),
+    "wrong image shape": (
+        dict(x_train=np.zeros((120, 32, 32), np.uint8)),
+        "x_train must have shape (N, 28, 28) or (N, 28, 28, 1), got (120, 32, 32)",
+    ),
     "label above 9": (dict(y_train=np.full(120, 10, np.uint8)), "y_train has labels outside 0..9"),
     "negative label": (dict(y_test=np.full(40, -1, np.int64)), "y_test has labels outside 0..9"),
     "float labels": (dict(y_train=np.zeros(120, np.float32)), "y_train must be a 1-D integer array"),

@@ -45,7 +45,15 @@ def postgres() -> tuple[str, str]:
 
     initdb = pg(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
     started = initdb.returncode == 0 and pg(
-        str(bin_dir / "pg_ctl"), "-D", str(data), "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "-l", str(root / "server.log"), "-w", "start"
+        str(bin_dir / "pg_ctl"),
+        "-D",
+        str(data),
+        "-o",
+        f"-p {port} -k {root} -c listen_addresses=127.0.0.1",
+        "-l",
+        str(root / "server.log"),
+        "-w",
+        "start",
     )
     if not started or started.returncode:
         failed = started or initdb
@@ -115,7 +123,9 @@ def test_chief_and_two_workers_log_every_trial_once_under_one_parent(tmp_path, t
 
 
 def test_a_worker_killed_mid_trial_does_not_stop_the_search(tmp_path, tracking_server, mnist_npz):
-    search = distributed_search(tmp_path, tracking_server, mnist_npz, "worker-killed", "--max-trials", "4", "--model-name", "mnist-cnn-killed")
+    search = distributed_search(
+        tmp_path, tracking_server, mnist_npz, "worker-killed", "--max-trials", "4", "--model-name", "mnist-cnn-killed"
+    )
     try:
         victim = _wait_for_running_trial(tracking_server, "worker-killed", "worker-1", search, tmp_path)
         os.kill(victim, signal.SIGKILL)
@@ -137,7 +147,18 @@ def test_a_worker_killed_mid_trial_does_not_stop_the_search(tmp_path, tracking_s
 
 
 def test_a_worker_that_goes_silent_loses_its_trial_after_the_worker_timeout(tmp_path, tracking_server, mnist_npz):
-    search = distributed_search(tmp_path, tracking_server, mnist_npz, "worker-silent", "--max-trials", "3", "--model-name", "mnist-cnn-silent", "--worker-timeout", "45")
+    search = distributed_search(
+        tmp_path,
+        tracking_server,
+        mnist_npz,
+        "worker-silent",
+        "--max-trials",
+        "3",
+        "--model-name",
+        "mnist-cnn-silent",
+        "--worker-timeout",
+        "45",
+    )
     frozen = None
     try:
         frozen = _wait_for_running_trial(tracking_server, "worker-silent", "worker-1", search, tmp_path)
@@ -160,7 +181,9 @@ def test_a_worker_that_goes_silent_loses_its_trial_after_the_worker_timeout(tmp_
     assert not Path(f"/proc/{frozen}").exists() or "State:\tZ" in Path(f"/proc/{frozen}/status").read_text()
 
 
-def _wait_for_running_trial(server: str, experiment: str, worker: str, search: subprocess.Popen, tmp_path: Path, timeout_s: float = 300) -> int:
+def _wait_for_running_trial(
+    server: str, experiment: str, worker: str, search: subprocess.Popen, tmp_path: Path, timeout_s: float = 300
+) -> int:
     """The pid of `worker` once one of its trial runs is RUNNING."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -53,7 +53,9 @@ def test_pinned_hyperparameters_hold_in_every_trial_the_oracle_creates(name):
     space = kt.HyperParameters()
     zoo.build(space)
     # Hyperband, the default tuner: its first bracket samples 5 trials at once.
-    oracle = kt.oracles.HyperbandOracle(kt.Objective("val_accuracy", "max"), max_epochs=3, factor=3, seed=42, hyperparameters=fixed_hyperparameters(zoo, config.fixed))
+    oracle = kt.oracles.HyperbandOracle(
+        kt.Objective("val_accuracy", "max"), max_epochs=3, factor=3, seed=42, hyperparameters=fixed_hyperparameters(zoo, config.fixed)
+    )
     oracle._set_project_dir(str(__import__("tempfile").mkdtemp()), "pins")
     oracle.update_space(space)
     pins = {pin.split("=")[0]: _value(pin.split("=")[1]) for pin in config.fixed}
@@ -68,7 +70,11 @@ def test_pinned_hyperparameters_hold_in_every_trial_the_oracle_creates(name):
     # The rest is still searched (with the pins declared out of the space's order,
     # conv_filters_1 was 128 in every trial). Not dropout: Keras Tuner's Hyperband
     # drew 0.4 in all 5 first-bracket trials with these pins, for a reason not found.
-    checked = [name for name in ("conv_filters_0", "conv_filters_1", "dense_units", "learning_rate") if name not in pins and len(searched.get(name, [])) >= 3]
+    checked = [
+        name
+        for name in ("conv_filters_0", "conv_filters_1", "dense_units", "learning_rate")
+        if name not in pins and len(searched.get(name, [])) >= 3
+    ]
     for name in checked:
         assert len(set(searched[name])) > 1, name
 

@@ -4,7 +4,17 @@ import keras_tuner as kt
 import numpy as np
 import pytest
 
-from model_zoo import FAMILIES, BatchNormCNN, CNNZoo, FusedBatchNormalization, PlainCNN, ResidualCNN, average_of, make_cnn, with_keras_layers
+from model_zoo import (
+    FAMILIES,
+    BatchNormCNN,
+    CNNZoo,
+    FusedBatchNormalization,
+    PlainCNN,
+    ResidualCNN,
+    average_of,
+    make_cnn,
+    with_keras_layers,
+)
 
 SHARED_DEFAULTS = {
     "conv_blocks": 2,
@@ -48,7 +58,17 @@ def test_space_covers_architecture_not_just_learning_rate():
     CNNZoo().build(hp)
     names = {p.name for p in hp.space}
     # Both families' own choices are in the space from the first build.
-    assert {"family", "conv_blocks", "conv_filters_0", "kernel_size", "head", "convs_per_block", "dropout", "dense_units", "learning_rate"} <= names
+    assert {
+        "family",
+        "conv_blocks",
+        "conv_filters_0",
+        "kernel_size",
+        "head",
+        "convs_per_block",
+        "dropout",
+        "dense_units",
+        "learning_rate",
+    } <= names
     assert [p for p in hp.space if p.name == "family"][0].values == ["plain", "batchnorm", "residual"]
     assert hp.get("learning_rate") == 1e-3
     assert [p for p in hp.space if p.name == "learning_rate"][0].sampling == "log"
@@ -162,7 +182,9 @@ def test_a_model_saved_with_keras_layers_loads_without_this_project(tmp_path, dt
         "import keras, numpy as np; m = keras.saving.load_model('model.keras');"
         "np.testing.assert_allclose(m.predict(np.load('digits.npy'), verbose=0), np.load('expected.npy'), atol=1e-6)"
     )
-    done = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, env={"PATH": "", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    done = subprocess.run(
+        [sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, env={"PATH": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
 

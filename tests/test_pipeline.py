@@ -35,7 +35,9 @@ def test_one_parent_and_one_finished_child_per_trial(smoke_search):
     for child in children:
         assert child.info.run_name == f"trial-{child.data.tags['trial_id']}"
         assert {"family", "conv_blocks", "conv_filters_0", "kernel_size", "dropout", "learning_rate"} <= set(child.data.params)
-        assert {"loss", "accuracy", "val_loss", "val_accuracy", "best_val_accuracy", "param_count", "wall_time_s", "multiply_adds"} <= set(child.data.metrics)
+        assert {"loss", "accuracy", "val_loss", "val_accuracy", "best_val_accuracy", "param_count", "wall_time_s", "multiply_adds"} <= set(
+            child.data.metrics
+        )
 
 
 def test_parent_run_records_settings_data_figures_and_results(smoke_search):
@@ -54,9 +56,18 @@ def test_parent_run_records_settings_data_figures_and_results(smoke_search):
     client = mlflow.MlflowClient(store)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     artifacts |= {a.path for d in ("eda", "evaluation") for a in client.list_artifacts(parent.info.run_id, d)}
-    assert {"trials.csv", "eda/sample_digits.png", "eda/label_distribution.png", "evaluation/confusion_matrix.png", "evaluation/misclassified.png", "evaluation/robustness.png"} <= artifacts
+    assert {
+        "trials.csv",
+        "eda/sample_digits.png",
+        "eda/label_distribution.png",
+        "evaluation/confusion_matrix.png",
+        "evaluation/misclassified.png",
+        "evaluation/robustness.png",
+    } <= artifacts
     # The robustness suite, after the clean test split.
-    assert {f"robust_accuracy_{name}" for name in ("gaussian_noise", "rotation", "thick_strokes", "occlusion", "low_resolution", "mean")} <= set(metrics)
+    assert {
+        f"robust_accuracy_{name}" for name in ("gaussian_noise", "rotation", "thick_strokes", "occlusion", "low_resolution", "mean")
+    } <= set(metrics)
     assert 0.1 < metrics["robust_accuracy_mean"] < metrics["test_accuracy"]
     trials_csv = Path(client.download_artifacts(parent.info.run_id, "trials.csv")).read_text().splitlines()
     assert trials_csv[0].startswith("trial_id,status,val_accuracy,best_step") and len(trials_csv) == 4
@@ -67,7 +78,15 @@ def test_report_is_logged_and_linked(smoke_search):
     parent = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags][0]
     client = mlflow.MlflowClient(store)
     files = {Path(a.path).name: a.file_size for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert set(files) == {"report.html", "learning_curves.png", "hyperparameters.png", "accuracy_vs_cost.png", "confusion_matrix.png", "misclassified.png", "robustness.png"}
+    assert set(files) == {
+        "report.html",
+        "learning_curves.png",
+        "hyperparameters.png",
+        "accuracy_vs_cost.png",
+        "confusion_matrix.png",
+        "misclassified.png",
+        "robustness.png",
+    }
     assert all(size > 10_000 for size in files.values())
     page = Path(client.download_artifacts(parent.info.run_id, "report/report.html")).read_text()
     assert page.count("src='data:image/png;base64,") == 6 and "registered mnist-cnn version 1 as @champion" in page
@@ -129,7 +148,9 @@ def test_predict_reads_hand_made_digits_with_the_champion(smoke_search):
     store, _ = smoke_search
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(REPO)}
     digits = REPO / "tests" / "fixtures" / "digits"
-    result = subprocess.run([sys.executable, "-m", "search", "predict", "--input", str(digits), "--json"], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "search", "predict", "--input", str(digits), "--json"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [Path(line["input"]).name for line in lines] == sorted(p.name for p in digits.iterdir())
@@ -142,7 +163,13 @@ def test_predict_with_a_model_that_does_not_exist(smoke_search):
     store, _ = smoke_search
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(REPO)}
     digits = REPO / "tests" / "fixtures" / "digits"
-    result = subprocess.run([sys.executable, "-m", "search", "predict", "--input", str(digits), "--model-uri", "models:/mnist-cnn@nobody"], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "search", "predict", "--input", str(digits), "--model-uri", "models:/mnist-cnn@nobody"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("error: cannot load model 'models:/mnist-cnn@nobody'") and result.stderr.count("\n") == 1
 
@@ -153,7 +180,9 @@ def test_the_winner_is_retrained_within_its_time_budget_and_logged_per_epoch(tra
     from tests.helpers import write_npz
 
     data = write_npz(tmp_path / "tiny.npz", n_train=700, n_test=100)
-    config = resolve("smoke", data=str(data), validation_size=100, max_trials=2, max_epochs=1, final_epochs=2, final_minutes=10.0, augment="robust")
+    config = resolve(
+        "smoke", data=str(data), validation_size=100, max_trials=2, max_epochs=1, final_epochs=2, final_minutes=10.0, augment="robust"
+    )
     result = run_search(config, verbose=0)
 
     run = mlflow.get_run(result.run_id)
@@ -170,7 +199,17 @@ def test_several_retrainings_are_averaged_into_the_registered_model(tracking_sto
     from tests.helpers import write_npz
 
     data = write_npz(tmp_path / "tiny.npz", n_train=700, n_test=100)
-    config = resolve("smoke", data=str(data), validation_size=100, max_trials=1, max_epochs=1, final_epochs=1, final_models=2, threshold=0.01, robust_threshold=0.01)
+    config = resolve(
+        "smoke",
+        data=str(data),
+        validation_size=100,
+        max_trials=1,
+        max_epochs=1,
+        final_epochs=1,
+        final_models=2,
+        threshold=0.01,
+        robust_threshold=0.01,
+    )
     result = run_search(config, verbose=0)
 
     metrics = mlflow.get_run(result.run_id).data.metrics
@@ -214,9 +253,22 @@ def test_a_short_default_search_tries_different_architectures(tracking_store, tm
     assert config.fixed == ()
     result = run_search(config, verbose=0)
 
-    children = mlflow.MlflowClient().search_runs([mlflow.get_run(result.run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'")
+    children = mlflow.MlflowClient().search_runs(
+        [mlflow.get_run(result.run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'"
+    )
     assert len(children) == 8
-    architecture = ("family", "conv_blocks", "convs_per_block", "conv_filters_0", "conv_filters_1", "conv_filters_2", "kernel_size", "head", "dense_units", "dropout")
+    architecture = (
+        "family",
+        "conv_blocks",
+        "convs_per_block",
+        "conv_filters_0",
+        "conv_filters_1",
+        "conv_filters_2",
+        "kernel_size",
+        "head",
+        "dense_units",
+        "dropout",
+    )
     varied = [name for name in architecture if len({c.data.params.get(name) for c in children if name in c.data.params}) > 1]
     assert len(varied) >= 5, varied
     assert len({tuple(c.data.params.get(name) for name in architecture) for c in children}) == 8  # 8 distinct networks
@@ -232,7 +284,11 @@ def test_the_registered_version_carries_its_model_card(smoke_search, monkeypatch
     assert card == Path(mlflow.artifacts.download_artifacts(f"models:/mnist-cnn/{version.version}")).joinpath("model_card.md").read_text()
     metrics = parent.data.metrics
     # What it saw, what it is, how well, how fast, where from.
-    assert parent.data.params["data_sha256"] in card and "| training images | 54,000" in card and "| test images (read once, after the search) | 10,000" in card
+    assert (
+        parent.data.params["data_sha256"] in card
+        and "| training images | 54,000" in card
+        and "| test images (read once, after the search) | 10,000" in card
+    )
     assert "| `family` | plain |" in card and f"{int(metrics['winner_multiply_adds']):,} multiply-adds per digit" in card
     assert f"**{100 * metrics['test_accuracy']:.2f}%** of 10,000 digits (95% interval " in card
     for digit in range(10):
@@ -251,5 +307,8 @@ def test_a_model_below_the_robustness_gate_is_not_registered(tmp_path, mnist_npz
     assert result.returncode == 0, result.stderr[-3000:]
     (parent,) = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.metrics["test_accuracy"] >= 0.9 and parent.data.metrics["robust_accuracy_mean"] < 0.99
-    assert parent.data.tags["registry_decision"] == f"not registered: robust_accuracy_mean {parent.data.metrics['robust_accuracy_mean']:.4f} < 0.9900"
+    assert (
+        parent.data.tags["registry_decision"]
+        == f"not registered: robust_accuracy_mean {parent.data.metrics['robust_accuracy_mean']:.4f} < 0.9900"
+    )
     assert mlflow.MlflowClient(store).search_registered_models() == []

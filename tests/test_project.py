@@ -12,7 +12,11 @@ from tests.helpers import REPO
 
 
 def pins(lines):
-    return dict(re.match(r"^\s*-?\s*([A-Za-z0-9_.\[\]-]+)==(\S+)", line).groups() for line in lines if "==" in line and not line.lstrip().startswith("#"))
+    return dict(
+        re.match(r"^\s*-?\s*([A-Za-z0-9_.\[\]-]+)==(\S+)", line).groups()
+        for line in lines
+        if "==" in line and not line.lstrip().startswith("#")
+    )
 
 
 def test_conda_yaml_and_requirements_pin_the_same_versions():
@@ -50,7 +54,11 @@ def test_a_test_that_leaves_a_dtype_policy_behind_fails(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider", str(tmp_path / "test_leak.py")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 1, done.stdout[-2000:]
     assert "test_leak.py::test_leaks left Keras' global dtype policy at mixed_bfloat16" in done.stdout

@@ -58,7 +58,9 @@ def test_a_real_trial_that_is_clearly_worse_is_stopped_and_logged_as_pruned(trac
     pins = ("conv_blocks=1", "conv_filters_0=8", "dense_units=0", "head=flatten", "kernel_size=3")  # dropout varies
     with tracking.tracked_run("pruning") as tracker:
         for name, learning_rate, trials in (("good", 3e-3, 3), ("hopeless", 1e-7, 1)):
-            config = resolve("smoke", max_trials=trials, max_epochs=3, early_stopping_patience=0, fixed=(*pins, f"learning_rate={learning_rate}"))
+            config = resolve(
+                "smoke", max_trials=trials, max_epochs=3, early_stopping_patience=0, fixed=(*pins, f"learning_rate={learning_rate}")
+            )
             tuner = make_tuner(config, tracker, tmp_path / name, "tuner", pruner=rule)
             run_trials(tuner, config, train, validation)
         records = tracker.trial_records()

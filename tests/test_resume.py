@@ -93,7 +93,9 @@ def test_resuming_a_finished_search_is_refused(tmp_path, mnist_npz):
     env, log = search_env(store, mnist_npz), tmp_path / "search.log"
     assert start(["run", "--profile", "smoke", "--max-trials", "1", "--max-epochs", "1"], tmp_path, env, log).wait(timeout=300) == 0
     (parent,) = [r for r in all_runs(store) if "trial_id" not in r.data.tags]
-    again = subprocess.run([sys.executable, "-m", "search", "resume", parent.info.run_id], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(
+        [sys.executable, "-m", "search", "resume", parent.info.run_id], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert again.returncode == 2
     assert f"search run {parent.info.run_id} has already finished: " in again.stderr
 
@@ -124,7 +126,9 @@ def test_a_bf16_search_killed_and_resumed_keeps_bf16_and_registers_a_model_that_
     search keeps bf16, and what it registers loads and serves like any other model."""
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env, log = search_env(store, mnist_npz), tmp_path / "search.log"
-    search = start(["run", "--profile", "smoke", "--max-trials", str(MAX_TRIALS)], tmp_path, {**env, AUTO_PRECISION_ENV: "mixed_bfloat16"}, log)
+    search = start(
+        ["run", "--profile", "smoke", "--max-trials", str(MAX_TRIALS)], tmp_path, {**env, AUTO_PRECISION_ENV: "mixed_bfloat16"}, log
+    )
     parent_id = wait_until_mid_trial(store, search)
     search.send_signal(signal.SIGKILL)
     search.wait(timeout=60)

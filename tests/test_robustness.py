@@ -17,9 +17,13 @@ def digits(mnist_npz):
 def test_the_suite_covers_the_families_of_change():
     assert len(robustness.CORRUPTIONS) >= 10
     families = {
-        "noise": {"gaussian_noise", "impulse_noise"}, "blur": {"gaussian_blur", "motion_blur"},
-        "geometry": {"rotation", "shear", "scale", "translation"}, "stroke width": {"thick_strokes", "thin_strokes"},
-        "contrast": {"low_contrast", "brightness"}, "occlusion": {"occlusion", "line"}, "resolution": {"low_resolution"},
+        "noise": {"gaussian_noise", "impulse_noise"},
+        "blur": {"gaussian_blur", "motion_blur"},
+        "geometry": {"rotation", "shear", "scale", "translation"},
+        "stroke width": {"thick_strokes", "thin_strokes"},
+        "contrast": {"low_contrast", "brightness"},
+        "occlusion": {"occlusion", "line"},
+        "resolution": {"low_resolution"},
     }
     assert set().union(*families.values()) == set(robustness.CORRUPTIONS)
 

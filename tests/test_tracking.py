@@ -57,9 +57,7 @@ def run_tiny_search(tmp_path, small_mnist, hypermodel, max_trials=3):
 
 
 def child_runs(parent_id):
-    return mlflow.search_runs(
-        search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", output_format="list"
-    )
+    return mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", output_format="list")
 
 
 def test_one_nested_run_per_trial_with_hyperparameters_and_epoch_metrics(tracking_store, tmp_path, small_mnist):
@@ -144,7 +142,9 @@ def test_registry_gates_champion_and_previous_champion(tracking_store):
     client = mlflow.MlflowClient()
 
     def against_champion(challenger, champion):
-        return Comparison(challenger, champion, 30, 12, 0.0079, challenger_robust_accuracy=0.95, champion_robust_accuracy=0.94, champion_clears_gates=True)
+        return Comparison(
+            challenger, champion, 30, 12, 0.0079, challenger_robust_accuracy=0.95, champion_robust_accuracy=0.94, champion_clears_gates=True
+        )
 
     def register(test_accuracy, comparison=None, robust=0.95):
         scores = {"test_accuracy": test_accuracy, "robust_accuracy_mean": robust}
@@ -154,7 +154,10 @@ def test_registry_gates_champion_and_previous_champion(tracking_store):
     with tracking.tracked_run("registry") as tracker:
         below = register(0.85, robust=0.80)
         assert not below.registered and client.search_registered_models() == []
-        assert mlflow.get_run(tracker.run_id).data.tags["registry_decision"] == "not registered: test_accuracy 0.8500 < 0.9000, robust_accuracy_mean 0.8000 < 0.9000"
+        assert (
+            mlflow.get_run(tracker.run_id).data.tags["registry_decision"]
+            == "not registered: test_accuracy 0.8500 < 0.9000, robust_accuracy_mean 0.8000 < 0.9000"
+        )
         assert register(0.95, robust=0.89).reason == "not registered: robust_accuracy_mean 0.8900 < 0.9000"
 
         first = register(0.95)
@@ -209,7 +212,9 @@ def test_a_model_registered_with_its_int8_form_serves_that_form(tracking_store):
     model = make_cnn(conv_filters=(4,), batch_norm=True)
     int8_model = pyfunc_model.int8_tflite(model)
     with tracking.tracked_run("registry") as tracker:
-        registry.register_if_better(tracker, model, {"test_accuracy": 0.95}, {"test_accuracy": 0.90}, "digits", "champion", None, int8_model)
+        registry.register_if_better(
+            tracker, model, {"test_accuracy": 0.95}, {"test_accuracy": 0.90}, "digits", "champion", None, int8_model
+        )
     assert mlflow.MlflowClient().get_model_version("digits", "1").tags["served_form"] == "int8"
     digits = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
     served = mlflow.pyfunc.load_model("models:/digits@champion").predict(digits)

@@ -33,7 +33,17 @@ def test_train_final_reports_every_epoch_and_keeps_a_working_model():
     hp = kt.HyperParameters()
     hp.Fixed("conv_filters_0", 16)
     seen = []
-    run = train_final(PlainCNN(), hp, split, Split(split.x[:64], split.y[:64]), epochs=3, batch_size=64, augment="robust", seed=1, on_epoch_end=lambda epoch, logs: seen.append((epoch, sorted(logs))))
+    run = train_final(
+        PlainCNN(),
+        hp,
+        split,
+        Split(split.x[:64], split.y[:64]),
+        epochs=3,
+        batch_size=64,
+        augment="robust",
+        seed=1,
+        on_epoch_end=lambda epoch, logs: seen.append((epoch, sorted(logs))),
+    )
     assert [epoch for epoch, _ in seen] == [0, 1, 2] and run.epochs == 3 and len(run.epoch_seconds) == 3
     assert run.epoch_estimate_s is None  # no budget, nothing estimated
     assert seen[0][1] == ["accuracy", "loss", "val_accuracy", "val_loss"]
@@ -46,7 +56,9 @@ def rates_of_a_fit(schedule: WarmupCosine, epochs: int, steps: int, initial_epoc
     """The learning rate of every batch of a real fit of `steps` batches per epoch under `schedule`."""
     model = make_cnn(conv_filters=(4,), learning_rate=2e-3)
     rates = []
-    record = keras.callbacks.LambdaCallback(on_train_batch_begin=lambda batch, logs: rates.append(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))))
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_begin=lambda batch, logs: rates.append(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)))
+    )
     split = random_split(steps * 16)
     model.fit(split.x, split.y, batch_size=16, epochs=epochs, initial_epoch=initial_epoch, callbacks=[schedule, record], verbose=0)
     return rates
@@ -68,12 +80,37 @@ def test_warmup_cosine_rises_over_the_first_epoch_then_decays_to_zero():
 def test_the_final_training_budget_comes_from_the_first_epoch_and_holds():
     split = random_split(8192)
     validation = Split(split.x[:1024], split.y[:1024])
-    unlimited = train_final(PlainCNN(), kt.HyperParameters(), split, validation, epochs=4, batch_size=64, augment="none", seed=0, on_epoch_end=lambda *_: None, budget_s=1e6)
+    unlimited = train_final(
+        PlainCNN(),
+        kt.HyperParameters(),
+        split,
+        validation,
+        epochs=4,
+        batch_size=64,
+        augment="none",
+        seed=0,
+        on_epoch_end=lambda *_: None,
+        budget_s=1e6,
+    )
     # The estimate (the first epoch with its first batches left out) is the epoch time later epochs measure.
     later = statistics.median(unlimited.epoch_seconds[1:])
-    assert unlimited.epochs == 4 and abs(unlimited.epoch_estimate_s - later) <= 0.25 * later, (unlimited.epoch_estimate_s, unlimited.epoch_seconds)
+    assert unlimited.epochs == 4 and abs(unlimited.epoch_estimate_s - later) <= 0.25 * later, (
+        unlimited.epoch_estimate_s,
+        unlimited.epoch_seconds,
+    )
     budget_s = unlimited.epoch_seconds[0] + 1.5 * later  # two epochs' worth
-    limited = train_final(PlainCNN(), kt.HyperParameters(), split, validation, epochs=4, batch_size=64, augment="none", seed=0, on_epoch_end=lambda *_: None, budget_s=budget_s)
+    limited = train_final(
+        PlainCNN(),
+        kt.HyperParameters(),
+        split,
+        validation,
+        epochs=4,
+        batch_size=64,
+        augment="none",
+        seed=0,
+        on_epoch_end=lambda *_: None,
+        budget_s=budget_s,
+    )
     assert limited.epochs == max(1, min(4, 1 + int((budget_s - limited.epoch_seconds[0]) / limited.epoch_estimate_s)))
     assert sum(limited.epoch_seconds) <= 1.25 * budget_s
     # The cosine still ended at zero: the schedule was settled to the epochs that fit.
@@ -98,7 +135,12 @@ def test_evaluation_dataset_is_the_split_in_order():
 def test_datasets_run_without_the_tf_data_autotuner():
     # With it, some epochs ran at exactly 1 ms per image on this project's machine (search/train.py).
     split = random_split(10)
-    for dataset in (training_dataset(split, 4, seed=0), training_dataset(split, 4, seed=0, augment="jitter"), training_dataset(split, 4, seed=0, augment="robust"), evaluation_dataset(split, 4)):
+    for dataset in (
+        training_dataset(split, 4, seed=0),
+        training_dataset(split, 4, seed=0, augment="jitter"),
+        training_dataset(split, 4, seed=0, augment="robust"),
+        evaluation_dataset(split, 4),
+    ):
         assert dataset.options().autotune.enabled is False
 
 
@@ -142,7 +184,10 @@ def test_precision_choice(monkeypatch):
     monkeypatch.delenv(AUTO_PRECISION_ENV, raising=False)
     assert choose_precision("float32", native_bf16=True) == Precision("float32", "pinned")
     assert choose_precision("mixed_bfloat16", native_bf16=False).policy == "mixed_bfloat16"
-    assert choose_precision("auto", native_bf16=False).params() == {"precision_used": "float32", "precision_reason": "no native bf16 on this CPU"}
+    assert choose_precision("auto", native_bf16=False).params() == {
+        "precision_used": "float32",
+        "precision_reason": "no native bf16 on this CPU",
+    }
     # The environment decides for `auto` without a probe, whatever the CPU; a pinned precision wins over it.
     for forced in ("mixed_bfloat16", "float32"):
         monkeypatch.setenv(AUTO_PRECISION_ENV, forced)
@@ -167,5 +212,3 @@ def test_precision_policy_is_put_back_even_when_the_block_fails():
             assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
             raise RuntimeError("a trial failed")
     assert keras.mixed_precision.global_policy().name == "float32"
-
-

@@ -1,0 +1,42 @@
+# Two commands on a fresh machine with Python 3.11:
+#   make search   a default search (PROFILE=fast for about a minute), logged to ./mlflow.db
+#   make test     every test, as CI runs them (installs chromium and postgresql where it can)
+# Both build .venv from requirements-dev.txt on first use.
+PYTHON ?= python3
+PROFILE ?= default
+# The offline MNIST copy beside the checkout, when there is one; else keras.datasets.mnist downloads it.
+MNIST_NPZ ?= $(wildcard $(abspath ../shared/data/mnist.npz))
+export MNIST_NPZ
+VENV := .venv/bin
+
+.PHONY: search test test-fast lint system-packages
+
+search: .venv/installed
+	PATH="$(CURDIR)/$(VENV):$$PATH" mlflow run . --env-manager local -P profile=$(PROFILE)
+
+test: .venv/installed system-packages lint
+	$(VENV)/python -m pytest
+
+# The fast tier: code, data and model tests, no browser, no database, no `mlflow run`.
+test-fast: .venv/installed
+	$(VENV)/python -m pytest -m "not e2e"
+
+lint: .venv/installed
+	$(VENV)/ruff check .
+	$(VENV)/ruff format --check .
+
+.venv/installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv .venv
+	$(VENV)/python -m pip install --quiet --upgrade pip
+	$(VENV)/python -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# The browser test drives Debian's chromium (no browser download); the distributed
+# test's tracking server keeps its runs in PostgreSQL, which the test starts itself.
+system-packages:
+	@missing=""; command -v chromium >/dev/null || missing="chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		else echo "install $$missing (apt-get install $$missing) for the end-to-end tests, or run make test-fast" >&2; exit 1; fi; \
+	fi
