@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import shutil
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,8 +138,10 @@ def record_setup(
     )
     if not (resume and resume.precision):
         tracker.log_params(precision.params())
+    tracker.log_dataset("mnist", data.digest, data.source)
     print(f"precision {precision.policy} ({precision.reason})", flush=True)
     if not resume:
+        tracker.set_tag("mlflow.runName", f"search-{config.profile}-{config.tuner}-{time.strftime('%Y%m%d-%H%M%S')}")
         tracker.log_artifact(eda.sample_grid(data.train, out / "eda" / "sample_digits.png", config.seed), "eda")
         tracker.log_artifact(eda.label_distribution(data, out / "eda" / "label_distribution.png"), "eda")
 
@@ -358,7 +361,7 @@ def int8_form(tracker: tracking.SearchTracker, model, test_report: evaluate.Test
     if config.serve_int8 and int8 is None:
         print("served in float32: TensorFlow Lite could not convert the model to int8")
     if int8 is not None:
-        int8_accuracy = evaluate.report(int8.predict(test.x)["probabilities"], test.y).accuracy
+        int8_accuracy = evaluate.report(int8.probabilities(test.x), test.y).accuracy
         tracker.log_metrics({"int8_test_accuracy": int8_accuracy})
         if test_report.accuracy - int8_accuracy > config.int8_max_accuracy_drop:
             print(

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from search.pyfunc_model import probabilities_of
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -22,5 +24,5 @@ def predict(model, names: list[str], digits: np.ndarray) -> list[Prediction]:
     """The most probable digit of each of `digits` (float32 (N, 28, 28, 1) in [0, 1]) and its
     probability, from `model` as MLflow's pyfunc serves it (the registered model's served form)."""
     answer = model.predict(digits)
-    probabilities, best = np.asarray(answer["probabilities"]), np.asarray(answer["digit"])
+    probabilities, best = probabilities_of(answer), np.asarray(answer["digit"])
     return [Prediction(name, int(d), float(p[d])) for name, d, p in zip(names, best, probabilities)]

@@ -6,9 +6,11 @@ nothing of this project. It serves the model's int8 form, `data/model.tflite`,
 where the model was logged with one, else the float32 Keras model. The same
 model keeps its `keras` flavor (float32) for `mlflow.keras.load_model`.
 
-Input: digits of shape (N, 28, 28) or (N, 28, 28, 1); integers 0..255 (uint8, or
-JSON integers) or floats 0..1; light digit on a dark background, as in MNIST.
-Output: {"probabilities": float32 (N, 10), "digit": int64 (N,)}.
+Input: digits of shape (N, 28, 28), (N, 28, 28, 1) or (N, 784) (rows of pixels, as
+CSV files and DataFrames hold MNIST), as arrays, nested lists or DataFrames with 784
+pixel columns; integers 0..255 or floats 0..1; a light digit on a dark background.
+Output: a DataFrame with column `digit` (int64) and `probability_0` ... `probability_9`
+(float32): what REST clients and `mlflow.models.evaluate(..., predictions="digit")` read.
 """
 
 from __future__ import annotations
@@ -80,13 +82,44 @@ class DigitClassifier:
         tflite = int8_tflite(keras_model)
         return cls.from_tflite(tflite) if tflite is not None else None
 
-    def predict(self, data, params=None) -> dict[str, np.ndarray]:
-        if isinstance(data, dict) and len(data) == 1:  # a named tensor, {"digits": ...}
-            data = next(iter(data.values()))
-        digits = as_digits(np.asarray(data))
+    def predict(self, data, params=None):
+        """The pyfunc's answer: a DataFrame, `digit` and `probability_<d>` per input digit."""
+        import pandas as pd
+
+        probabilities = self.probabilities(data)
+        columns = {"digit": probabilities.argmax(axis=1).astype(np.int64)}
+        columns |= {name: probabilities[:, d] for d, name in enumerate(PROBABILITY_COLUMNS)}
+        return pd.DataFrame(columns)
+
+    def probabilities(self, data) -> np.ndarray:
+        """float32 (N, 10): the probability of each digit for each input digit."""
+        digits = as_digits(pixel_rows_as_images(data))
         batches = [np.asarray(self._forward(digits[i : i + BATCH]), dtype=np.float32) for i in range(0, len(digits), BATCH)]
-        probabilities = np.concatenate(batches)
-        return {"probabilities": probabilities, "digit": probabilities.argmax(axis=1).astype(np.int64)}
+        return np.concatenate(batches)
+
+
+PROBABILITY_COLUMNS = tuple(f"probability_{d}" for d in range(10))
+
+
+def probabilities_of(answer) -> np.ndarray:
+    """The (N, 10) probabilities of a `predict` answer (a DataFrame, or REST's records as one)."""
+    return np.asarray(answer[list(PROBABILITY_COLUMNS)], dtype=np.float32)
+
+
+def pixel_rows_as_images(data) -> np.ndarray:
+    """A batch in any of the input forms as an array of (N, 28, 28) or (N, 28, 28, 1) digits."""
+    if isinstance(data, dict) and len(data) == 1:  # a named tensor, {"digits": ...}
+        data = next(iter(data.values()))
+    if hasattr(data, "to_numpy"):  # a DataFrame: 784 pixel columns, or one column of digits
+        data = data.to_numpy()
+        if data.dtype == object:
+            data = np.asarray(data.tolist() if data.shape[1] != 1 else data[:, 0].tolist())
+    array = np.asarray(data)
+    if array.ndim == 2:
+        if array.shape[1] != SIZE * SIZE:
+            raise InputError(f"input must have shape (N, 28, 28), (N, 28, 28, 1) or (N, 784), got {array.shape}")
+        array = array.reshape(-1, SIZE, SIZE)
+    return array
 
 
 def int8_tflite(keras_model) -> bytes | None:

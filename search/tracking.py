@@ -13,6 +13,7 @@ import dataclasses
 import os
 import shutil
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
@@ -20,10 +21,10 @@ from typing import Iterator, Mapping
 
 import mlflow
 import numpy as np
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.models import Model, ModelSignature
-from mlflow.types import Schema, TensorSpec
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.types import ColSpec, Schema, TensorSpec
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 
 # What the logged model needs to be loaded and served; given explicitly
 # because inferring it costs seconds per call.
@@ -33,17 +34,18 @@ KERAS_SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28, 1), "digits")]),
     outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10), "probabilities")]),
 )
-# The registered model's pyfunc (search/pyfunc_model.py): its input is left open,
-# as it takes (N, 28, 28) or (N, 28, 28, 1), integers 0..255 or floats 0..1.
+# The registered model's pyfunc (search/pyfunc_model.py): its input is left open, as it takes
+# (N, 28, 28), (N, 28, 28, 1) or (N, 784) digits, integers 0..255 or floats 0..1.
 MODEL_SIGNATURE = ModelSignature(
     inputs=None,
-    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10), "probabilities"), TensorSpec(np.dtype(np.int64), (-1,), "digit")]),
+    outputs=Schema([ColSpec("long", "digit"), *(ColSpec("float", f"probability_{d}") for d in range(10))]),
 )
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 # Waits between retries while another process holds the sqlite write lock
 # (MLflow already waits 20 s inside each attempt).
 LOCK_RETRY_DELAYS_S = (0.5, 1, 2, 4, 8)
 # The reachability probe gives up within ~30 s rather than MLflow's minutes of retries.
+KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"  # where keras.datasets.mnist reads
 PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
@@ -61,6 +63,7 @@ class SearchTracker:
         self.worker = worker  # the `worker` tag of trial runs in a distributed search
         self.trials_logged = 0
         self._trial_runs: dict[str, str] = {}  # trial id -> open child run id
+        self._dataset: DatasetInput | None = None  # the data, logged as each trial run's input too
         # Trial logging runs in order on one background thread, so training never
         # waits for the store; its first error is raised by the next trial call.
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-trials")
@@ -76,6 +79,12 @@ class SearchTracker:
 
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
+
+    def log_dataset(self, name: str, digest: str, source: str) -> None:
+        """The data as an MLflow dataset input (name, digest, source) of the search run and,
+        from now on, of every trial run: the UI's Dataset column."""
+        self._dataset = _dataset_input(name, digest, source)
+        self.client.log_inputs(self.run_id, datasets=[self._dataset])
 
     def metric(self, key: str) -> float | None:
         """The parent run's latest value of metric `key`, or None."""
@@ -97,6 +106,8 @@ class SearchTracker:
             run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_id}", tags=tags)
             self._trial_runs[trial_id] = run.info.run_id
             self.client.log_batch(run.info.run_id, params=params)
+            if self._dataset is not None:
+                self.client.log_inputs(run.info.run_id, datasets=[self._dataset])
 
         self._submit(start)
 
@@ -424,6 +435,22 @@ def config_params(config: object) -> dict[str, object]:
     params cannot change.
     """
     return {f"config.{k}": ",".join(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def _dataset_input(name: str, digest: str, source: str) -> DatasetInput:
+    """A dataset input for training, of `source`: a local file, else what Keras downloads."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source  # noqa: PLC0415
+    from mlflow.data.http_dataset_source import HTTPDatasetSource  # noqa: PLC0415
+    from mlflow.data.meta_dataset import MetaDataset  # noqa: PLC0415
+
+    if Path(source).is_file():
+        with warnings.catch_warnings():  # two registered sources both read local files: either will do
+            warnings.simplefilter("ignore", UserWarning)
+            origin = resolve_dataset_source(str(Path(source).resolve()))
+    else:
+        origin = HTTPDatasetSource(KERAS_MNIST_URL)
+    dataset = MetaDataset(source=origin, name=name, digest=digest[:16])
+    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])
 
 
 def _now_ms() -> int:

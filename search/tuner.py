@@ -156,7 +156,7 @@ def make_tuner(
         tuner = classes[config.tuner](max_trials=config.max_trials, **common)
     if tracker:
         tuner.tracker = tracker
-        tuner.progress = Progress(config.max_trials)
+        tuner.progress = Progress(planned_trials(tuner.oracle, config.max_trials))
         tuner.max_epochs = config.max_epochs
         if config.prune:
             tuner.pruner = pruner or MedianStopping(config.prune_min_trials, config.prune_grace_epochs)
@@ -290,3 +290,13 @@ def failure_reason(trial: kt.engine.trial.Trial) -> str:
     """The last line of the trial's traceback: the error itself."""
     lines = [line for line in (trial.message or "").splitlines() if line.strip()]
     return lines[-1].strip() if lines else "the trial failed without a message"
+
+
+def planned_trials(oracle: kt.Oracle, max_trials: int) -> int:
+    """How many trials the oracle will run: Hyperband's own schedule (its brackets and
+    rounds, capped at max_trials), else max_trials. What the progress lines count down."""
+    if isinstance(oracle, kt.oracles.HyperbandOracle):
+        brackets = range(oracle._get_num_brackets())  # Keras Tuner's own schedule (tests/test_tuner.py runs it)
+        per_iteration = sum(oracle._get_size(b, r) for b in brackets for r in range(oracle._get_num_rounds(b)))
+        return min(max_trials, per_iteration * oracle.hyperband_iterations)
+    return max_trials

@@ -108,11 +108,13 @@ def mlflow_listening(args: list[str], probe: str, cwd: Path, env: dict | None = 
 
 
 def rest_predictions(url: str, digits: np.ndarray) -> dict:
-    """POST `digits` to a served model's /invocations; its predictions as arrays."""
+    """POST `digits` to a served model's /invocations; its answer (one record per digit) as
+    arrays: `digit` (N,) and `probabilities` (N, 10)."""
     import json
 
     request = urllib.request.Request(
         f"{url}/invocations", data=json.dumps({"inputs": digits.tolist()}).encode(), headers={"Content-Type": "application/json"}
     )
-    predictions = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
-    return {name: np.array(value) for name, value in predictions.items()}
+    records = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
+    probabilities = [[record[f"probability_{d}"] for d in range(10)] for record in records]
+    return {"digit": np.array([record["digit"] for record in records]), "probabilities": np.array(probabilities)}

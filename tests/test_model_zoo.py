@@ -127,7 +127,7 @@ def test_an_average_of_models_is_one_model_that_saves_and_serves(tmp_path, dtype
     loaded = keras.saving.load_model(tmp_path / "ensemble.keras", safe_mode=True)
     np.testing.assert_allclose(loaded.predict(digits, verbose=0), expected, atol=1e-6)
     for classifier in (DigitClassifier.float32(loaded), DigitClassifier.int8(loaded)):
-        np.testing.assert_allclose(classifier.predict(digits)["probabilities"], expected, atol=0.02)
+        np.testing.assert_allclose(classifier.probabilities(digits), expected, atol=0.02)
 
 
 def test_fused_batch_norm_trains_exactly_as_keras_batch_norm(dtype_policy):

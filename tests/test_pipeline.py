@@ -32,6 +32,12 @@ def test_one_parent_and_one_finished_child_per_trial(smoke_search):
     children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == len(all_runs) - 1 == 3  # smoke: max_trials 3
     assert {r.info.status for r in all_runs} == {"FINISHED"}
+    # The UI's Dataset column: the data as an input of the search run and of every trial run.
+    assert parent.info.run_name.startswith("search-smoke-random-")
+    for run in (parent, *children):
+        (dataset_input,) = run.inputs.dataset_inputs
+        assert dataset_input.dataset.name == "mnist" and dataset_input.dataset.digest == parent.data.params["data_sha256"][:16]
+        assert "mnist.npz" in dataset_input.dataset.source and dataset_input.tags[0].value == "training"
     for child in children:
         assert child.info.run_name == f"trial-{child.data.tags['trial_id']}"
         assert {"family", "conv_blocks", "conv_filters_0", "kernel_size", "dropout", "learning_rate"} <= set(child.data.params)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import pandas as pd
+import pytest
 
 from model_zoo import average_of, make_cnn, precision_policy
-from search.pyfunc_model import DigitClassifier, float32_copy, folded_forward
+from search.pyfunc_model import PROBABILITY_COLUMNS, DigitClassifier, InputError, float32_copy, folded_forward, probabilities_of
 
 rng = np.random.default_rng(0)
 DIGITS = rng.random((64, 28, 28, 1), dtype=np.float32)
@@ -48,29 +50,44 @@ def test_a_mixed_precision_model_is_served_from_a_float32_copy_of_its_weights():
     for served in (model, average_of([model, model])):
         int8 = DigitClassifier.int8(served)
         assert int8 is not None
-        predicted = int8.predict(np.round(DIGITS[..., 0] * 255).astype(np.uint8))
-        assert predicted["probabilities"].dtype == np.float32
-        np.testing.assert_allclose(predicted["probabilities"], np.asarray(model(DIGITS, training=False)), atol=0.02)
+        predicted = int8.probabilities(np.round(DIGITS[..., 0] * 255).astype(np.uint8))
+        assert predicted.dtype == np.float32
+        np.testing.assert_allclose(predicted, np.asarray(model(DIGITS, training=False)), atol=0.02)
 
 
 def test_the_int8_form_holds_int8_weights_and_nearly_the_float32_probabilities():
     model = batch_norm_cnn()
     int8, float32 = DigitClassifier.int8(model), DigitClassifier.float32(model)
     assert len(int8.tflite) < 1.5 * model.count_params()  # one byte a weight, not four
-    predicted, expected = int8.predict(DIGITS), float32.predict(DIGITS)
-    np.testing.assert_allclose(predicted["probabilities"], expected["probabilities"], atol=0.02)
-    assert not np.array_equal(predicted["probabilities"], expected["probabilities"])  # quantized, not a copy
-    np.testing.assert_allclose(predicted["probabilities"].sum(axis=1), 1.0, rtol=1e-5)
+    predicted, expected = int8.probabilities(DIGITS), float32.probabilities(DIGITS)
+    np.testing.assert_allclose(predicted, expected, atol=0.02)
+    assert not np.array_equal(predicted, expected)  # quantized, not a copy
+    np.testing.assert_allclose(predicted.sum(axis=1), 1.0, rtol=1e-5)
     # Batches of any size, and more digits than one batch, give the same answers.
     many = np.concatenate([DIGITS] * 20)  # 1,280 digits: two batches of up to 1,024
-    np.testing.assert_array_equal(int8.predict(many)["probabilities"][:64], int8.predict(DIGITS)["probabilities"])
-    np.testing.assert_array_equal(int8.predict(DIGITS[:1])["probabilities"], predicted["probabilities"][:1])
+    np.testing.assert_array_equal(int8.probabilities(many)[:64], int8.probabilities(DIGITS))
+    np.testing.assert_array_equal(int8.probabilities(DIGITS[:1]), predicted[:1])
 
 
 def test_predict_takes_uint8_digits_and_returns_the_most_probable_digit():
     model = batch_norm_cnn()
     digits = np.round(DIGITS[..., 0] * 255).astype(np.uint8)
-    predicted = DigitClassifier.float32(model).predict(digits)
+    classifier = DigitClassifier.float32(model)
     expected = np.asarray(model(digits[..., None] / 255.0, training=False))
-    np.testing.assert_allclose(predicted["probabilities"], expected, atol=1e-5)
-    np.testing.assert_array_equal(predicted["digit"], expected.argmax(axis=1))
+    # Every input form: (N, 28, 28), (N, 28, 28, 1), rows of 784 pixels, a 784-column DataFrame, nested lists.
+    rows = digits.reshape(len(digits), -1)
+    forms = [
+        digits,
+        digits[..., None],
+        rows,
+        pd.DataFrame(rows, columns=[f"pixel_{i}" for i in range(784)]),
+        digits.tolist(),
+        {"digits": digits},
+    ]
+    for form in forms:
+        predicted = classifier.predict(form)
+        assert list(predicted.columns) == ["digit", *PROBABILITY_COLUMNS] and predicted["digit"].dtype == np.int64
+        np.testing.assert_allclose(probabilities_of(predicted), expected, atol=1e-5)
+        np.testing.assert_array_equal(predicted["digit"], expected.argmax(axis=1))
+    with pytest.raises(InputError, match=r"input must have shape \(N, 28, 28\), \(N, 28, 28, 1\) or \(N, 784\), got \(64, 100\)"):
+        classifier.predict(np.zeros((64, 100), np.uint8))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 
 from tests.helpers import MLFLOW_RUN_ENV, REPO, mlflow_listening, rest_predictions
@@ -54,6 +55,25 @@ def test_evaluate_a_model_that_does_not_exist(registry, mnist_npz):
     result = search_command(store, mnist_npz, tmp, "evaluate", "--model-uri", "models:/mnist-cnn/99")
     assert result.returncode == 2
     assert result.stderr.startswith("error: cannot load model 'models:/mnist-cnn/99'") and result.stderr.count("\n") == 1
+
+
+def test_mlflow_evaluate_reads_the_registered_model_like_our_own_evaluation(registry, mnist_npz, monkeypatch):
+    """MLflow's own evaluation API on a registered version, with MNIST as 784-column rows."""
+    store, _ = registry
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    for var in MLFLOW_RUN_ENV:
+        monkeypatch.delenv(var, raising=False)
+    data = np.load(mnist_npz)
+    rows, labels = data["x_test"][:2000].reshape(2000, -1), data["y_test"][:2000]
+    frame = pd.DataFrame(rows, columns=[f"pixel_{i}" for i in range(784)]).assign(label=labels)
+    mlflow.set_experiment("evaluate-with-mlflow")
+    with mlflow.start_run():
+        result = mlflow.models.evaluate(
+            "models:/mnist-cnn@champion", frame, targets="label", model_type="classifier", predictions="digit",
+            evaluator_config={"log_model_explainability": False},
+        )  # fmt: skip
+    ours = (mlflow.pyfunc.load_model("models:/mnist-cnn@champion").predict(data["x_test"][:2000])["digit"] == labels).mean()
+    assert result.metrics["accuracy_score"] == pytest.approx(ours, abs=1e-9) and ours >= 0.9
 
 
 def test_served_champion_answers_rest_requests(registry, mnist_npz):

@@ -202,7 +202,7 @@ def test_registry_gates_champion_and_previous_champion(tracking_store):
     pyfunc = mlflow.pyfunc.load_model("models:/digits@champion")
     for batch in (digits, digits[..., None], digits / 255.0, (digits / 255.0).astype(np.float32)[..., None]):
         out = pyfunc.predict(batch)
-        np.testing.assert_allclose(out["probabilities"], expected, rtol=1e-5)
+        np.testing.assert_allclose(pyfunc_model.probabilities_of(out), expected, rtol=1e-5)
         np.testing.assert_array_equal(out["digit"], expected.argmax(axis=1))
     with pytest.raises(ValueError, match=r"input must have shape \(N, 28, 28\) or \(N, 28, 28, 1\), got \(3, 32, 32\)"):
         pyfunc.predict(np.zeros((3, 32, 32), np.uint8))
@@ -220,7 +220,7 @@ def test_a_model_registered_with_its_int8_form_serves_that_form(tracking_store):
     served = mlflow.pyfunc.load_model("models:/digits@champion").predict(digits)
     # The bytes that were evaluated are the bytes that are served.
     expected = pyfunc_model.DigitClassifier.from_tflite(int8_model).predict(digits)
-    np.testing.assert_array_equal(served["probabilities"], expected["probabilities"])
+    np.testing.assert_array_equal(pyfunc_model.probabilities_of(served), pyfunc_model.probabilities_of(expected))
     # The keras flavor stays float32, and is built of Keras' own layers: it loads
     # where model_zoo's fused batch norm cannot be imported.
     keras_model = mlflow.keras.load_model("models:/digits@champion")

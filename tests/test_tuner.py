@@ -7,7 +7,7 @@ import pytest
 
 from experiments import resolve
 from model_zoo import BatchNormCNN, make_cnn, multiply_adds
-from search.tuner import make_tuner, pick_winner
+from search.tuner import make_tuner, pick_winner, planned_trials
 
 
 def test_multiply_adds_counts_convolutions_and_dense_layers():
@@ -64,3 +64,20 @@ def test_neighbouring_seeds_draw_different_trials(tmp_path):
         trials = [tuner.oracle.create_trial(f"t{i}") for i in range(4)]
         drawn[seed] = [tuple(sorted(t.hyperparameters.values.items())) for t in trials]
     assert not set(drawn[42]) & set(drawn[43])
+
+
+@pytest.mark.parametrize("max_epochs, factor", [(2, 3), (9, 3), (8, 2)])
+def test_progress_counts_down_hyperbands_own_schedule(tmp_path, max_epochs, factor):
+    """planned_trials reads Keras Tuner's private schedule: driving a real Hyperband oracle
+    to its end (scores without training) must create exactly that many trials."""
+    config = resolve("smoke", tuner="hyperband", max_epochs=max_epochs, hyperband_factor=factor, max_trials=1_000)
+    oracle = make_tuner(config, None, tmp_path, "tuner").oracle
+    created = 0
+    while (trial := oracle.create_trial("tuner0")).status == "RUNNING":
+        created += 1
+        oracle.update_trial(trial.trial_id, {"val_accuracy": 0.5 + 0.001 * created}, step=0)
+        trial.status = kt.engine.trial.TrialStatus.COMPLETED
+        oracle.end_trial(trial)
+    assert created == planned_trials(oracle, config.max_trials) > 1
+    assert planned_trials(oracle, 1) == 1  # max_trials caps it
+    assert planned_trials(make_tuner(resolve("smoke"), None, tmp_path, "random").oracle, 7) == 7

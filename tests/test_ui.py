@@ -7,6 +7,7 @@ report.html among its artifacts. Screenshots go to test-outputs/.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -68,7 +69,29 @@ def test_search_run_trials_and_report_are_in_the_ui(ui, smoke_search):
         # The UI previews the page itself, in an iframe.
         page.frame_locator("iframe").get_by_text("Registry decision:").wait_for(timeout=30_000)
         page.screenshot(path=str(SCREENSHOTS / "mlflow-ui-report.png"))
+
+        # The compare view of the trial runs: their parameters against val_accuracy.
+        trial_ids = [r.info.run_id for r in runs if "mlflow.parentRunId" in r.data.tags]
+        page.goto(f"{ui}/#/compare-runs?runs={json.dumps(trial_ids)}&experiments={json.dumps([experiment])}")
+        page.get_by_text("best_val_accuracy").first.wait_for(timeout=60_000)
+        page.get_by_text("conv_filters_0").first.wait_for(timeout=30_000)
+        page.screenshot(path=str(SCREENSHOTS / "mlflow-ui-compare.png"), full_page=True)
+
+        # The registered model: its champion alias, and the version's tags and model card.
+        page.goto(f"{ui}/#/models/mnist-cnn")
+        page.get_by_text("champion").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(SCREENSHOTS / "mlflow-ui-model.png"))
+        page.goto(f"{ui}/#/models/mnist-cnn/versions/1")
+        page.get_by_text("Model card: MNIST digit classifier").first.wait_for(timeout=60_000)
+        page.get_by_text("robust_accuracy_mean").first.wait_for(timeout=30_000)
+        page.screenshot(path=str(SCREENSHOTS / "mlflow-ui-model-version.png"), full_page=True)
         browser.close()
     assert len(trials) == 3
-    for name in ("mlflow-ui-runs.png", "mlflow-ui-report.png"):
+    for name in (
+        "mlflow-ui-runs.png",
+        "mlflow-ui-report.png",
+        "mlflow-ui-compare.png",
+        "mlflow-ui-model.png",
+        "mlflow-ui-model-version.png",
+    ):
         assert (SCREENSHOTS / name).stat().st_size > 20_000
