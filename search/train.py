@@ -145,6 +145,10 @@ class WarmupCosine(keras.callbacks.Callback):
             if now - self.started + next_s > OVERRUN * self.budget_s:
                 self.model.stop_training = True  # later epochs ran slower than the first: the budget holds
 
+    def seconds_left(self) -> float:
+        """The epochs still planned, at the median epoch time so far."""
+        return max(0, self.epochs - len(self.epoch_seconds)) * statistics.median(self.epoch_seconds)
+
 
 @dataclass(frozen=True)
 class FinalTraining:
@@ -181,6 +185,8 @@ def train_final(
     callbacks = [
         schedule,
         keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end),
+        # After the schedule's own hook, which settles how many epochs fit the budget.
+        keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: print(final_progress(schedule, epoch, logs), flush=True)),
         # Patience = epochs: never stops early (the schedule must run to its
         # end), but restores the best validation epoch's weights.
         keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=epochs, restore_best_weights=True),
@@ -194,6 +200,15 @@ def train_final(
         verbose=2,
     )
     return FinalTraining(model, len(schedule.epoch_seconds), schedule.estimate_s, tuple(schedule.epoch_seconds))
+
+
+def final_progress(schedule: WarmupCosine, epoch: int, logs: dict) -> str:
+    """The terminal's line after each epoch of the final training: where it is and the time left."""
+    seconds = round(schedule.seconds_left())
+    left = f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+    return (
+        f"final training: epoch {epoch + 1}/{schedule.epochs}, val_accuracy {logs.get('val_accuracy', float('nan')):.4f}, about {left} left"
+    )
 
 
 # What `precision=auto` resolves to on this machine without running the probe

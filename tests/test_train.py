@@ -28,7 +28,7 @@ def random_split(n: int = 256) -> Split:
     return Split(rng.random((n, 28, 28, 1), dtype=np.float32), np.arange(n) % 10)
 
 
-def test_train_final_reports_every_epoch_and_keeps_a_working_model():
+def test_train_final_reports_every_epoch_and_keeps_a_working_model(capsys):
     split = random_split()
     hp = kt.HyperParameters()
     hp.Fixed("conv_filters_0", 16)
@@ -45,6 +45,13 @@ def test_train_final_reports_every_epoch_and_keeps_a_working_model():
         on_epoch_end=lambda epoch, logs: seen.append((epoch, sorted(logs))),
     )
     assert [epoch for epoch, _ in seen] == [0, 1, 2] and run.epochs == 3 and len(run.epoch_seconds) == 3
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("final training:")]
+    assert [line.split(",")[0] for line in printed] == [
+        "final training: epoch 1/3",
+        "final training: epoch 2/3",
+        "final training: epoch 3/3",
+    ]
+    assert printed[-1].endswith("about 0s left") and " left" in printed[0]
     assert run.epoch_estimate_s is None  # no budget, nothing estimated
     assert seen[0][1] == ["accuracy", "loss", "val_accuracy", "val_loss"]
     assert run.model.predict(split.x[:5], verbose=0).shape == (5, 10)
