@@ -192,7 +192,7 @@ def fixed_hyperparameters(hypermodel: kt.HyperModel, pins: tuple[str, ...]) -> k
             if spec.name in values:
                 fixed.Fixed(spec.name, values[spec.name])
             else:
-                fixed._register(spec)
+                fixed.merge([spec])  # the public way to declare a copy of a spec
     return fixed
 
 
