@@ -42,18 +42,17 @@ def pick_convs_per_block(hp: kt.HyperParameters) -> int:
     return hp.Int("convs_per_block", 1, 2, default=2)
 
 
-# What each family is, given its convolutions per block (plain has one).
-FAMILY_LAYOUT = {
-    "plain": lambda convs: {"convs_per_block": 1, "batch_norm": False, "residual": False},
-    "batchnorm": lambda convs: {"convs_per_block": convs, "batch_norm": True, "residual": False},
-    "residual": lambda convs: {"convs_per_block": convs, "batch_norm": True, "residual": True},
-}
-
-
 class ZooHyperModel(kt.HyperModel):
-    """A hypermodel of one family of `make_cnn`, built under `dtype_policy` (None: Keras' global policy)."""
+    """A hypermodel of one family of `make_cnn`, built under `dtype_policy` (None: Keras' global policy).
+    A family is its name and its layout: what `make_cnn` builds given the convolutions per block."""
 
     family = "plain"
+    batch_norm = residual = False
+    stacked = False  # one convolution per block, whatever is drawn
+
+    @classmethod
+    def layout(cls, convs: int) -> dict:
+        return {"convs_per_block": convs if cls.stacked else 1, "batch_norm": cls.batch_norm, "residual": cls.residual}
 
     def __init__(self, dtype_policy: str | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -61,8 +60,8 @@ class ZooHyperModel(kt.HyperModel):
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
         choices = pick_architecture(hp)
-        convs = pick_convs_per_block(hp) if self.family != "plain" else 1
-        return make_cnn(**choices, **FAMILY_LAYOUT[self.family](convs), dtype_policy=self.dtype_policy)
+        convs = pick_convs_per_block(hp) if self.stacked else 1
+        return make_cnn(**choices, **self.layout(convs), dtype_policy=self.dtype_policy)
 
 
 class PlainCNN(ZooHyperModel):
@@ -75,15 +74,17 @@ class BatchNormCNN(ZooHyperModel):
     """Blocks of one or two batch-normalised convolutions."""
 
     family = "batchnorm"
+    batch_norm = stacked = True
 
 
 class ResidualCNN(ZooHyperModel):
     """Blocks of one or two batch-normalised convolutions with a skip connection around them."""
 
     family = "residual"
+    batch_norm = stacked = residual = True
 
 
-FAMILIES: dict[str, type[kt.HyperModel]] = {"plain": PlainCNN, "batchnorm": BatchNormCNN, "residual": ResidualCNN}
+FAMILIES: dict[str, type[ZooHyperModel]] = {cls.family: cls for cls in (PlainCNN, BatchNormCNN, ResidualCNN)}
 
 
 class CNNZoo(ZooHyperModel):
@@ -100,10 +101,10 @@ class CNNZoo(ZooHyperModel):
         family = hp.Choice("family", list(self.families), default=self.families[0])
         choices = pick_architecture(hp)
         convs = 1  # plain's layout ignores it
-        stacked = [f for f in self.families if f != "plain"]
+        stacked = [f for f in self.families if FAMILIES[f].stacked]
         if stacked:
             # Declared from the first build (so the oracle samples it from the first
             # trial on), conditional on a family that uses it: plain trials record none.
             with hp.conditional_scope("family", stacked):
                 convs = pick_convs_per_block(hp)
-        return make_cnn(**choices, **FAMILY_LAYOUT[family](convs), dtype_policy=self.dtype_policy)
+        return make_cnn(**choices, **FAMILIES[family].layout(convs), dtype_policy=self.dtype_policy)
