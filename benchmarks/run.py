@@ -247,7 +247,6 @@ def profile_end_to_end(profile: str, seed: int, settings: list[str] = ()) -> dic
     """`mlflow run . -P profile=<profile> -P seed=<seed> [-P name=value ...]`: wall time, the
     test accuracy it printed, its robustness suite, and what its search did (trials,
     distinct architectures, pruned, the winner)."""
-    from search import tracking  # noqa: PLC0415
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):  # set by the runs above
@@ -282,7 +281,39 @@ def profile_end_to_end(profile: str, seed: int, settings: list[str] = ()) -> dic
         "exit": 0,
         "test_accuracy": float(found.group(1)),
         "decision": found.group(2),
-        **tracking.search_summary(run_id.group(1)),
+        **search_summary(run_id.group(1)),
+    }
+
+
+def search_summary(run_id: str) -> dict:
+    """What search run `run_id` did, from its logged runs: trials, distinct architectures
+    (trials whose active hyperparameters other than the learning rate differ), pruned
+    trials and the epochs they saved, the kept winner's hyperparameters, and its
+    accuracy on the robustness suite (the mean and each corruption's)."""
+    from search import tracking  # noqa: PLC0415
+
+    client = tracking.PatientClient()
+    tracker = tracking.SearchTracker(client.get_run(run_id))
+    records = tracker.trial_records()
+    tracker.close()
+    not_architecture = ("learning_rate", "tuner/")
+    architectures = {tuple(sorted((k, v) for k, v in r["hyperparameters"].items() if not k.startswith(not_architecture))) for r in records}
+    parent = client.get_run(run_id)
+    winner_id = parent.data.tags.get("winner_trial_id")
+    robust = {
+        k.removeprefix("robust_accuracy_"): v
+        for k, v in parent.data.metrics.items()
+        if k.startswith("robust_accuracy_") and k != "robust_accuracy_mean"
+    }
+    winner = next((r["hyperparameters"] for r in records if r["trial_id"] == winner_id and r["status"] == "FINISHED"), {})
+    return {
+        "trials": len(records),
+        "architectures": len(architectures),
+        "pruned": sum(bool(r["pruned"]) for r in records),
+        "epochs_saved": int(sum(r["epochs_saved"] or 0 for r in records)),
+        "winner": " ".join(f"{k}={v}" for k, v in winner.items() if not k.startswith("tuner/")),
+        "robust_accuracy_mean": parent.data.metrics.get("robust_accuracy_mean"),
+        "robust_accuracy": robust,
     }
 
 

@@ -155,7 +155,7 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from search.pipeline import evaluate_model
+    from search.assessment import evaluate_model
 
     evaluate_model(args.model_uri, args.data)
     return 0

@@ -5,7 +5,6 @@ promote it (the registry), report."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import shutil
 import sys
 import time
@@ -19,8 +18,9 @@ import keras_tuner as kt
 from experiments import SearchConfig, champion_uri, from_params
 from model_zoo import average_of, precision_policy
 from search import data as data_module
-from search import eda, evaluate, model_card, pyfunc_model, registry, report, robustness, tracking
-from search.data import DataError, Split
+from search import eda, evaluate, registry, report, robustness, tracking
+from search.assessment import Evaluation, evaluate_once, keras_predict, write_model_card
+from search.data import DataError
 from search.progress import top_table
 from search.tracking import TrackingError
 from search.train import Precision, choose_precision, train_final
@@ -93,20 +93,6 @@ def run_search(
         test=evaluation.test,
         decision=decision,
     )
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """The model on the test split, read once: clean, corrupted, and its int8 form."""
-
-    test: evaluate.TestReport
-    robust: robustness.RobustnessReport
-    corrupted: dict[str, Split]  # the suite, for comparing the champion on the same digits
-    int8_model: bytes | None  # what the registry serves; None: the float32 model
-
-    @property
-    def scores(self) -> dict[str, float]:
-        return {"test_accuracy": self.test.accuracy, "robust_accuracy_mean": self.robust.mean}
 
 
 def prepare_data(config: SearchConfig, resume: Resume | None) -> data_module.MnistData:
@@ -210,17 +196,6 @@ def build_model(tracker: tracking.SearchTracker, tuner: kt.Tuner, winner, data: 
         return tuner.load_model(winner.trial)
 
 
-def evaluate_once(
-    tracker: tracking.SearchTracker, model: keras.Model, data: data_module.MnistData, config: SearchConfig, out: Path
-) -> Evaluation:
-    """The test split, touched once, after the search: clean, then the robustness suite; then the int8 form."""
-    test_report = evaluate.evaluate(model, data.test)
-    log_evaluation(tracker, test_report, data.test, out / "evaluation")
-    corrupted = robustness.suite(data.test, config.seed, config.robust_size)
-    robust_report = evaluate_robustness(tracker, model, corrupted, out / "evaluation")
-    return Evaluation(test_report, robust_report, corrupted, int8_form(tracker, model, test_report, data.test, config))
-
-
 def promote(
     tracker: tracking.SearchTracker, model: keras.Model, evaluation: Evaluation, winner, data: data_module.MnistData, config: SearchConfig
 ) -> registry.RegistryDecision:
@@ -302,78 +277,6 @@ def retrain_winner(
     return model
 
 
-def keras_predict(model: keras.Model):
-    """digits -> probabilities of a Keras model, in large batches."""
-    return lambda digits: model.predict(digits, batch_size=1024, verbose=0)
-
-
-def evaluate_robustness(
-    run: tracking.SearchTracker, model: keras.Model, corrupted: dict[str, Split], out: Path
-) -> robustness.RobustnessReport:
-    """The model on every corruption of the suite: robust_accuracy_* metrics and a figure, under `evaluation/`."""
-    result = robustness.evaluate(keras_predict(model), corrupted)
-    run.log_metrics(result.metrics())
-    run.log_artifact(robustness.plot_examples(corrupted, result, out / "robustness.png"), "evaluation")
-    worst, worst_accuracy = result.worst
-    print(
-        f"robustness suite: robust_accuracy_mean {result.mean:.4f} over {len(corrupted)} corruptions, the worst {worst} {worst_accuracy:.4f}",
-        flush=True,
-    )
-    return result
-
-
-def write_model_card(
-    tracker: tracking.SearchTracker,
-    config: SearchConfig,
-    data: data_module.MnistData,
-    winner,
-    model: keras.Model,
-    evaluation: Evaluation,
-    gates: dict[str, float],
-) -> str:
-    """The registered version's card (search/model_card.py), its speed measured on the served form."""
-    int8 = evaluation.int8_model
-    served = pyfunc_model.DigitClassifier.from_tflite(int8) if int8 else pyfunc_model.DigitClassifier.float32(model)
-    speed = model_card.measure_speed(served.predict, data.test.x)
-    tracker.log_metrics({"served_latency_ms_p50": speed.latency_ms_p50, "served_digits_per_second": speed.digits_per_second})
-    return model_card.write(
-        data=data,
-        hyperparameters=winner.trial.hyperparameters.values,
-        param_count=model.count_params(),
-        multiply_adds=winner.multiply_adds,
-        test=evaluation.test,
-        robustness=evaluation.robust,
-        robust_size=min(config.robust_size, len(data.test)),
-        int8_accuracy=tracker.metric("int8_test_accuracy"),
-        served_form="int8" if int8 else "float32",
-        speed=speed,
-        search_run_id=tracker.run_id,
-        settings=dataclasses.asdict(config),
-        gates=gates,
-    )
-
-
-def int8_form(tracker: tracking.SearchTracker, model, test_report: evaluate.TestReport, test: Split, config: SearchConfig) -> bytes | None:
-    """The model with int8 weights for the registry to serve, or None (served in float32):
-    switched off, a model TensorFlow Lite cannot convert, or more than
-    `int8_max_accuracy_drop` below the model's test accuracy."""
-    int8 = pyfunc_model.DigitClassifier.int8(model) if config.serve_int8 else None
-    if config.serve_int8 and int8 is None:
-        print("served in float32: TensorFlow Lite could not convert the model to int8")
-    if int8 is not None:
-        int8_accuracy = evaluate.report(int8.probabilities(test.x), test.y).accuracy
-        tracker.log_metrics({"int8_test_accuracy": int8_accuracy})
-        if test_report.accuracy - int8_accuracy > config.int8_max_accuracy_drop:
-            print(
-                f"served in float32: the int8 form's test_accuracy {int8_accuracy:.4f} is more than {config.int8_max_accuracy_drop} below"
-            )
-            int8 = None
-        else:
-            print(f"served with int8 weights: test_accuracy {int8_accuracy:.4f} (float32: {test_report.accuracy:.4f})")
-    tracker.set_tag("served_form", "int8" if int8 is not None else "float32")
-    return int8.tflite if int8 is not None else None
-
-
 def write_report(records: list[dict], config: SearchConfig, decision: registry.RegistryDecision, out: Path) -> Path:
     """The report folder: trial figures, the winner's evaluation figures and report.html."""
     folder = out / "report"
@@ -389,28 +292,3 @@ def write_report(records: list[dict], config: SearchConfig, decision: registry.R
     settings = {k.removeprefix("config."): v for k, v in tracking.config_params(config).items()}
     report.write_html(folder / "report.html", f"MNIST CNN search ({config.profile} profile)", settings, records, figures, decision.reason)
     return folder
-
-
-def evaluate_model(model_uri: str, data_path: str = "", config: SearchConfig | None = None) -> evaluate.TestReport:
-    """Evaluate any logged or registered model on the MNIST test split and the robustness suite, in a run of its own."""
-    config = config or SearchConfig()
-    data = data_module.load_mnist(data_module.data_source(data_path), config.validation_size)
-    model = tracking.load_keras_model(model_uri)
-    with tracking.tracked_run(config.experiment_name) as run:
-        run.log_params({"model_uri": model_uri, "data_source": data.source, "data_sha256": data.digest})
-        run.set_tag("command", "evaluate")
-        out = Path(config.output_dir) / run.run_id / "evaluation"
-        test_report = evaluate.evaluate(model, data.test)
-        log_evaluation(run, test_report, data.test, out)
-        robust_report = evaluate_robustness(run, model, robustness.suite(data.test, config.seed, config.robust_size), out)
-    print(
-        f"{model_uri}: test_accuracy {test_report.accuracy:.4f}, test_loss {test_report.loss:.4f}, robust_accuracy_mean {robust_report.mean:.4f} (run {run.run_id})"
-    )
-    return test_report
-
-
-def log_evaluation(run: tracking.SearchTracker, report: evaluate.TestReport, test: Split, out: Path) -> None:
-    """Test metrics, confusion matrix and misclassified digits, under `evaluation/`."""
-    run.log_metrics(report.metrics())
-    run.log_artifact(evaluate.plot_confusion_matrix(report, out / "confusion_matrix.png"), "evaluation")
-    run.log_artifact(evaluate.plot_misclassified(test, report, out / "misclassified.png"), "evaluation")

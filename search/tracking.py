@@ -314,36 +314,6 @@ def attach(parent_run_id: str, worker: str) -> SearchTracker:
     return SearchTracker(PatientClient().get_run(parent_run_id), worker)
 
 
-def search_summary(run_id: str) -> dict:
-    """What search run `run_id` did, from its logged runs: trials, distinct architectures
-    (trials whose active hyperparameters other than the learning rate differ), pruned
-    trials and the epochs they saved, the kept winner's hyperparameters, and its
-    accuracy on the robustness suite (the mean and each corruption's)."""
-    client = PatientClient()
-    tracker = SearchTracker(client.get_run(run_id))
-    records = tracker.trial_records()
-    tracker.close()
-    not_architecture = ("learning_rate", "tuner/")
-    architectures = {tuple(sorted((k, v) for k, v in r["hyperparameters"].items() if not k.startswith(not_architecture))) for r in records}
-    parent = client.get_run(run_id)
-    winner_id = parent.data.tags.get("winner_trial_id")
-    robust = {
-        k.removeprefix("robust_accuracy_"): v
-        for k, v in parent.data.metrics.items()
-        if k.startswith("robust_accuracy_") and k != "robust_accuracy_mean"
-    }
-    winner = next((r["hyperparameters"] for r in records if r["trial_id"] == winner_id and r["status"] == "FINISHED"), {})
-    return {
-        "trials": len(records),
-        "architectures": len(architectures),
-        "pruned": sum(bool(r["pruned"]) for r in records),
-        "epochs_saved": int(sum(r["epochs_saved"] or 0 for r in records)),
-        "winner": " ".join(f"{k}={v}" for k, v in winner.items() if not k.startswith("tuner/")),
-        "robust_accuracy_mean": parent.data.metrics.get("robust_accuracy_mean"),
-        "robust_accuracy": robust,
-    }
-
-
 def load_keras_model(model_uri: str):
     """The Keras model at `model_uri` (e.g. `models:/mnist-cnn@champion`), loaded with Keras' safe mode."""
     import mlflow.keras  # noqa: PLC0415 - TensorFlow glue only when a model is loaded

@@ -229,8 +229,8 @@ def test_the_int8_form_is_served_only_when_on_and_within_the_accuracy_drop(track
     from experiments import resolve
     from model_zoo import make_cnn
     from search import evaluate, tracking
+    from search.assessment import int8_form
     from search.data import load_mnist
-    from search.pipeline import int8_form
     from tests.helpers import write_npz
 
     test = load_mnist(write_npz(tmp_path / "tiny.npz", n_train=700, n_test=200), validation_size=100).test
