@@ -1,4 +1,6 @@
-"""Every MLflow call of the search: the parent run, one nested run per trial, the registry.
+"""The MLflow adapter: every MLflow call of the project (the parent run, one nested run
+per trial, logged models, the registry's primitives); it imports nothing of the project,
+and what to register is search/registry.py's decision.
 
 The parent run is the one `mlflow run` started (it passes MLFLOW_RUN_ID, which
 the first `mlflow.start_run()` adopts); outside `mlflow run` it is a new run.
