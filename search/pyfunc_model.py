@@ -10,7 +10,9 @@ Input: digits of shape (N, 28, 28), (N, 28, 28, 1) or (N, 784) (rows of pixels, 
 CSV files and DataFrames hold MNIST), as arrays, nested lists or DataFrames with 784
 pixel columns; integers 0..255 or floats 0..1; a light digit on a dark background.
 Output: a DataFrame with column `digit` (int64) and `probability_0` ... `probability_9`
-(float32): what REST clients and `mlflow.models.evaluate(..., predictions="digit")` read.
+(float32), what REST clients read; loaded with `model_config={"output": "digit"}`, the
+digits alone (a Series), what MLflow's classifier evaluation reads:
+    mlflow.models.evaluate(uri, data, targets=..., model_type="classifier", model_config={"output": "digit"})
 """
 
 from __future__ import annotations
@@ -62,8 +64,11 @@ class DigitClassifier:
     logged with one, else its float32 Keras form (`float32`).
     """
 
-    def __init__(self, forward: Callable[[np.ndarray], np.ndarray], tflite: bytes | None = None):
+    def __init__(self, forward: Callable[[np.ndarray], np.ndarray], tflite: bytes | None = None, output: str = "table"):
+        if output not in OUTPUTS:
+            raise InputError(f"model_config output {output!r}: choose one of {', '.join(OUTPUTS)}")
         self._forward = forward
+        self.output = output
         self.tflite = tflite  # the int8 form as a TFLite flatbuffer; None when served in float32
 
     @classmethod
@@ -87,6 +92,8 @@ class DigitClassifier:
         import pandas as pd
 
         probabilities = self.probabilities(data)
+        if self.output == "digit":
+            return pd.Series(probabilities.argmax(axis=1).astype(np.int64), name="digit")
         columns = {"digit": probabilities.argmax(axis=1).astype(np.int64)}
         columns |= {name: probabilities[:, d] for d, name in enumerate(PROBABILITY_COLUMNS)}
         return pd.DataFrame(columns)
@@ -99,6 +106,7 @@ class DigitClassifier:
 
 
 PROBABILITY_COLUMNS = tuple(f"probability_{d}" for d in range(10))
+OUTPUTS = ("table", "digit")  # model_config "output": the DataFrame of digits and probabilities, or the digits
 
 
 def probabilities_of(answer) -> np.ndarray:
@@ -273,11 +281,13 @@ def _fold(conv, batch_norm):
     return lambda x: tf.nn.bias_add(tf.nn.conv2d(x, kernel, strides, padding, dilations=dilations), shift)
 
 
-def _load_pyfunc(data_path: str) -> DigitClassifier:
+def _load_pyfunc(data_path: str, model_config: dict | None = None) -> DigitClassifier:
     tflite = os.path.join(data_path, TFLITE_FILE)
     if os.path.exists(tflite):
         with open(tflite, "rb") as file:
-            return DigitClassifier.from_tflite(file.read())
-    import keras
+            classifier = DigitClassifier.from_tflite(file.read())
+    else:
+        import keras
 
-    return DigitClassifier.float32(keras.saving.load_model(os.path.join(data_path, KERAS_FILE), safe_mode=True))
+        classifier = DigitClassifier.float32(keras.saving.load_model(os.path.join(data_path, KERAS_FILE), safe_mode=True))
+    return DigitClassifier(classifier._forward, classifier.tflite, (model_config or {}).get("output", "table"))

@@ -51,7 +51,8 @@ def register_if_better(
         return _decided(tracker, RegistryDecision(False, "not registered: " + ", ".join(failed)))
     previous = tracker.alias_version(model_name, alias)
     files = {pyfunc_model.TFLITE_FILE: int8_model} if int8_model else {}
-    model_uri = tracker.log_model(with_keras_layers(model), Path(pyfunc_model.__file__), PYFUNC_MODULE, files, card)
+    loader_config = {"output": "table"}  # load_model(..., model_config={"output": "digit"}) for the digits alone
+    model_uri = tracker.log_model(with_keras_layers(model), Path(pyfunc_model.__file__), PYFUNC_MODULE, files, card, loader_config)
     version = tracker.register(model_uri, model_name)
     tags = {
         **{name: f"{value:.6f}" for name, value in scores.items()},

@@ -204,10 +204,13 @@ class SearchTracker:
         self._trial_runs.clear()
 
     # --- models and the registry ---------------------------------------------
-    def log_model(self, keras_model, loader: Path, loader_module: str, files: Mapping[str, bytes], card: str) -> str:
+    def log_model(
+        self, keras_model, loader: Path, loader_module: str, files: Mapping[str, bytes], card: str, loader_config: Mapping[str, str]
+    ) -> str:
         """Log `keras_model` as an MLflow logged model of this run, named `model`: MLflow's
         keras flavor, and a pyfunc flavor served by `loader` (a module shipped with the
-        model as `code/<loader_module>.py`, reading `files` under `data/`); `card`
+        model as `code/<loader_module>.py`, reading `files` under `data/`, configured by
+        `loader_config`, which `load_model(..., model_config=)` can override); `card`
         beside it as `model_card.md`. MLflow links the run's metrics of step 0 (the
         test and robustness metrics) to it. Returns its `models:/` URI."""
         info = _patient(Model.log)(
@@ -220,6 +223,7 @@ class SearchTracker:
             loader_module=loader_module,
             files=files,
             card=card,
+            loader_config=loader_config,
         )
         return info.model_uri
 
@@ -249,7 +253,16 @@ class _KerasWithPyfunc:
     `mlflow.keras.load_model`), with a pyfunc flavor whose loader module is shipped with the model."""
 
     @staticmethod
-    def save_model(path, mlflow_model: Model, keras_model, loader: Path, loader_module: str, files: Mapping[str, bytes], card: str) -> None:
+    def save_model(
+        path,
+        mlflow_model: Model,
+        keras_model,
+        loader: Path,
+        loader_module: str,
+        files: Mapping[str, bytes],
+        card: str,
+        loader_config: Mapping[str, str],
+    ) -> None:
         import mlflow.keras  # noqa: PLC0415 - TensorFlow glue only when a model is logged
 
         mlflow.keras.save_model(
@@ -270,6 +283,7 @@ class _KerasWithPyfunc:
             data="data",
             conda_env=keras_env["conda"],
             python_env=keras_env["virtualenv"],
+            model_config=dict(loader_config),
         )
         mlflow_model.signature = MODEL_SIGNATURE
         mlflow_model.save(str(folder / "MLmodel"))

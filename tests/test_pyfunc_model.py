@@ -91,3 +91,14 @@ def test_predict_takes_uint8_digits_and_returns_the_most_probable_digit():
         np.testing.assert_array_equal(predicted["digit"], expected.argmax(axis=1))
     with pytest.raises(InputError, match=r"input must have shape \(N, 28, 28\), \(N, 28, 28, 1\) or \(N, 784\), got \(64, 100\)"):
         classifier.predict(np.zeros((64, 100), np.uint8))
+
+
+def test_model_config_output_digit_answers_the_digits_alone():
+    """What MLflow's classifier evaluation reads: mlflow.models.evaluate(..., model_config={"output": "digit"})."""
+    model = batch_norm_cnn()
+    table = DigitClassifier.float32(model)
+    digits = DigitClassifier(table._forward, output="digit").predict(DIGITS)
+    assert isinstance(digits, pd.Series) and digits.name == "digit" and digits.shape == (len(DIGITS),)
+    np.testing.assert_array_equal(digits, table.predict(DIGITS)["digit"])
+    with pytest.raises(InputError, match="model_config output 'proba': choose one of table, digit"):
+        DigitClassifier(table._forward, output="proba")

@@ -46,7 +46,7 @@ def test_evaluate_logs_its_own_run(registry, mnist_npz):
     assert run.data.metrics["test_accuracy"] == pytest.approx(float(champion.tags["test_accuracy"]), abs=1e-6)
     assert {f"test_{k}_digit_{d}" for k in ("precision", "recall") for d in range(10)} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
-    assert artifacts == {"evaluation/confusion_matrix.png", "evaluation/misclassified.png"}
+    assert artifacts == {"evaluation/confusion_matrix.png", "evaluation/misclassified.png", "evaluation/robustness.png"}
     assert f"models:/mnist-cnn@champion: test_accuracy {run.data.metrics['test_accuracy']:.4f}" in result.stdout
 
 
@@ -69,7 +69,7 @@ def test_mlflow_evaluate_reads_the_registered_model_like_our_own_evaluation(regi
     mlflow.set_experiment("evaluate-with-mlflow")
     with mlflow.start_run():
         result = mlflow.models.evaluate(
-            "models:/mnist-cnn@champion", frame, targets="label", model_type="classifier", predictions="digit",
+            "models:/mnist-cnn@champion", frame, targets="label", model_type="classifier", model_config={"output": "digit"},
             evaluator_config={"log_model_explainability": False},
         )  # fmt: skip
     ours = (mlflow.pyfunc.load_model("models:/mnist-cnn@champion").predict(data["x_test"][:2000])["digit"] == labels).mean()

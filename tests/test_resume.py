@@ -149,7 +149,7 @@ def test_a_bf16_search_killed_and_resumed_keeps_bf16_and_registers_a_model_that_
         "keras_digit = keras_model.predict(d['x_test'][:500, :, :, None] / 255, verbose=0).argmax(axis=1)\n"
         "served = mlflow.pyfunc.load_model('models:/mnist-cnn@champion').predict(d['x_test'][:500])\n"
         "assert not {'search', 'model_zoo', 'experiments'} & set(sys.modules)\n"
-        "assert served['probabilities'].dtype == np.float32\n"
+        "assert served['probability_0'].dtype == np.float32\n"
         "print(f\"keras={(keras_digit == d['y_test'][:500]).mean():.4f} pyfunc={(served['digit'] == d['y_test'][:500]).mean():.4f}\")\n"
     )
     clean_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
