@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -80,9 +81,26 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwritten: {args.out}")
     if args.results:
-        add_to_results(Path(args.results), results, "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]))
+        add_to_results(
+            Path(args.results),
+            results,
+            "python -m benchmarks " + shlex.join(measured_arguments(argv if argv is not None else sys.argv[1:])),
+        )
         print(f"added to: {args.results}")
     return 0
+
+
+def measured_arguments(argv: list[str]) -> list[str]:
+    """The arguments that decide what is measured: not where the results and runs are written."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--out", "--results", "--tracking-uri"):
+            skip = True
+        elif not arg.startswith(("--out=", "--results=", "--tracking-uri=")):
+            kept.append(arg)
+    return kept
 
 
 def add_to_results(path: Path, results: dict, command: str) -> None:

@@ -128,3 +128,20 @@ def test_each_run_puts_its_table_first_in_the_results_file(tmp_path):
     newer, older = text.index("## `python -m benchmarks`\n"), text.index("## `python -m benchmarks --profiles fast`\n")
     assert newer < older and text.count("| figure | measured | target | met |") == 2
     assert "2026-12-01 00:00 UTC" in text[newer:older] and "commit " in text[newer:older]
+
+
+def test_the_recorded_command_keeps_what_decides_the_measurement():
+    from benchmarks.run import measured_arguments
+
+    argv = [
+        "--profiles",
+        "fast",
+        "--out",
+        "/tmp/x.json",
+        "--results=/tmp/r.md",
+        "--settings",
+        "augment=robust;seed=1",
+        "--tracking-uri",
+        "sqlite:///m.db",
+    ]
+    assert measured_arguments(argv) == ["--profiles", "fast", "--settings", "augment=robust;seed=1"]
