@@ -89,6 +89,7 @@ def write_model_card(
         search_run_id=tracker.run_id,
         settings=dataclasses.asdict(config),
         gates=gates,
+        epochs_run=tracker.metric("final_epochs_run") if config.final_models == 1 else tracker.metric("final_0_epochs_run"),
     )
 
 

@@ -73,6 +73,7 @@ def write(
     search_run_id: str,
     settings: Mapping[str, object],
     gates: Mapping[str, float],
+    epochs_run: float | None = None,
 ) -> str:
     """The card as Markdown."""
     n = int(test.confusion.sum())
@@ -99,4 +100,5 @@ def write(
         search_run_id=search_run_id,
         settings=settings,
         gates=gates,
+        epochs_run=epochs_run,
     )
