@@ -51,7 +51,8 @@ def test_search_run_trials_and_report_are_in_the_ui(ui, smoke_search):
     SCREENSHOTS.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        # Wide enough for the runs table's Dataset and Models columns beside MLflow's assistant panel.
+        page = browser.new_page(viewport={"width": 2200, "height": 1000})
         page.goto(f"{ui}/#/experiments/{experiment}/runs?workflowType=machine_learning")
         search_link = page.get_by_role("link", name=parent.info.run_name)
         search_link.wait_for(timeout=60_000)
@@ -75,7 +76,10 @@ def test_search_run_trials_and_report_are_in_the_ui(ui, smoke_search):
         page.goto(f"{ui}/#/compare-runs?runs={json.dumps(trial_ids)}&experiments={json.dumps([experiment])}")
         page.get_by_text("best_val_accuracy").first.wait_for(timeout=60_000)
         page.get_by_text("conv_filters_0").first.wait_for(timeout=30_000)
-        page.screenshot(path=str(SCREENSHOTS / "mlflow-ui-compare.png"), full_page=True)
+        page.screenshot(path=str(SCREENSHOTS / "mlflow-ui-compare.png"))
+        # Its table: each trial's parameters, and val_accuracy below them.
+        page.get_by_text("val_accuracy", exact=True).first.scroll_into_view_if_needed()
+        page.screenshot(path=str(SCREENSHOTS / "mlflow-ui-compare-table.png"))
 
         # The registered model: its champion alias, and the version's tags and model card.
         page.goto(f"{ui}/#/models/mnist-cnn")
@@ -91,6 +95,7 @@ def test_search_run_trials_and_report_are_in_the_ui(ui, smoke_search):
         "mlflow-ui-runs.png",
         "mlflow-ui-report.png",
         "mlflow-ui-compare.png",
+        "mlflow-ui-compare-table.png",
         "mlflow-ui-model.png",
         "mlflow-ui-model-version.png",
     ):
