@@ -207,9 +207,10 @@ def _first_line(err: Exception) -> str:
 def _is_user_error(err: Exception) -> bool:
     from search.data import DataError
     from search.images import InputError
+    from search.locking import LockedError
     from search.tracking import TrackingError
 
-    return isinstance(err, (ConfigError, DataError, InputError, TrackingError))
+    return isinstance(err, (ConfigError, DataError, InputError, LockedError, TrackingError))
 
 
 def _whole(text: str) -> int:

@@ -18,7 +18,7 @@ import keras_tuner as kt
 from experiments import SearchConfig, champion_uri, from_params
 from model_zoo import average_of, precision_policy
 from search import data as data_module
-from search import eda, evaluate, registry, report, robustness, tracking
+from search import eda, evaluate, locking, registry, report, robustness, tracking
 from search.assessment import Evaluation, evaluate_once, keras_predict, write_model_card
 from search.data import DataError
 from search.progress import top_table
@@ -53,7 +53,12 @@ def resume_search(run_id: str, verbose: int | None = None) -> SearchResult:
     """Continue the interrupted search whose parent run is `run_id`, with the settings it logged."""
     params = tracking.resumable_params(run_id)
     config = from_params(params)
-    return run_search(config, verbose, Resume(run_id, params.get("data_sha256", ""), params.get("precision_used", "")))
+    folder = Path(config.output_dir) / run_id
+    if not (folder / "tuner" / "oracle.json").is_file():
+        raise TrackingError(f"no tuner state at {folder / 'tuner'}: resume from the directory the search ran in")
+    # Before the run is reopened: a second resume must not touch the first one's runs.
+    with locking.holding(folder, run_id):
+        return run_search(config, verbose, Resume(run_id, params.get("data_sha256", ""), params.get("precision_used", "")))
 
 
 def run_search(
@@ -73,8 +78,11 @@ def run_search(
 
     # Models are built under the search's policy (make_tuner), never Keras' global
     # one, which Keras Tuner resets before each build: the caller's is put back after.
-    with precision_policy(None), tracking.tracked_run(config.experiment_name, resume.run_id if resume else "") as tracker:
+    run = tracking.tracked_run(config.experiment_name, resume.run_id if resume else "")
+    with precision_policy(None), run as tracker, contextlib.ExitStack() as held:
         out = Path(config.output_dir) / tracker.run_id
+        if not resume:  # a resume holds the lock already (resume_search)
+            held.enter_context(locking.holding(out, tracker.run_id))
         record_setup(tracker, config, data, precision, resume, out)
         tuner = search(tracker, config, data, precision.policy, resume, hypermodel, chief, verbose, out)
         winner = pick(tracker, tuner, config, len(data.validation))
@@ -102,9 +110,6 @@ def prepare_data(config: SearchConfig, resume: Resume | None) -> data_module.Mni
         raise DataError(
             f"{data.source}: not the data search {resume.run_id} started with (sha256 {data.digest[:12]}..., logged {resume.data_sha256[:12]}...)"
         )
-    tuner_dir = Path(config.output_dir) / resume.run_id / "tuner" if resume else None
-    if tuner_dir and not (tuner_dir / "oracle.json").is_file():
-        raise TrackingError(f"no tuner state at {tuner_dir}: resume from the directory the search ran in")
     return data
 
 

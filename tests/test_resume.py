@@ -164,3 +164,33 @@ def test_a_bf16_search_killed_and_resumed_keeps_bf16_and_registers_a_model_that_
         predictions = rest_predictions(url, test["x_test"][:200])
     assert predictions["probabilities"].shape == (200, 10)
     assert (predictions["digit"] == test["y_test"][:200]).mean() >= 0.9
+
+
+def test_two_resumes_of_one_search_the_second_refused_and_a_killed_processs_lock_no_obstacle(tmp_path, mnist_npz):
+    """A SIGKILL leaves the search's lock behind; the first resume takes it over, a second
+    resume while the first runs is refused with one line naming the process, exit 2."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env, log = search_env(store, mnist_npz), tmp_path / "search.log"
+    search = start(["run", "--profile", "smoke", "--max-trials", str(MAX_TRIALS)], tmp_path, env, log)
+    parent_id = wait_until_mid_trial(store, search)
+    search.send_signal(signal.SIGKILL)
+    search.wait(timeout=60)
+    lock = tmp_path / "outputs" / parent_id / "search.lock"
+    assert lock.read_text().split()[0] == str(search.pid)  # left behind by the killed process
+
+    first = start(["resume", parent_id], tmp_path, env, log)
+    deadline = time.monotonic() + 120
+    while not (lock.exists() and lock.read_text().split()[:1] == [str(first.pid)]):
+        assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    second = subprocess.run(
+        [sys.executable, "-m", "search", "resume", parent_id], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert second.returncode == 2
+    assert (
+        second.stderr
+        == f"error: search run {parent_id} is already running in process {first.pid} on {__import__('socket').gethostname()} (lock {Path('outputs') / parent_id / 'search.lock'})\n"
+    )
+    assert first.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert_completed_once(store, parent_id, killed_children=1)
+    assert not lock.exists()
