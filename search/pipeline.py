@@ -15,7 +15,7 @@ from pathlib import Path
 import keras
 import keras_tuner as kt
 
-from experiments import SearchConfig, champion_uri, from_params
+from experiments import ConfigError, SearchConfig, champion_uri, from_params
 from model_zoo import average_of, precision_policy
 from search import data as data_module
 from search import eda, evaluate, locking, registry, report, robustness, tracking
@@ -50,12 +50,19 @@ class Resume:
 
 
 def resume_search(run_id: str, verbose: int | None = None) -> SearchResult:
-    """Continue the interrupted search whose parent run is `run_id`, with the settings it logged."""
+    """Continue the interrupted search whose parent run is `run_id`, with the settings it
+    logged: from its tuner state, or from the start when it was stopped before its first trial."""
     params = tracking.resumable_params(run_id)
-    config = from_params(params)
+    try:
+        config = from_params(params)
+    except ConfigError:
+        tracking.end_run(run_id, "KILLED")
+        raise TrackingError(
+            f"search run {run_id} stopped before it logged its settings: nothing to continue, marked KILLED; start a new search"
+        ) from None
     folder = Path(config.output_dir) / run_id
-    if not (folder / "tuner" / "oracle.json").is_file():
-        raise TrackingError(f"no tuner state at {folder / 'tuner'}: resume from the directory the search ran in")
+    if not folder.is_dir():
+        raise TrackingError(f"no outputs of search run {run_id} at {folder}: resume from the directory the search ran in")
     # Before the run is reopened: a second resume must not touch the first one's runs.
     with locking.holding(folder, run_id):
         return run_search(config, verbose, Resume(run_id, params.get("data_sha256", ""), params.get("precision_used", "")))
@@ -106,7 +113,7 @@ def run_search(
 def prepare_data(config: SearchConfig, resume: Resume | None) -> data_module.MnistData:
     """MNIST loaded, validated and split before anything trains; a resumed search must see the same data."""
     data = data_module.load_mnist(data_module.data_source(config.data), config.validation_size)
-    if resume and resume.data_sha256 != data.digest:
+    if resume and resume.data_sha256 and resume.data_sha256 != data.digest:
         raise DataError(
             f"{data.source}: not the data search {resume.run_id} started with (sha256 {data.digest[:12]}..., logged {resume.data_sha256[:12]}...)"
         )
@@ -121,7 +128,8 @@ def record_setup(
     resume: Resume | None,
     out: Path,
 ) -> None:
-    """The resolved settings, the data and the precision as params; the EDA figures (a resumed search has them)."""
+    """The resolved settings, the data and the precision as params (a resume logs the same
+    values again); the EDA figures, unless a resumed search drew them already."""
     tracker.log_params(tracking.config_params(config))
     train_images = len(data_module.subset(data.train, config.train_subset))
     tracker.log_params(
@@ -133,6 +141,7 @@ def record_setup(
     print(f"precision {precision.policy} ({precision.reason})", flush=True)
     if not resume:
         tracker.set_tag("mlflow.runName", f"search-{config.profile}-{config.tuner}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not resume or not (out / "eda" / "label_distribution.png").is_file():
         tracker.log_artifact(eda.sample_grid(data.train, out / "eda" / "sample_digits.png", config.seed), "eda")
         tracker.log_artifact(eda.label_distribution(data, out / "eda" / "label_distribution.png"), "eda")
 

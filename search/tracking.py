@@ -365,6 +365,11 @@ def resumable_params(run_id: str) -> dict[str, str]:
     return run.data.params
 
 
+def end_run(run_id: str, status: str) -> None:
+    """End run `run_id` with `status` (e.g. KILLED), from any process."""
+    PatientClient().set_terminated(run_id, status)
+
+
 def check_reachable() -> None:
     """Fail fast, with one clear error, if the tracking store cannot be reached."""
     saved = {k: os.environ.get(k) for k in PROBE_ENV}

@@ -132,3 +132,22 @@ def test_a_bad_setting_on_the_command_line_is_one_line_and_exit_2(argv, message,
     assert main(["run", "--profile", "smoke", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+LOG_LINE_OF_MLFLOW = "20"  # MLflow's own INFO lines start with the date
+
+
+MLFLOW_LOG_LINE = "20"  # MLflow's own INFO lines (creating a new store) start with the year
+
+
+def test_resuming_a_search_that_stopped_before_logging_its_settings_marks_it_killed(tracking_store, capsys):
+    """Killed at its very start, a search has nothing to continue: resume says so and ends the run."""
+    client = mlflow.MlflowClient()
+    run = client.create_run(client.create_experiment("killed-at-start"))
+    assert main(["resume", run.info.run_id]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith(MLFLOW_LOG_LINE)]
+    message = (
+        f"error: search run {run.info.run_id} stopped before it logged its settings: nothing to continue, marked KILLED; start a new search"
+    )
+    assert errors == [message]
+    assert client.get_run(run.info.run_id).info.status == "KILLED"

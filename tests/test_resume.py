@@ -194,3 +194,28 @@ def test_two_resumes_of_one_search_the_second_refused_and_a_killed_processs_lock
     assert first.wait(timeout=600) == 0, log.read_text()[-3000:]
     assert_completed_once(store, parent_id, killed_children=1)
     assert not lock.exists()
+
+
+def test_a_search_killed_before_its_first_trial_resumes_from_the_start(tmp_path, mnist_npz):
+    """SIGKILL after the search logged its settings and data, before any trial run exists
+    (the EDA, the tuner's start): resume runs every trial once, under the same search run."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env, log = search_env(store, mnist_npz), tmp_path / "search.log"
+    search = start(["run", "--profile", "smoke", "--max-trials", str(MAX_TRIALS)], tmp_path, env, log)
+    deadline = time.monotonic() + 120
+    while True:
+        assert search.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        runs = all_runs(store)
+        parents = [r for r in runs if "trial_id" not in r.data.tags and "data_sha256" in r.data.params]
+        if parents:
+            break
+        time.sleep(0.05)
+    search.send_signal(signal.SIGKILL)
+    search.wait(timeout=60)
+    assert not [r for r in all_runs(store) if "trial_id" in r.data.tags], "a trial had started: the kill came too late for this test"
+    parent_id = parents[0].info.run_id
+    resumed = subprocess.run(
+        [sys.executable, "-m", "search", "resume", parent_id], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_completed_once(store, parent_id, killed_children=0)
