@@ -66,8 +66,8 @@ def test_mlflow_evaluate_reads_the_registered_model_like_our_own_evaluation(regi
     data = np.load(mnist_npz)
     rows, labels = data["x_test"][:2000].reshape(2000, -1), data["y_test"][:2000]
     frame = pd.DataFrame(rows, columns=[f"pixel_{i}" for i in range(784)]).assign(label=labels)
-    mlflow.set_experiment("evaluate-with-mlflow")
-    with mlflow.start_run():
+    # Not mlflow.set_experiment: its process-wide choice would outlive this test.
+    with mlflow.start_run(experiment_id=mlflow.MlflowClient().create_experiment("evaluate-with-mlflow")):
         result = mlflow.models.evaluate(
             "models:/mnist-cnn@champion", frame, targets="label", model_type="classifier", model_config={"output": "digit"},
             evaluator_config={"log_model_explainability": False},
