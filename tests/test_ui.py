@@ -60,6 +60,9 @@ def test_search_run_trials_and_report_are_in_the_ui(ui, smoke_search):
         page.locator("[role=row]", has=search_link).locator("button[data-component-id*='runnamecellrenderer']").click()
         for name in trials:
             page.get_by_role("link", name=name, exact=True).wait_for(timeout=30_000)
+        # The Dataset and Models columns: the data as the runs' input, the registered model the search logged.
+        page.get_by_text(f"mnist ({parent.data.params['data_sha256'][:16]})", exact=True).first.wait_for(timeout=30_000)
+        page.get_by_text("mnist-cnn", exact=True).first.wait_for(timeout=30_000)
         page.screenshot(path=str(SCREENSHOTS / "mlflow-ui-runs.png"))
 
         page.goto(f"{ui}/#/experiments/{experiment}/runs/{parent.info.run_id}/artifacts")
