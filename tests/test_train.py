@@ -87,18 +87,13 @@ def test_warmup_cosine_rises_over_the_first_epoch_then_decays_to_zero():
 def test_the_final_training_budget_comes_from_the_first_epoch_and_holds():
     split = random_split(8192)
     validation = Split(split.x[:1024], split.y[:1024])
-    unlimited = train_final(
-        PlainCNN(),
-        kt.HyperParameters(),
-        split,
-        validation,
-        epochs=4,
-        batch_size=64,
-        augment="none",
-        seed=0,
-        on_epoch_end=lambda *_: None,
-        budget_s=1e6,
-    )
+
+    def train(budget_s: float):
+        return train_final(
+            PlainCNN(), kt.HyperParameters(), split, validation, 4, 64, "none", seed=0, on_epoch_end=lambda *_: None, budget_s=budget_s
+        )
+
+    unlimited = train(budget_s=1e6)
     # The estimate (the first epoch with its first batches left out) is the epoch time later epochs measure.
     later = statistics.median(unlimited.epoch_seconds[1:])
     assert unlimited.epochs == 4 and abs(unlimited.epoch_estimate_s - later) <= 0.25 * later, (
@@ -106,18 +101,7 @@ def test_the_final_training_budget_comes_from_the_first_epoch_and_holds():
         unlimited.epoch_seconds,
     )
     budget_s = unlimited.epoch_seconds[0] + 1.5 * later  # two epochs' worth
-    limited = train_final(
-        PlainCNN(),
-        kt.HyperParameters(),
-        split,
-        validation,
-        epochs=4,
-        batch_size=64,
-        augment="none",
-        seed=0,
-        on_epoch_end=lambda *_: None,
-        budget_s=budget_s,
-    )
+    limited = train(budget_s)
     assert limited.epochs == max(1, min(4, 1 + int((budget_s - limited.epoch_seconds[0]) / limited.epoch_estimate_s)))
     assert sum(limited.epoch_seconds) <= 1.25 * budget_s
     # The cosine still ended at zero: the schedule was settled to the epochs that fit.
