@@ -51,8 +51,12 @@ def data_source(path: str = "") -> str:
 def load_mnist(source: str, validation_size: int = 6_000) -> MnistData:
     """Load, validate and split MNIST; the last `validation_size` training images validate."""
     arrays = _read_npz(source) if source != KERAS_SOURCE else _read_keras()
+    digits = {}  # the images, checked and made float32 (N, 28, 28, 1) in one pass
     for key in KEYS:
-        _check_array(source, key, arrays[key])
+        if key.startswith("x"):
+            digits[key] = _as_digits(f"{source}: {key}", arrays[key])
+        else:
+            _check_labels(source, key, arrays[key])
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if len(x) != len(y):
@@ -60,12 +64,12 @@ def load_mnist(source: str, validation_size: int = 6_000) -> MnistData:
     n_train = len(arrays["y_train"])
     if not 0 < validation_size < n_train:
         raise DataError(f"{source}: cannot hold out {validation_size} validation images from {n_train} training images")
-    x_train, y_train = _as_digits(source, arrays["x_train"]), arrays["y_train"].astype(np.int64)
+    x_train, y_train = digits["x_train"], arrays["y_train"].astype(np.int64)
     cut = n_train - validation_size
     return MnistData(
         train=Split(x_train[:cut], y_train[:cut]),
         validation=Split(x_train[cut:], y_train[cut:]),
-        test=Split(_as_digits(source, arrays["x_test"]), arrays["y_test"].astype(np.int64)),
+        test=Split(digits["x_test"], arrays["y_test"].astype(np.int64)),
         source=source,
         digest=_digest(arrays),
     )
@@ -97,11 +101,8 @@ def _read_keras() -> dict[str, np.ndarray]:
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
 
 
-def _check_array(source: str, key: str, a: np.ndarray) -> None:
+def _check_labels(source: str, key: str, a: np.ndarray) -> None:
     where = f"{source}: {key}"
-    if key.startswith("x"):
-        _as_digits(where, a)
-        return
     if len(a) == 0:
         raise DataError(f"{where} is empty")
     if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):

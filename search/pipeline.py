@@ -91,12 +91,12 @@ def run_search(
         if not resume:  # a resume holds the lock already (resume_search)
             held.enter_context(locking.holding(out, tracker.run_id))
         record_setup(tracker, config, data, precision, resume, out)
-        tuner = search(tracker, config, data, precision.policy, resume, hypermodel, chief, verbose, out)
+        tuner, records = search(tracker, config, data, precision.policy, resume, hypermodel, chief, verbose, out)
         winner = pick(tracker, tuner, config, len(data.validation))
         model = build_model(tracker, tuner, winner, data, config)
         evaluation = evaluate_once(tracker, model, data, config, out)
         decision = promote(tracker, model, evaluation, winner, data, config)
-        write_search_report(tracker, config, decision, out)
+        write_search_report(tracker, config, decision, records, out)
 
     trials = list(tuner.oracle.trials.values())
     return SearchResult(
@@ -156,8 +156,9 @@ def search(
     chief,
     verbose: int,
     out: Path,
-) -> kt.Tuner:
-    """The Keras Tuner search, scored on the validation split; trials.csv and the top trials table."""
+) -> tuple[kt.Tuner, list[dict]]:
+    """The Keras Tuner search, scored on the validation split; trials.csv and the top trials
+    table. Returns the tuner and the trial records the tracker logged."""
     tuner = make_tuner(
         config, tracker, out, project_name="tuner", hypermodel=hypermodel, resume=resume is not None, dtype_policy=dtype_policy
     )
@@ -183,7 +184,7 @@ def search(
     records = tracker.trial_records()
     tracker.log_artifact(report.write_trials_csv(records, out / "trials.csv"))
     print(top_table(records))
-    return tuner
+    return tuner, records
 
 
 def pick(tracker: tracking.SearchTracker, tuner: kt.Tuner, config: SearchConfig, validation_images: int):
@@ -239,9 +240,11 @@ def promote(
     return decision
 
 
-def write_search_report(tracker: tracking.SearchTracker, config: SearchConfig, decision: registry.RegistryDecision, out: Path) -> None:
+def write_search_report(
+    tracker: tracking.SearchTracker, config: SearchConfig, decision: registry.RegistryDecision, records: list[dict], out: Path
+) -> None:
     """Figures comparing the trials and report.html, under `report/`."""
-    tracker.log_artifacts(write_report(tracker.trial_records(), config, decision, out), "report")
+    tracker.log_artifacts(write_report(records, config, decision, out), "report")
     print(f"report: {tracker.artifact_uri('report/report.html')}")
 
 
