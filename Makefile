@@ -31,8 +31,8 @@ lint: .venv/installed
 	$(VENV)/python -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-# The browser test drives Debian's chromium (no browser download); the distributed
-# test's tracking server keeps its runs in PostgreSQL, which the test starts itself.
+# The browser test drives Debian's chromium (no browser download); the scale-out
+# tests' tracking server keeps its runs in PostgreSQL, which the tests start themselves.
 system-packages:
 	@missing=""; command -v chromium >/dev/null || missing="chromium"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \

@@ -53,6 +53,16 @@ class SearchConfig:
     train_subset: int = 10_000  # trials train on the first N of the 54,000 (0 = all)
     batch_size: int = 128
     precision: str = "auto"  # auto: mixed_bfloat16 where the CPU has bf16 and a probe times it faster
+    # --- where the trials run -------------------------------------------------
+    # "": one after another in this process. "local": as Ray tasks on a Ray
+    # cluster started in this process (ray.init()). An address ("auto",
+    # "host:6379", "ray://host:10001"): on that running Ray cluster. The oracle and
+    # everything after the search stay in this process (search/scaleout.py).
+    ray: str = ""
+    # With ray: trials at once (0: as many as the cluster's CPUs hold, cpus_per_trial each).
+    parallel_trials: int = 0
+    cpus_per_trial: int = 1  # with ray: CPUs each trial reserves, and its TensorFlow threads
+    trial_retries: int = 2  # with ray: reruns of a trial whose worker process or node died
     # --- after the search ---------------------------------------------------
     # The winner is the cheapest trial (multiply-adds per digit) whose
     # val_accuracy is within this many standard errors of the best one's
@@ -111,11 +121,22 @@ class SearchConfig:
         _check_choice("augmentation", self.augment, AUGMENTATIONS)
         if self.objective != "val_accuracy":
             raise ConfigError(f"objective {self.objective!r} is not supported: use 'val_accuracy'")
-        for name in ("max_trials", "max_epochs", "hyperband_factor", "validation_size", "batch_size", "final_models", "robust_size"):
+        for name in (
+            "max_trials",
+            "max_epochs",
+            "hyperband_factor",
+            "validation_size",
+            "batch_size",
+            "final_models",
+            "robust_size",
+            "cpus_per_trial",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         for name in (
             "early_stopping_patience",
+            "parallel_trials",
+            "trial_retries",
             "prune_min_trials",
             "prune_grace_epochs",
             "train_subset",

@@ -26,26 +26,6 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a hyperparameter search (what `mlflow run .` does)")
     _add_search_arguments(run)
 
-    distributed = commands.add_parser("distributed", help="run a search on Keras Tuner's chief and N worker processes")
-    _add_search_arguments(distributed)
-    distributed.add_argument("--workers", type=_whole, default=2, help="local worker processes (default 2; 0: start workers yourself)")
-    distributed.add_argument("--threads", type=_whole, default=1, help="TensorFlow threads per local worker (default 1)")
-    distributed.add_argument(
-        "--oracle-host", default="127.0.0.1", help="address the oracle binds (0.0.0.0 for other machines; default 127.0.0.1)"
-    )
-    distributed.add_argument("--oracle-port", type=_whole, default=0, help="oracle port (default: a free one)")
-    distributed.add_argument(
-        "--worker-timeout", type=float, default=0, help="end a trial that reports no epoch for this many seconds (default: off)"
-    )
-
-    worker = commands.add_parser(
-        "worker", help="train trials of a distributed search (started by `distributed`, or by hand on other machines)"
-    )
-    worker.add_argument("--parent-run-id", required=True, help="the search's parent run, which the chief printed")
-    worker.add_argument("--oracle", required=True, help="host:port of the chief's oracle")
-    worker.add_argument("--tuner-id", required=True, help="a name unique among the workers, e.g. worker-3")
-    worker.add_argument("--threads", type=_whole, default=1, help="TensorFlow threads (default 1; 0: all cores)")
-
     evaluate = commands.add_parser("evaluate", help="evaluate a logged or registered model on the MNIST test split, in its own run")
     evaluate.add_argument("--model-uri", default=champion_uri(), help=f"default: {champion_uri()}")
     evaluate.add_argument("--data", default="", help="MNIST .npz (default: $MNIST_NPZ, else Keras' download)")
@@ -73,17 +53,15 @@ def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
     for name, default in SETTINGS.items():
         flags = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
         shown = ",".join(default) if isinstance(default, tuple) else default
-        parser.add_argument(*flags, dest=name, default=None, metavar="VALUE", help=f"default: {shown!r} or the profile's")
+        # --ray alone: a Ray cluster of this machine's CPUs, started by the search.
+        optional = {"nargs": "?", "const": "local"} if name == "ray" else {}
+        parser.add_argument(*flags, dest=name, default=None, metavar="VALUE", help=f"default: {shown!r} or the profile's", **optional)
     parser.add_argument("settings", nargs="*", metavar="name=value", help="settings as name=value, e.g. seed=0 fixed= final_epochs=10")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("SEARCH_DEBUG") == "1"
-    if args.command == "worker" and args.threads:
-        # Before TensorFlow starts: N single-threaded workers use N cores.
-        for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
-            os.environ[name] = str(args.threads)
     if not debug:
         _start_tensorflow_quietly()
     # Ctrl-C and SIGTERM (a scheduler, `kill`, `mlflow run` cancelling): open runs
@@ -92,8 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {
             "run": _run,
-            "distributed": _distributed,
-            "worker": _worker,
             "resume": _resume,
             "evaluate": _evaluate,
             "predict": _predict,
@@ -115,25 +91,6 @@ def _run(args: argparse.Namespace) -> int:
     from search.pipeline import run_search  # TensorFlow loads only once the arguments are valid
 
     return _report(run_search(config))
-
-
-def _distributed(args: argparse.Namespace) -> int:
-    config = _config(args)
-    from search.distributed import Chief
-    from search.pipeline import run_search
-
-    chief = Chief(
-        workers=args.workers, threads=args.threads, host=args.oracle_host, port=args.oracle_port, worker_timeout_s=args.worker_timeout
-    )
-    return _report(run_search(config, chief=chief))
-
-
-def _worker(args: argparse.Namespace) -> int:
-    from search.distributed import run_worker
-
-    trials = run_worker(args.parent_run_id, args.oracle, args.tuner_id)
-    print(f"[{args.tuner_id}] done: {trials} trial(s) run")
-    return 0
 
 
 def _config(args: argparse.Namespace):
@@ -211,14 +168,3 @@ def _is_user_error(err: Exception) -> bool:
     from search.tracking import TrackingError
 
     return isinstance(err, (ConfigError, DataError, InputError, LockedError, TrackingError))
-
-
-def _whole(text: str) -> int:
-    """A whole number; MLflow passes float parameters like "3.0". Ranges are the config's to check."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value != int(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
-    return int(value)

@@ -69,15 +69,19 @@ def resume_search(run_id: str, verbose: int | None = None) -> SearchResult:
 
 
 def run_search(
-    config: SearchConfig, verbose: int | None = None, resume: Resume | None = None, hypermodel: kt.HyperModel | None = None, chief=None
+    config: SearchConfig, verbose: int | None = None, resume: Resume | None = None, hypermodel: kt.HyperModel | None = None
 ) -> SearchResult:
     """Run the whole search described by `config` (or continue one) and return what it found.
 
-    With a `chief` (search.distributed.Chief), the trials run on its workers;
+    With `config.ray`, the trials run as Ray tasks (search/scaleout.py);
     everything else still happens here, once.
     """
     # Keras' progress bars and Keras Tuner's tables in a terminal; in logs, our lines only.
     verbose = (1 if sys.stdout.isatty() else 0) if verbose is None else verbose
+    if config.ray:  # before any run is opened
+        from search.scaleout import check_address  # Ray loads only when it is used
+
+        check_address(config.ray)
     data = prepare_data(config, resume)
     # Chosen once per search; a resumed search keeps the one it started with.
     precision = Precision(resume.precision, "resumed") if resume and resume.precision else choose_precision(config.precision)
@@ -91,7 +95,7 @@ def run_search(
         if not resume:  # a resume holds the lock already (resume_search)
             held.enter_context(locking.holding(out, tracker.run_id))
         record_setup(tracker, config, data, precision, resume, out)
-        tuner, records = search(tracker, config, data, precision.policy, resume, hypermodel, chief, verbose, out)
+        tuner, records = search(tracker, config, data, precision.policy, resume, hypermodel, verbose, out)
         winner = pick(tracker, tuner, config, len(data.validation))
         model = build_model(tracker, tuner, winner, data, config)
         evaluation = evaluate_once(tracker, model, data, config, out)
@@ -153,7 +157,6 @@ def search(
     dtype_policy: str,
     resume: Resume | None,
     hypermodel: kt.HyperModel | None,
-    chief,
     verbose: int,
     out: Path,
 ) -> tuple[kt.Tuner, list[dict]]:
@@ -164,12 +167,15 @@ def search(
     )
     if resume:
         seed_pruner(tuner, tracker.trial_records())
+    train = data_module.subset(data.train, config.train_subset)
     try:
         try:
-            if chief:
-                chief.search(tuner, tracker)
+            if config.ray:
+                from search.scaleout import RayTrials  # Ray loads only when it is used
+
+                RayTrials(config).search(tuner, tracker, train, data.validation)
             else:
-                run_trials(tuner, config, data_module.subset(data.train, config.train_subset), data.validation, verbose)
+                run_trials(tuner, config, train, data.validation, verbose)
         except RuntimeError as err:
             if "consecutive failures" not in str(err):
                 raise

@@ -30,10 +30,11 @@ class Progress:
         self.out = out or sys.stdout
         self.durations: list[float] = []
         self.best: float | None = None
-        self.prefix = ""  # a distributed worker's name
+        self.started = 0  # trials at once (Ray) start before earlier ones end
 
     def trial_started(self, trial_id: str, hyperparameters: Mapping[str, object]) -> None:
-        self._print(f"trial {len(self.durations) + 1}/{self.max_trials} (id {trial_id}): {describe(hyperparameters)}")
+        self.started += 1
+        self._print(f"trial {self.started}/{self.max_trials} (id {trial_id}): {describe(hyperparameters)}")
 
     def trial_ended(self, trial_id: str, val_accuracy: float | None, seconds: float, failure: str = "", pruned: int | None = None) -> None:
         self.durations.append(seconds)
@@ -48,7 +49,7 @@ class Progress:
         self._print(f"trial {len(self.durations)}/{self.max_trials} (id {trial_id}) {outcome} in {_duration(seconds)}; {best}{eta}")
 
     def _print(self, line: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {self.prefix}{line}", file=self.out, flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {line}", file=self.out, flush=True)
 
 
 def completed(records: list[Mapping[str, object]]) -> list[Mapping[str, object]]:

@@ -58,11 +58,11 @@ class TrackingError(RuntimeError):
 class SearchTracker:
     """The search's parent run and the open trial runs under it."""
 
-    def __init__(self, parent: mlflow.entities.Run, worker: str = ""):
+    def __init__(self, parent: mlflow.entities.Run, trial_tags: Mapping[str, str] | None = None):
         self.client = PatientClient()
         self.run_id = parent.info.run_id
         self.experiment_id = parent.info.experiment_id
-        self.worker = worker  # the `worker` tag of trial runs in a distributed search
+        self.trial_tags = dict(trial_tags or {})  # of every trial run, e.g. the Ray node it ran on
         self.trials_logged = 0
         self._trial_runs: dict[str, str] = {}  # trial id -> open child run id
         self._dataset: DatasetInput | None = None  # the data, logged as each trial run's input too
@@ -100,7 +100,7 @@ class SearchTracker:
 
     # --- one nested run per trial ---------------------------------------------
     def start_trial(self, trial_id: str, hyperparameters: Mapping[str, object]) -> None:
-        tags = {MLFLOW_PARENT_RUN_ID: self.run_id, "trial_id": trial_id} | ({"worker": self.worker} if self.worker else {})
+        tags = {MLFLOW_PARENT_RUN_ID: self.run_id, "trial_id": trial_id, **self.trial_tags}
         params = [Param(k, str(v)) for k, v in hyperparameters.items()]
         self.trials_logged += 1
 
@@ -323,11 +323,20 @@ def tracked_run(experiment_name: str, resume_run_id: str = "") -> Iterator[Searc
     end_run()
 
 
-def attach(parent_run_id: str, worker: str) -> SearchTracker:
-    """A distributed search's worker: logs trial runs under the chief's parent run,
-    tagged `worker`, without becoming that run's owner."""
+def attach(parent_run_id: str, trial_tags: Mapping[str, str]) -> SearchTracker:
+    """Another process's tracker of search run `parent_run_id` (a Ray task): it logs
+    trial runs under it, tagged `trial_tags`, without becoming that run's owner."""
     check_reachable()
-    return SearchTracker(PatientClient().get_run(parent_run_id), worker)
+    return SearchTracker(PatientClient().get_run(parent_run_id), trial_tags)
+
+
+def tracking_uri() -> str:
+    """This process's tracking URI, as another process started elsewhere must be given it
+    (a relative sqlite path made absolute)."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
 
 
 def load_keras_model(model_uri: str):

@@ -93,7 +93,7 @@ EVERY_SETTING = {
     "winner_within_se": "0", "final_epochs": "0", "final_learning_rate": "0.001", "final_minutes": "0", "final_models": "3",
     "augment": "jitter", "serve_int8": "false", "int8_max_accuracy_drop": "0.5", "threshold": "0.5", "robust_threshold": "0.25",
     "robust_size": "100", "model_name": "digits", "champion_alias": "best", "experiment_name": "mine", "seed": "0", "data": "x.npz",
-    "output_dir": "out",
+    "output_dir": "out", "ray": "auto", "parallel_trials": "3", "cpus_per_trial": "2", "trial_retries": "0",
 }  # fmt: skip
 
 
@@ -118,6 +118,8 @@ def test_every_setting_reaches_the_config_from_the_command_line_and_from_mlflow_
     assert parse(argv[3:]) == expected
     # Not given: the profile's value.
     assert parse(["run", "--profile", "fast"]) == resolve("fast")
+    # --ray alone: a Ray cluster started by the search.
+    assert parse(["run", "--ray"]).ray == "local" and parse(["run", "--ray", "auto"]).ray == "auto"
 
 
 @pytest.mark.parametrize(
@@ -132,9 +134,6 @@ def test_a_bad_setting_on_the_command_line_is_one_line_and_exit_2(argv, message,
     assert main(["run", "--profile", "smoke", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
-
-
-LOG_LINE_OF_MLFLOW = "20"  # MLflow's own INFO lines start with the date
 
 
 MLFLOW_LOG_LINE = "20"  # MLflow's own INFO lines (creating a new store) start with the year

@@ -273,15 +273,22 @@ def test_a_failed_background_logging_call_is_raised_not_lost(tracking_store):
     assert [r.info.status for r in mlflow.search_runs(search_all_experiments=True, output_format="list")] == ["FAILED"]
 
 
-def test_worker_trials_are_tagged_and_a_dead_workers_trial_is_ended_by_the_chief(tracking_store):
-    with tracking.tracked_run("distributed") as chief:
-        worker = tracking.attach(chief.run_id, worker="worker-3")
-        worker.start_trial("7", {"units": 8})
-        worker.flush()
-        assert chief.end_trial_runs("7", "KILLED", "worker worker-3 exited with status -9 during the trial") == 1
-        assert chief.end_trial_runs("7", "KILLED", "again") == 0  # only RUNNING runs
+def test_another_process_logs_tagged_trials_under_the_search_and_the_search_ends_a_lost_one(tracking_store):
+    with tracking.tracked_run("scale-out") as search:
+        task = tracking.attach(search.run_id, {"ray_node": "10.0.0.7"})
+        task.start_trial("7", {"units": 8})
+        task.flush()
+        assert search.end_trial_runs("7", "KILLED", "its Ray worker or node died; Ray ran the trial again") == 1
+        assert search.end_trial_runs("7", "KILLED", "again") == 0  # only RUNNING runs
     [trial] = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list") if "trial_id" in r.data.tags]
-    assert trial.data.tags["mlflow.parentRunId"] == chief.run_id
-    assert trial.data.tags["worker"] == "worker-3"
+    assert trial.data.tags["mlflow.parentRunId"] == search.run_id
+    assert trial.data.tags["ray_node"] == "10.0.0.7"
     assert trial.info.status == "KILLED"
-    assert trial.data.tags["failure_reason"].startswith("worker worker-3 exited")
+    assert trial.data.tags["failure_reason"] == "its Ray worker or node died; Ray ran the trial again"
+
+
+def test_the_tracking_uri_given_to_other_processes_is_absolute(tracking_store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///relative/mlflow.db")
+    assert tracking.tracking_uri() == f"sqlite:///{Path.cwd() / 'relative' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri() == "http://127.0.0.1:5000"

@@ -1,0 +1,271 @@
+"""Trials as Ray tasks (search/scaleout.py): the fast checks of its pieces, then
+searches on a real Ray cluster (`ray start --head` on 127.0.0.1) logging to a real
+`mlflow server` whose backend store is a real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import keras_tuner as kt
+import mlflow
+import numpy as np
+import pytest
+
+from experiments import resolve
+from model_zoo import PlainCNN
+from search import scaleout
+from search.tuner import make_tuner
+from tests.helpers import MLFLOW_RUN_ENV, REPO, free_port, fresh_project, mlflow_listening
+
+
+def test_a_trial_checkpoint_is_where_keras_tuner_loads_it_also_for_hyperbands_next_round(tmp_path):
+    config = resolve("smoke", tuner="hyperband", max_epochs=3, hyperband_factor=3)
+    tuner = make_tuner(config, None, tmp_path, "tuner", hypermodel=PlainCNN())
+    trial = tuner.oracle.create_trial("ray-0")
+    model = tuner.hypermodel.build(trial.hyperparameters.copy())
+    weights = [np.full(w.shape, 0.5, w.dtype) for w in model.get_weights()]
+    scaleout.save_checkpoint(tuner, trial, weights)
+    assert all(np.array_equal(a, b) for a, b in zip(tuner.load_model(trial).get_weights(), weights))
+    # A next round's trial names the one it continues; Keras Tuner builds it from that one's files.
+    later = kt.engine.trial.Trial(trial.hyperparameters.copy(), trial_id="9")
+    later.hyperparameters.values["tuner/trial_id"] = trial.trial_id
+    scaleout.save_checkpoint(tuner, later, [w * 2 for w in weights])
+    assert all(np.array_equal(a, 2 * b) for a, b in zip(tuner.load_model(later).get_weights(), weights))
+
+
+def test_a_trial_worker_gets_threads_for_its_cpus_and_the_absolute_tracking_uri(tracking_store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    env = scaleout.worker_environment(3)
+    assert {env[name] for name in scaleout.THREAD_VARIABLES} == {"3"}
+    assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    assert "MLFLOW_TRACKING_PASSWORD" not in env
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw")
+    assert scaleout.worker_environment(1)["MLFLOW_TRACKING_PASSWORD"] == "pw"
+
+
+@pytest.mark.parametrize(
+    "address, message",
+    [
+        ("nowhere", "Ray address 'nowhere' is not host:port, ray://host:port, auto or local"),
+        ("127.0.0.1:{port}", "Ray cluster 127.0.0.1:{port} does not answer"),
+        ("ray://127.0.0.1:{port}", "Ray cluster ray://127.0.0.1:{port} does not answer"),
+    ],
+)
+def test_an_address_without_a_cluster_is_refused_before_anything_runs(address, message):
+    port = free_port()
+    with pytest.raises(scaleout.ClusterError, match=message.format(port=port)):
+        scaleout.check_address(address.format(port=port))
+
+
+def test_an_unreachable_cluster_is_one_line_and_exit_2_before_any_run(tmp_path, tracking_store, mnist_npz):
+    env = {**os.environ, "MNIST_NPZ": str(mnist_npz), "PYTHONPATH": str(REPO)}
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "search", "run", "--profile", "smoke", "--ray", f"127.0.0.1:{free_port()}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and time.monotonic() - started < 30
+    assert result.stderr.strip().splitlines()[-1].startswith("error: Ray cluster 127.0.0.1:")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="module")
+def postgres() -> tuple[str, str]:
+    """A PostgreSQL server in a temporary data directory on a free loopback port:
+    (database URI, server version). Skipped, with the reason, if it cannot start."""
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (bash .ci/run installs Debian's postgresql)")
+    root = Path(tempfile.mkdtemp(prefix="mnist-pg-"))
+    # initdb refuses to run as root: run the server as Debian's postgres user then.
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(root, "postgres")
+    port = free_port()
+    data = root / "data"
+
+    def pg(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*as_postgres, *command], capture_output=True, text=True, timeout=120)
+
+    initdb = pg(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+    started = initdb.returncode == 0 and pg(
+        str(bin_dir / "pg_ctl"),
+        "-D",
+        str(data),
+        "-o",
+        f"-p {port} -k {root} -c listen_addresses=127.0.0.1",
+        "-l",
+        str(root / "server.log"),
+        "-w",
+        "start",
+    )
+    if not started or started.returncode:
+        failed = started or initdb
+        pytest.skip(f"PostgreSQL could not be started: {(failed.stderr or failed.stdout).strip()[-300:]}")
+    try:
+        created = pg(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow")
+        assert created.returncode == 0, created.stderr
+        version = pg(str(bin_dir / "postgres"), "--version").stdout.strip()
+        yield f"postgresql://postgres@127.0.0.1:{port}/mlflow", version
+    finally:
+        pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tracking_server(postgres, tmp_path_factory) -> str:
+    """`mlflow server` on a free loopback port, runs in PostgreSQL, artifacts proxied to a folder."""
+    database, _ = postgres
+    folder = tmp_path_factory.mktemp("server")
+    args = ["server", "--backend-store-uri", database, "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"]
+    with mlflow_listening(args, "/health", folder) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory) -> dict[str, str]:
+    """A Ray head node of 2 CPUs on 127.0.0.1 (`ray start --head --block`), its files in a
+    temporary directory, with token authentication and a token of its own: the
+    environment that joins it (RAY_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN). Stopped with the test module."""
+    folder = tmp_path_factory.mktemp("ray")
+    port = free_port()
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {**os.environ, **auth}
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1"]
+    command += ["--port", str(port), "--num-cpus", "2", "--include-dashboard", "false", "--temp-dir", str(folder)]
+    log = (folder / "ray.log").open("w")
+    head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    status = [str(Path(sys.executable).parent / "ray"), "status", "--address", address]
+    while subprocess.run(status, capture_output=True, env=env).returncode:
+        assert head.poll() is None and time.monotonic() < deadline, (folder / "ray.log").read_text()[-3000:]
+        time.sleep(1)
+    yield {"RAY_ADDRESS": address, **auth}
+    os.killpg(head.pid, signal.SIGTERM)  # --block: the head and the processes it started stop together
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+    log.close()
+
+
+def ray_search(tmp_path: Path, server: str, cluster: dict, mnist_npz: Path, experiment: str, *settings: str) -> subprocess.Popen:
+    """`python -m search run --profile smoke --ray auto parallel_trials=2 <settings>` on `cluster`."""
+    env = {**os.environ, **cluster, "MLFLOW_TRACKING_URI": server, "MLFLOW_EXPERIMENT_NAME": experiment, "MNIST_NPZ": str(mnist_npz)}
+    for var in MLFLOW_RUN_ENV[:2]:
+        env.pop(var, None)
+    command = [sys.executable, "-m", "search", "run", "--profile", "smoke", "--ray", "auto", "parallel_trials=2", *settings]
+    with (tmp_path / "search.log").open("w") as log:  # a file: a full pipe would block the search
+        return subprocess.Popen(command, cwd=fresh_project(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def finished(search: subprocess.Popen, tmp_path: Path) -> str:
+    """The search's output once it has ended (within 10 minutes)."""
+    try:
+        search.wait(timeout=600)
+    finally:
+        if search.poll() is None:
+            search.kill()
+    return (tmp_path / "search.log").read_text()
+
+
+def search_runs(server: str, experiment: str) -> tuple[list, list]:
+    """(parent runs, trial runs) of `experiment`."""
+    client = mlflow.MlflowClient(server)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], max_results=1000) if found else []
+    trials = [r for r in runs if "trial_id" in r.data.tags]
+    return [r for r in runs if "trial_id" not in r.data.tags], trials
+
+
+@pytest.mark.e2e
+def test_two_trials_at_once_on_a_ray_cluster_log_every_trial_once_under_one_parent(
+    tmp_path, ray_cluster, tracking_server, postgres, mnist_npz
+):
+    search = ray_search(tmp_path, tracking_server, ray_cluster, mnist_npz, "ray", "max_trials=4", "cpus_per_trial=1")
+    output = finished(search, tmp_path)
+    assert search.returncode == 0, output[-4000:]
+
+    parents, trials = search_runs(tracking_server, "ray")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parent.info.run_id}
+    assert sorted(t.data.tags["trial_id"] for t in trials) == ["0", "1", "2", "3"]  # each trial once
+    assert {t.info.status for t in trials} == {"FINISHED"}
+    [node] = {t.data.tags["ray_node"] for t in trials}  # the cluster's one node, by its IP address
+    assert node.count(".") == 3
+    assert all(t.data.metrics["best_val_accuracy"] > 0.8 and t.data.metrics["cpu_seconds"] > 0 for t in trials)
+    first = sorted(trials, key=lambda t: t.info.start_time)
+    assert first[1].info.start_time < first[0].info.end_time, "the first two trials did not run at once"
+    assert parent.data.metrics["ray_startup_s"] > 0
+    versions = mlflow.MlflowClient(tracking_server).search_model_versions("name = 'mnist-cnn'")
+    assert [v.run_id for v in versions] == [parent.info.run_id]
+    print(f"Ray search on {postgres[1]}: {len(trials)} trials, Ray joined in {parent.data.metrics['ray_startup_s']:.1f} s")
+
+
+@pytest.mark.e2e
+def test_a_ray_worker_killed_mid_trial_is_retried_and_the_search_completes(tmp_path, ray_cluster, tracking_server, mnist_npz):
+    search = ray_search(tmp_path, tracking_server, ray_cluster, mnist_npz, "ray-killed", "max_trials=4", "model_name=mnist-cnn-killed")
+    try:
+        victim = _wait_for_a_running_trial(tracking_server, "ray-killed", search, tmp_path)
+        os.kill(victim, signal.SIGKILL)
+    finally:
+        output = finished(search, tmp_path)
+    assert search.returncode == 0, output[-4000:]
+
+    parents, trials = search_runs(tracking_server, "ray-killed")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    finished_runs = [t for t in trials if t.info.status == "FINISHED"]
+    assert sorted(t.data.tags["trial_id"] for t in finished_runs) == ["0", "1", "2", "3"]  # each exactly once
+    killed = [t for t in trials if t.info.status == "KILLED"]
+    assert len(killed) == 1 and killed[0].data.tags["failure_reason"] == "its Ray worker or node died; Ray ran the trial again"
+    assert len(trials) == 5 and "RUNNING" not in {t.info.status for t in trials}
+    assert len(mlflow.MlflowClient(tracking_server).search_model_versions("name = 'mnist-cnn-killed'")) == 1
+    print(
+        f"worker of trial {killed[0].data.tags['trial_id']} killed: its runs {[t.info.status for t in trials if t.data.tags['trial_id'] == killed[0].data.tags['trial_id']]}"
+    )
+
+
+def _wait_for_a_running_trial(server: str, experiment: str, search: subprocess.Popen, tmp_path: Path, timeout_s: float = 300) -> int:
+    """The pid of a Ray worker process running a trial, once a trial's run has logged an epoch."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert search.poll() is None, (tmp_path / "search.log").read_text()[-3000:]
+        _, trials = search_runs(server, experiment)
+        if any(t.info.status == "RUNNING" and "loss" in t.data.metrics for t in trials):
+            workers = _pids_of("ray::run_trial")
+            if workers:
+                return workers[0]
+        time.sleep(0.5)
+    raise AssertionError(f"no trial logged an epoch within {timeout_s} s")
+
+
+def _pids_of(title: str) -> list[int]:
+    """Processes whose command line (a Ray worker's process title) starts with `title`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(title.encode()):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
