@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profiles-only", action="store_true", help="only the --profiles runs")
     parser.add_argument("--seeds", default="42", help="comma-separated seeds: each profile runs once per seed (default 42)")
     parser.add_argument("--settings", default="", help="settings for the profile runs, as name=value[;name=value], e.g. augment=jitter")
+    parser.add_argument(
+        "--parallel",
+        default="",
+        help="also time a fixed budget of trials with these numbers of trials at once on Ray, e.g. 1,2 (0: without Ray)",
+    )
     parser.add_argument("--out", default="benchmark.json", help="JSON results (default: benchmark.json)")
     parser.add_argument("--tracking-uri", default="", help="keep the runs in this store (default: a throw-away sqlite store)")
     parser.add_argument(
@@ -76,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = [item for item in args.settings.split(";") if item]
         results["settings"] = settings
         results["profiles"] = {p: [profile_end_to_end(p, seed, settings) for seed in seeds] for p in profiles}
+        results["scale_out"] = [trials_at_once(int(n), seeds[0]) for n in args.parallel.split(",") if n]
 
     print(table(results))
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
@@ -303,6 +309,47 @@ def profile_end_to_end(profile: str, seed: int, settings: list[str] = ()) -> dic
     }
 
 
+# The fixed budget of the scale-out figures: the default space's first trials, none
+# pruned (every run trains the same epochs), no final training.
+SCALE_OUT_BUDGET = ("max_trials=8", "max_epochs=2", "prune=false", "final_epochs=0", "robust_size=1000", "model_name=mnist-cnn-scale-out")
+
+
+def trials_at_once(parallel: int, seed: int) -> dict:
+    """`python -m search run` of SCALE_OUT_BUDGET with `parallel` trials at once on a Ray
+    cluster it starts (the machine's cores shared among them; 0: without Ray): the wall
+    time of the whole run and of its trials, CPU seconds per trial, Ray's start-up."""
+    cores = os.cpu_count() or 1
+    ray = ["ray=local", f"parallel_trials={parallel}", f"cpus_per_trial={max(1, cores // parallel)}"] if parallel else []
+    command = [sys.executable, "-m", "search", "run", "--profile", "default", f"seed={seed}", *SCALE_OUT_BUDGET, *ray]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+    env["MLFLOW_EXPERIMENT_NAME"] = "benchmark-scale-out"
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
+    wall = time.perf_counter() - started
+    run_id = re.search(r"^search run (\w+):", done.stdout, re.MULTILINE)
+    if done.returncode or not run_id:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {"parallel": parallel, "wall_s": wall, "exit": done.returncode, "error": " | ".join(tail)}
+    from search import tracking  # noqa: PLC0415
+
+    client = tracking.PatientClient()
+    parent = client.get_run(run_id.group(1))
+    query = f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    trials = client.search_runs([parent.info.experiment_id], query, max_results=1000)
+    span_s = (max(t.info.end_time for t in trials) - min(t.info.start_time for t in trials)) / 1000
+    cpu = [t.data.metrics["cpu_seconds"] for t in trials if "cpu_seconds" in t.data.metrics]
+    return {
+        "parallel": parallel,
+        "cpus_per_trial": max(1, cores // parallel) if parallel else cores,
+        "exit": 0,
+        "wall_s": wall,
+        "trials": len(trials),
+        "trials_span_s": span_s,
+        "cpu_seconds_per_trial": statistics.fmean(cpu) if cpu else None,
+        "ray_startup_s": parent.data.metrics.get("ray_startup_s"),
+    }
+
+
 def search_summary(run_id: str) -> dict:
     """What search run `run_id` did, from its logged runs: trials, distinct architectures
     (trials whose active hyperparameters other than the learning rate differ), pruned
@@ -340,6 +387,7 @@ def table(results: dict) -> str:
     rows = _micro_rows(results) if "training" in results else []
     for profile, runs in results["profiles"].items():
         rows += _profile_rows(profile, runs)
+    rows += [_scale_out_row(run) for run in results.get("scale_out", [])]
     settings = f", settings {' '.join(results['settings'])}" if results.get("settings") else ""
     lines = [
         f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, {results['machine']['date']}{settings}",
@@ -401,6 +449,16 @@ def _profile_rows(profile: str, runs: list[dict]) -> list[tuple[str, str, str, s
             )
         )
     return rows
+
+
+def _scale_out_row(run: dict) -> tuple[str, str, str, str]:
+    name = f"{run['parallel']} trial(s) at once on Ray" if run["parallel"] else "trials one after another, without Ray"
+    if run.get("exit"):
+        return (f"scale-out, {name}", f"failed: {run['error']}", "", "")
+    cpu = f", {run['cpu_seconds_per_trial']:.0f} CPU s per trial" if run["cpu_seconds_per_trial"] else ""
+    ray = f", Ray started in {run['ray_startup_s']:.1f} s" if run["ray_startup_s"] else ""
+    measured = f"{run['trials']} trials in {run['trials_span_s']:.0f} s ({run['cpus_per_trial']} CPUs each){cpu}{ray}; whole run {run['wall_s']:.0f} s"
+    return (f"scale-out, {name}", measured, "", "")
 
 
 def _micro_rows(results: dict) -> list[tuple[str, str, str, str]]:

@@ -166,6 +166,12 @@ def search(
         config, tracker, out, project_name="tuner", hypermodel=hypermodel, resume=resume is not None, dtype_policy=dtype_policy
     )
     if resume:
+        # Trials the oracle had not seen end run again: a run one of them finished in the
+        # meantime (its result lost with the killed process) must not count twice.
+        for trial in tuner.oracle.trials.values():
+            if trial.status == kt.engine.trial.TrialStatus.RUNNING:
+                reason = "the search stopped before it recorded this attempt's result; the trial ran again"
+                tracker.end_trial_runs(trial.trial_id, "KILLED", reason, finished_too=True)
         seed_pruner(tuner, tracker.trial_records())
     train = data_module.subset(data.train, config.train_subset)
     try:

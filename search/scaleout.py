@@ -134,6 +134,7 @@ class RayTrials:
         oracle, cpus = tuner.oracle, self.config.cpus_per_trial
         oracle.verbose = 0  # Keras Tuner's own tables: the progress lines say it
         task = ray.remote(run_trial).options(num_cpus=cpus, max_retries=self.config.trial_retries)
+        tuner.save()  # a resume reloads the oracle only where the tuner was saved
         running: dict[ray.ObjectRef, tuple[kt.engine.trial.Trial, str]] = {}
         free = [f"ray-{i}" for i in range(slots)]
         stopped = False
@@ -193,6 +194,7 @@ class RayTrials:
         if pruner and outcome.completed:
             pruner.seed(trial.trial_id, outcome.curve, outcome.pruned)
         tuner.oracle.end_trial(trial)
+        tuner.save()  # as Keras Tuner's own loop does after each trial: what a resume reloads
         score = tuner.oracle.get_trial(trial.trial_id).score if outcome.completed else None
         tuner.progress.trial_ended(trial.trial_id, score, outcome.seconds, outcome.reason, outcome.pruned)
 

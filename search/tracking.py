@@ -185,11 +185,13 @@ class SearchTracker:
             self.client.set_terminated(run.info.run_id, "KILLED")
         return len(orphans)
 
-    def end_trial_runs(self, trial_id: str, status: str, reason: str) -> int:
+    def end_trial_runs(self, trial_id: str, status: str, reason: str, finished_too: bool = False) -> int:
         """End the RUNNING runs of trial `trial_id` (another process's, e.g. a dead
-        worker's) with `status` and a `failure_reason`; how many there were."""
-        query = f"tags.mlflow.parentRunId = '{self.run_id}' and tags.trial_id = '{trial_id}' and attributes.status = 'RUNNING'"
-        runs = self.client.search_runs([self.experiment_id], query)
+        worker's) with `status` and a `failure_reason`; with `finished_too`, its FINISHED
+        runs as well (a result the search never recorded, so the trial runs again); how many."""
+        query = f"tags.mlflow.parentRunId = '{self.run_id}' and tags.trial_id = '{trial_id}'"
+        ended = ("RUNNING", "FINISHED") if finished_too else ("RUNNING",)
+        runs = [run for run in self.client.search_runs([self.experiment_id], query) if run.info.status in ended]
         for run in runs:
             self.client.set_tag(run.info.run_id, "failure_reason", reason)
             self.client.set_terminated(run.info.run_id, status)

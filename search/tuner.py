@@ -38,7 +38,7 @@ class TrackedTuner:
     def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
         interrupts.raise_if_requested()
         super().on_trial_begin(trial)
-        self._trial_started = time.perf_counter()
+        self._trial_started, self._cpu_started = time.perf_counter(), time.process_time()
         self._param_count = self._multiply_adds = None
         self.tracker.start_trial(trial.trial_id, active_values(trial.hyperparameters))
         self.progress.trial_started(trial.trial_id, active_values(trial.hyperparameters))
@@ -91,6 +91,7 @@ class TrackedTuner:
                 "param_count": self._param_count,
                 "multiply_adds": self._multiply_adds,
                 "wall_time_s": time.perf_counter() - self._trial_started,
+                "cpu_seconds": time.process_time() - self._cpu_started,  # every thread of the process
                 "epochs_saved": epochs_saved(trial, self.max_epochs, pruned),
             }
             reason = failure_reason(ended) if failed else ""

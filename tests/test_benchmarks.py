@@ -101,6 +101,24 @@ def test_table_marks_each_target_met_or_not():
     assert row["profile default: mean test accuracy of 2 seed(s)"].endswith("| 99.57% | >= 99.60% | no |")
 
 
+def test_the_scale_out_rows_give_the_trials_wall_and_cpu_time():
+    results = {
+        "machine": {"cpu": "Test CPU", "cores": 2, "date": "2026-11-30 00:00 UTC"},
+        "profiles": {},
+        "scale_out": [
+            {"parallel": 0, "cpus_per_trial": 2, "exit": 0, "wall_s": 300.4, "trials": 8, "trials_span_s": 200.2, "cpu_seconds_per_trial": 40.0, "ray_startup_s": None},
+            {"parallel": 2, "cpus_per_trial": 1, "exit": 0, "wall_s": 250.0, "trials": 8, "trials_span_s": 150.0, "cpu_seconds_per_trial": 35.4, "ray_startup_s": 4.26},
+            {"parallel": 1, "wall_s": 3.0, "exit": 2, "error": "error: Ray cluster 'local' cannot be joined"},
+        ],
+    }  # fmt: skip
+    rows = [line for line in table(results).splitlines() if line.startswith("| scale-out")]
+    assert rows == [
+        "| scale-out, trials one after another, without Ray | 8 trials in 200 s (2 CPUs each), 40 CPU s per trial; whole run 300 s |  |  |",
+        "| scale-out, 2 trial(s) at once on Ray | 8 trials in 150 s (1 CPUs each), 35 CPU s per trial, Ray started in 4.3 s; whole run 250 s |  |  |",
+        "| scale-out, 1 trial(s) at once on Ray | failed: error: Ray cluster 'local' cannot be joined |  |  |",
+    ]
+
+
 def test_every_import_inside_the_benchmark_functions_resolves():
     """The benchmark imports lazily (TensorFlow after the environment is set): a renamed
     function would only fail an hour into a run."""

@@ -269,3 +269,47 @@ def _pids_of(title: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+@pytest.mark.e2e
+def test_a_ray_search_whose_driver_is_killed_resumes_without_repeating_trials(tmp_path, ray_cluster, tracking_server, mnist_npz):
+    search = ray_search(tmp_path, tracking_server, ray_cluster, mnist_npz, "ray-resumed", "max_trials=4", "model_name=mnist-cnn-resumed")
+    try:
+        deadline = time.monotonic() + 300
+        while not any(t.info.status == "FINISHED" for t in search_runs(tracking_server, "ray-resumed")[1]):
+            assert search.poll() is None and time.monotonic() < deadline, (tmp_path / "search.log").read_text()[-3000:]
+            time.sleep(0.5)
+        search.send_signal(signal.SIGKILL)
+    finally:
+        finished(search, tmp_path)
+    [parent], before = search_runs(tracking_server, "ray-resumed")
+    done_before = {t.data.tags["trial_id"] for t in before if t.info.status == "FINISHED"}
+
+    env = {**os.environ, **ray_cluster, "MLFLOW_TRACKING_URI": tracking_server}
+    for var in MLFLOW_RUN_ENV:
+        env.pop(var, None)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "search", "resume", parent.info.run_id],
+        cwd=tmp_path / "project",
+        env={**env, "MNIST_NPZ": str(mnist_npz)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    [parent], trials = search_runs(tracking_server, "ray-resumed")
+    assert parent.info.status == "FINISHED"
+    finished_runs = [t for t in trials if t.info.status == "FINISHED"]
+    described = [
+        (t.data.tags["trial_id"], t.info.status, t.info.start_time, t.info.end_time, t.data.tags.get("failure_reason")) for t in trials
+    ]
+    assert sorted(t.data.tags["trial_id"] for t in finished_runs) == ["0", "1", "2", "3"], (
+        "\n".join(map(str, sorted(described))) + resumed.stdout[-3000:]
+    )
+    assert "RUNNING" not in {t.info.status for t in trials} and any(t.info.status == "KILLED" for t in trials)
+    assert len(mlflow.MlflowClient(tracking_server).search_model_versions("name = 'mnist-cnn-resumed'")) == 1
+    superseded = [t for t in trials if t.data.tags.get("failure_reason", "").startswith("the search stopped before it recorded")]
+    print(
+        f"driver killed after trial(s) {sorted(done_before)} FINISHED; resumed: {len(trials)} trial runs,"
+        f" {len(finished_runs)} FINISHED, {len(superseded)} FINISHED-but-unrecorded runs marked KILLED"
+    )

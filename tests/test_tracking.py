@@ -287,6 +287,17 @@ def test_another_process_logs_tagged_trials_under_the_search_and_the_search_ends
     assert trial.data.tags["failure_reason"] == "its Ray worker or node died; Ray ran the trial again"
 
 
+def test_a_finished_run_whose_result_the_search_never_recorded_can_be_ended_too(tracking_store):
+    with tracking.tracked_run("resumed") as search:
+        search.start_trial("3", {"units": 8})
+        search.end_trial("3", False, {"best_val_accuracy": 0.9})
+        search.flush()
+        assert search.end_trial_runs("3", "KILLED", "ran again") == 0  # FINISHED is left alone by default
+        assert search.end_trial_runs("3", "KILLED", "ran again", finished_too=True) == 1
+    [trial] = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list") if "trial_id" in r.data.tags]
+    assert (trial.info.status, trial.data.tags["failure_reason"]) == ("KILLED", "ran again")
+
+
 def test_the_tracking_uri_given_to_other_processes_is_absolute(tracking_store, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///relative/mlflow.db")
     assert tracking.tracking_uri() == f"sqlite:///{Path.cwd() / 'relative' / 'mlflow.db'}"
