@@ -292,6 +292,7 @@ def retrain_winner(
             on_epoch_end=lambda epoch, logs, prefix=prefix: tracker.log_metrics({prefix + k: v for k, v in logs.items()}, step=epoch),
             peak_learning_rate=config.final_learning_rate,
             budget_s=budget_s,
+            clean_epochs=config.clean_final_epochs,
         )
         timing = {prefix + "epochs_run": run.epochs, prefix + "epoch_seconds": sum(run.epoch_seconds) / run.epochs}
         if run.epoch_estimate_s is not None:

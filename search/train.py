@@ -25,9 +25,10 @@ from search.data import Split
 PREFETCH_BATCHES = 2  # one training while the next is prepared, and one spare
 
 
-def training_dataset(split: Split, batch_size: int, seed: int, augment: str = "none") -> tf.data.Dataset:
+def training_dataset(split: Split, batch_size: int, seed: int, augment: str = "none", switch: tf.Variable | None = None) -> tf.data.Dataset:
     """`split` as shuffled batches, from memory, with the next batch prepared while one
-    trains; `augment` (search/augment.py) changes every epoch's digits anew."""
+    trains; `augment` (search/augment.py) changes every epoch's digits anew, while
+    the boolean variable `switch` (if given) is True."""
     dataset = tf.data.Dataset.from_tensor_slices((split.x, split.y))
     dataset = dataset.shuffle(len(split), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
     change = augmenter(augment, seed)
@@ -35,8 +36,14 @@ def training_dataset(split: Split, batch_size: int, seed: int, augment: str = "n
         # A stateless seed per batch, itself drawn from `seed`: the same digits for the same seed.
         seeds = tf.data.Dataset.random(seed, rerandomize_each_iteration=True).batch(2)
         # AUTOTUNE without the autotuner: as many parallel calls as cores.
+        if switch is not None:
+            change = functools.partial(_while_on, switch, change)
         dataset = tf.data.Dataset.zip(dataset, seeds).map(lambda xy, s: (change(xy[0], s), xy[1]), num_parallel_calls=tf.data.AUTOTUNE)
     return _fixed(dataset.prefetch(PREFETCH_BATCHES))
+
+
+def _while_on(switch: tf.Variable, change: Callable, x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    return tf.cond(switch, lambda: change(x, seed), lambda: x)
 
 
 def evaluation_dataset(split: Split, batch_size: int) -> tf.data.Dataset:
@@ -170,20 +177,25 @@ def train_final(
     on_epoch_end: Callable[[int, dict], None],
     peak_learning_rate: float = 0.0,
     budget_s: float = 0.0,
+    clean_epochs: int = 0,
 ) -> FinalTraining:
     """A fresh model of the best configuration, trained for up to `epochs` epochs on `train`.
 
     The learning rate follows `WarmupCosine`, peaking at `peak_learning_rate`
     (0: the configuration's searched learning rate), over as many epochs as
     fit in `budget_s` seconds (0: no limit); the training digits are augmented
-    as `augment` says (search/augment.py). The weights of the best validation epoch are kept.
+    as `augment` says (search/augment.py), except in the last `clean_epochs` epochs of
+    the schedule. The weights of the best validation epoch are kept.
     `on_epoch_end(epoch, logs)` sees every epoch, for tracking.
     """
     keras.utils.set_random_seed(seed)
     model = hypermodel.build(hyperparameters.copy())
     schedule = WarmupCosine(peak_learning_rate or None, epochs, budget_s)
+    augmenting = tf.Variable(True, trainable=False)
     callbacks = [
         schedule,
+        # After the schedule's hook: the first epoch settles how many epochs there are.
+        keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: augmenting.assign(epoch < schedule.epochs - clean_epochs)),
         keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end),
         # After the schedule's own hook, which settles how many epochs fit the budget.
         keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: print(final_progress(schedule, epoch, logs), flush=True)),
@@ -192,7 +204,7 @@ def train_final(
         keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=epochs, restore_best_weights=True),
     ]
     model.fit(
-        training_dataset(train, batch_size, seed, augment),
+        training_dataset(train, batch_size, seed, augment, augmenting),
         validation_data=evaluation_dataset(validation, batch_size),
         epochs=epochs,
         callbacks=callbacks,

@@ -166,6 +166,48 @@ def test_robust_augmentation_is_deterministic_in_range_and_changes_each_image_it
     np.testing.assert_array_equal(first, again)
 
 
+class _SeesItsDigits(keras.Model):
+    """A linear model that records, per training batch, whether its digits are the originals."""
+
+    def __init__(self, originals: np.ndarray):
+        super().__init__()
+        self.dense, self.originals, self.clean = keras.layers.Dense(10, activation="softmax"), originals, []
+
+    def call(self, x):
+        return self.dense(keras.ops.reshape(x, (-1, 784)))
+
+    def train_step(self, data):
+        x = data[0].numpy()
+        self.clean.append(all(np.isclose(image, self.originals).all(axis=(1, 2, 3)).any() for image in x))
+        return super().train_step(data)
+
+
+class _SeeingHyperModel(kt.HyperModel):
+    def __init__(self, originals):
+        super().__init__()
+        self.originals = originals
+
+    def build(self, hp):
+        model = _SeesItsDigits(self.originals)
+        model.compile(
+            optimizer=keras.optimizers.SGD(hp.Float("learning_rate", 1e-3, 1e-2)),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+            run_eagerly=True,
+        )
+        return model
+
+
+def test_the_last_clean_epochs_of_the_final_training_see_unchanged_digits():
+    split = random_split(64)
+    hypermodel = _SeeingHyperModel(split.x)
+    run = train_final(
+        hypermodel, kt.HyperParameters(), split, split, epochs=4, batch_size=16, augment="robust", seed=0,
+        on_epoch_end=lambda epoch, logs: None, clean_epochs=1,
+    )  # fmt: skip
+    assert run.model.clean == [False] * 12 + [True] * 4  # 4 batches per epoch: only the last epoch's are the originals
+
+
 def test_an_unknown_augmentation_is_refused():
     with pytest.raises(ValueError, match="unknown augmentation 'mixup': choose one of none, jitter, robust"):
         training_dataset(random_split(8), 4, seed=0, augment="mixup")
