@@ -9,7 +9,7 @@ from pathlib import Path
 import keras
 import numpy as np
 from scipy.stats import binomtest
-from sklearn.metrics import confusion_matrix
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from search.data import Split
 from search.plots import save, subplots
@@ -21,16 +21,8 @@ class TestReport:
     loss: float
     confusion: np.ndarray  # (10, 10): rows true digit, columns predicted digit
     predicted: np.ndarray  # (N,): the predicted digit of each test image
-
-    @property
-    def recall(self) -> np.ndarray:
-        """Per-digit accuracy: correct / images of that digit."""
-        return np.diag(self.confusion) / np.maximum(self.confusion.sum(axis=1), 1)
-
-    @property
-    def precision(self) -> np.ndarray:
-        """Per digit: correct / images predicted as that digit."""
-        return np.diag(self.confusion) / np.maximum(self.confusion.sum(axis=0), 1)
+    recall: np.ndarray  # (10,): per digit, correct / images of that digit
+    precision: np.ndarray  # (10,): per digit, correct / images predicted as that digit
 
     def metrics(self) -> dict[str, float]:
         """Flat MLflow metrics: test_accuracy, test_loss, test_recall_digit_<d>, test_precision_digit_<d>."""
@@ -76,7 +68,8 @@ def report(probabilities: np.ndarray, labels: np.ndarray) -> TestReport:
     picked = probabilities[np.arange(len(labels)), labels]
     loss = float(-np.log(np.clip(picked, 1e-7, 1.0)).mean())  # as Keras clips
     confusion = confusion_matrix(labels, predicted, labels=range(10))
-    return TestReport(accuracy=float((predicted == labels).mean()), loss=loss, confusion=confusion, predicted=predicted)
+    precision, recall, _, _ = precision_recall_fscore_support(labels, predicted, labels=range(10), zero_division=0)
+    return TestReport(float((predicted == labels).mean()), loss, confusion, predicted, recall, precision)
 
 
 def compare(

@@ -8,7 +8,7 @@ import pytest
 from model_zoo import make_cnn
 from search import eda
 from search.data import load_mnist
-from search.evaluate import TestReport, compare, evaluate, mcnemar_p_value, plot_confusion_matrix, plot_misclassified
+from search.evaluate import compare, evaluate, mcnemar_p_value, plot_confusion_matrix, plot_misclassified, report
 from tests.helpers import write_npz
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -27,23 +27,24 @@ def small(tmp_path_factory):
 
 def test_evaluation_agrees_with_keras(small):
     model = make_cnn(conv_filters=(8,))
-    report = evaluate(model, small.test)
+    result = evaluate(model, small.test)
     keras_loss, keras_accuracy = model.evaluate(small.test.x, small.test.y, verbose=0)
-    assert report.accuracy == pytest.approx(keras_accuracy, abs=1e-6)
-    assert report.loss == pytest.approx(keras_loss, rel=1e-4)
-    assert report.confusion.sum() == len(small.test)
-    np.testing.assert_array_equal(report.confusion.sum(axis=1), np.bincount(small.test.y, minlength=10))
-    metrics = report.metrics()
+    assert result.accuracy == pytest.approx(keras_accuracy, abs=1e-6)
+    assert result.loss == pytest.approx(keras_loss, rel=1e-4)
+    assert result.confusion.sum() == len(small.test)
+    np.testing.assert_array_equal(result.confusion.sum(axis=1), np.bincount(small.test.y, minlength=10))
+    np.testing.assert_allclose(result.recall, np.diag(result.confusion) / result.confusion.sum(axis=1))
+    metrics = result.metrics()
     assert set(metrics) == {"test_accuracy", "test_loss", *(f"test_{k}_digit_{d}" for k in ("recall", "precision") for d in range(10))}
     per_digit_correct = sum(metrics[f"test_recall_digit_{d}"] * 30 for d in range(10))  # 30 test images per digit
-    assert per_digit_correct == pytest.approx(report.accuracy * 300)
-    np.testing.assert_array_equal(report.predicted, model.predict(small.test.x, verbose=0).argmax(axis=1))
+    assert per_digit_correct == pytest.approx(result.accuracy * 300)
+    np.testing.assert_array_equal(result.predicted, model.predict(small.test.x, verbose=0).argmax(axis=1))
 
 
 def test_figures_are_pngs(small, tmp_path):
-    report = evaluate(make_cnn(conv_filters=(8,)), small.test)
-    assert_png(plot_confusion_matrix(report, tmp_path / "evaluation" / "confusion_matrix.png"))
-    assert_png(plot_misclassified(small.test, report, tmp_path / "evaluation" / "misclassified.png"))
+    result = evaluate(make_cnn(conv_filters=(8,)), small.test)
+    assert_png(plot_confusion_matrix(result, tmp_path / "evaluation" / "confusion_matrix.png"))
+    assert_png(plot_misclassified(small.test, result, tmp_path / "evaluation" / "misclassified.png"))
     assert_png(eda.sample_grid(small.train, tmp_path / "eda" / "sample.png", seed=0))
     assert_png(eda.label_distribution(small, tmp_path / "eda" / "labels.png"))
 
@@ -53,7 +54,7 @@ GATES = (0.5, 0.5)  # (threshold, robust_threshold) that both models clear
 
 def report_of(predicted, labels):
     predicted = np.asarray(predicted)
-    return TestReport(float((predicted == labels).mean()), 0.0, np.zeros((10, 10), int), predicted)
+    return report(np.eye(10)[predicted], labels)
 
 
 def test_mcnemar_counts_discordant_pairs_and_gives_the_exact_p_value():
