@@ -360,7 +360,6 @@ def search_summary(run_id: str) -> dict:
     client = tracking.PatientClient()
     tracker = tracking.SearchTracker(client.get_run(run_id))
     records = tracker.trial_records()
-    tracker.close()
     not_architecture = ("learning_rate", "tuner/")
     architectures = {tuple(sorted((k, v) for k, v in r["hyperparameters"].items() if not k.startswith(not_architecture))) for r in records}
     parent = client.get_run(run_id)

@@ -263,11 +263,7 @@ def run_trial(job: TrialJob, data: tuple[np.ndarray, ...]) -> TrialOutcome:
         outcome, summary = TrialOutcome(job.trial_id, False, reason=_reason(err)), {}
     outcome.seconds = time.perf_counter() - started
     summary |= {"wall_time_s": outcome.seconds, "cpu_seconds": time.process_time() - cpu_started}
-    try:
-        tracker.end_trial(job.trial_id, not outcome.completed, summary, outcome.reason, pruned=outcome.pruned)
-        tracker.flush()
-    finally:
-        tracker.close()
+    tracker.end_trial(job.trial_id, not outcome.completed, summary, outcome.reason, pruned=outcome.pruned)
     return outcome
 
 

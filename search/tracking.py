@@ -16,7 +16,6 @@ import os
 import shutil
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -66,10 +65,6 @@ class SearchTracker:
         self.trials_logged = 0
         self._trial_runs: dict[str, str] = {}  # trial id -> open child run id
         self._dataset: DatasetInput | None = None  # the data, logged as each trial run's input too
-        # Trial logging runs in order on one background thread, so training never
-        # waits for the store; its first error is raised by the next trial call.
-        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-trials")
-        self._pending: list[Future] = []
 
     # --- parent run ---------------------------------------------------------
     def log_params(self, params: Mapping[str, object]) -> None:
@@ -99,59 +94,35 @@ class SearchTracker:
         self.client.log_artifacts(self.run_id, str(folder), artifact_dir)
 
     # --- one nested run per trial ---------------------------------------------
+    # Trial calls are synchronous: a few per epoch, each a small fraction of the epoch
+    # (benchmarks: tracking overhead), and an error stops the search where it happened.
     def start_trial(self, trial_id: str, hyperparameters: Mapping[str, object]) -> None:
         tags = {MLFLOW_PARENT_RUN_ID: self.run_id, "trial_id": trial_id, **self.trial_tags}
-        params = [Param(k, str(v)) for k, v in hyperparameters.items()]
+        run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_id}", tags=tags)
+        self._trial_runs[trial_id] = run.info.run_id
         self.trials_logged += 1
-
-        def start() -> None:
-            run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_id}", tags=tags)
-            self._trial_runs[trial_id] = run.info.run_id
-            self.client.log_batch(run.info.run_id, params=params)
-            if self._dataset is not None:
-                self.client.log_inputs(run.info.run_id, datasets=[self._dataset])
-
-        self._submit(start)
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in hyperparameters.items()])
+        if self._dataset is not None:
+            self.client.log_inputs(run.info.run_id, datasets=[self._dataset])
 
     def log_epoch(self, trial_id: str, epoch: int, logs: Mapping[str, float]) -> None:
         now = _now_ms()
         metrics = [Metric(k, float(logs[k]), now, epoch) for k in EPOCH_METRICS if k in logs]
-        self._submit(lambda: self.client.log_batch(self._trial_runs[trial_id], metrics=metrics))
+        self.client.log_batch(self._trial_runs[trial_id], metrics=metrics)
 
     def end_trial(self, trial_id: str, failed: bool, summary: Mapping[str, float], reason: str = "", pruned: int | None = None) -> None:
         """End the trial's run FINISHED (tag `pruned` = epochs trained when the median rule stopped it) or FAILED."""
         metrics = [Metric(k, float(v), _now_ms(), 0) for k, v in summary.items() if v is not None]
         tags = [mlflow.entities.RunTag("failure_reason", reason[:5000])] if reason else []
         tags += [mlflow.entities.RunTag("pruned", str(pruned))] if pruned else []
-
-        def end() -> None:
-            run_id = self._trial_runs.pop(trial_id)
-            self.client.log_batch(run_id, metrics=metrics, tags=tags)
-            self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
-
-        self._submit(end)
-
-    def flush(self) -> None:
-        """Wait until every trial call so far is in the store; raise the first that failed."""
-        pending, self._pending = self._pending, []
-        for future in pending:
-            future.result()
-
-    def close(self) -> None:
-        """Stop the logging thread once its calls are done (what failed was raised by flush)."""
-        self._background.shutdown(wait=True)
-
-    def _submit(self, call) -> None:
-        for future in [f for f in self._pending if f.done()]:
-            self._pending.remove(future)
-            future.result()  # raises the error of a failed call
-        self._pending.append(self._background.submit(call))
+        run_id = self._trial_runs.pop(trial_id)
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
     def trial_records(self) -> list[dict]:
         """Every trial run of this search as logged: trial_id, status, hyperparameters,
         val_accuracy (best), param_count, multiply_adds, wall_time_s, pruned, epochs_saved
         and the val_accuracy curve [(epoch, value)]."""
-        self.flush()
         runs = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=10_000)
         records = []
         for run in runs:
@@ -199,8 +170,6 @@ class SearchTracker:
 
     def end_open_trials(self, status: str) -> None:
         """End trial runs left open by an interruption (`KILLED`) or a crash (`FAILED`)."""
-        with contextlib.suppress(Exception):  # what could be logged is; the runs still end
-            self.flush()
         for run_id in self._trial_runs.values():
             self.client.set_terminated(run_id, status)
         self._trial_runs.clear()
@@ -311,7 +280,6 @@ def tracked_run(experiment_name: str, resume_run_id: str = "") -> Iterator[Searc
         if resume_run_id:
             tracker.end_orphaned_trials()
         yield tracker
-        tracker.flush()  # a trial call that failed fails the run
     except KeyboardInterrupt:
         tracker.end_open_trials("KILLED")
         end_run(RunStatus.to_string(RunStatus.KILLED))
@@ -320,8 +288,6 @@ def tracked_run(experiment_name: str, resume_run_id: str = "") -> Iterator[Searc
         tracker.end_open_trials("FAILED")
         end_run(RunStatus.to_string(RunStatus.FAILED))
         raise
-    finally:
-        tracker.close()
     end_run()
 
 

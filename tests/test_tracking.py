@@ -265,11 +265,10 @@ def test_when_every_trial_fails_the_search_fails(tracking_store, mnist_npz):
     assert sorted(r.info.status for r in runs) == ["FAILED"] * 4  # the parent and its 3 trials
 
 
-def test_a_failed_background_logging_call_is_raised_not_lost(tracking_store):
+def test_a_failed_logging_call_is_raised_where_it_happens_and_fails_the_run(tracking_store):
     with pytest.raises(KeyError):
-        with tracking.tracked_run("background") as tracker:
-            tracker.log_epoch("no-such-trial", 0, {"loss": 1.0})  # runs on the logging thread
-            tracker.flush()
+        with tracking.tracked_run("failing") as tracker:
+            tracker.log_epoch("no-such-trial", 0, {"loss": 1.0})
     assert [r.info.status for r in mlflow.search_runs(search_all_experiments=True, output_format="list")] == ["FAILED"]
 
 
@@ -277,7 +276,6 @@ def test_another_process_logs_tagged_trials_under_the_search_and_the_search_ends
     with tracking.tracked_run("scale-out") as search:
         task = tracking.attach(search.run_id, {"ray_node": "10.0.0.7"})
         task.start_trial("7", {"units": 8})
-        task.flush()
         assert search.end_trial_runs("7", "KILLED", "its Ray worker or node died; Ray ran the trial again") == 1
         assert search.end_trial_runs("7", "KILLED", "again") == 0  # only RUNNING runs
     [trial] = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list") if "trial_id" in r.data.tags]
@@ -291,7 +289,6 @@ def test_a_finished_run_whose_result_the_search_never_recorded_can_be_ended_too(
     with tracking.tracked_run("resumed") as search:
         search.start_trial("3", {"units": 8})
         search.end_trial("3", False, {"best_val_accuracy": 0.9})
-        search.flush()
         assert search.end_trial_runs("3", "KILLED", "ran again") == 0  # FINISHED is left alone by default
         assert search.end_trial_runs("3", "KILLED", "ran again", finished_too=True) == 1
     [trial] = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list") if "trial_id" in r.data.tags]
