@@ -28,12 +28,15 @@ from search.train import WarmupCosine, evaluation_dataset, training_dataset
 
 
 class TrackedTuner:
-    """Mixin: logs each trial as a nested MLflow run through `self.tracker`."""
+    """Mixin: logs each trial as a nested MLflow run through `tracker`, prints a line per
+    trial (its `progress`, counting down `trials` or Hyperband's own schedule), and
+    stops the trials `pruner` finds hopeless. `trial_epochs`: a trial's epochs where
+    Hyperband does not set them."""
 
-    tracker: SearchTracker
-    progress: Progress
-    pruner: MedianStopping | None = None
-    max_epochs: int = 1  # a trial's epochs where Hyperband does not set them
+    def __init__(self, *, tracker: SearchTracker, pruner: MedianStopping | None, trial_epochs: int, trials: int, **kwargs):
+        super().__init__(**kwargs)
+        self.tracker, self.pruner, self.max_epochs = tracker, pruner, trial_epochs
+        self.progress = Progress(planned_trials(self.oracle, trials))
 
     def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
         interrupts.raise_if_requested()
@@ -136,7 +139,6 @@ def make_tuner(
     trials are kept and the interrupted one runs again. With no `tracker`,
     Keras Tuner's own tuner runs the same search untracked.
     """
-    classes = TUNER_CLASSES if tracker else UNTRACKED_CLASSES
     hypermodel = hypermodel or CNNZoo(config.families, dtype_policy=dtype_policy)
     common = dict(
         overwrite=not resume,
@@ -150,17 +152,15 @@ def make_tuner(
         directory=str(directory),
         project_name=project_name,
     )
+    if tracker:
+        rule = (pruner or MedianStopping(config.prune_min_trials, config.prune_grace_epochs)) if config.prune else None
+        common |= dict(tracker=tracker, pruner=rule, trial_epochs=config.max_epochs, trials=config.max_trials)
+    classes = TUNER_CLASSES if tracker else UNTRACKED_CLASSES
     if config.tuner == "hyperband":
         tuner = classes["hyperband"](max_epochs=config.max_epochs, factor=config.hyperband_factor, **common)
         tuner.oracle.max_trials = config.max_trials  # Hyperband has no trial cap of its own
     else:
         tuner = classes[config.tuner](max_trials=config.max_trials, **common)
-    if tracker:
-        tuner.tracker = tracker
-        tuner.progress = Progress(planned_trials(tuner.oracle, config.max_trials))
-        tuner.max_epochs = config.max_epochs
-        if config.prune:
-            tuner.pruner = pruner or MedianStopping(config.prune_min_trials, config.prune_grace_epochs)
     return tuner
 
 
