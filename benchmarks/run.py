@@ -456,7 +456,7 @@ def _scale_out_row(run: dict) -> tuple[str, str, str, str]:
         return (f"scale-out, {name}", f"failed: {run['error']}", "", "")
     cpu = f", {run['cpu_seconds_per_trial']:.0f} CPU s per trial" if run["cpu_seconds_per_trial"] else ""
     ray = f", Ray started in {run['ray_startup_s']:.1f} s" if run["ray_startup_s"] else ""
-    measured = f"{run['trials']} trials in {run['trials_span_s']:.0f} s ({run['cpus_per_trial']} CPUs each){cpu}{ray}; whole run {run['wall_s']:.0f} s"
+    measured = f"{run['trials']} trials in {run['trials_span_s']:.0f} s ({run['cpus_per_trial']} CPU{'s' if run['cpus_per_trial'] > 1 else ''} each){cpu}{ray}; whole run {run['wall_s']:.0f} s"
     return (f"scale-out, {name}", measured, "", "")
 
 

@@ -114,7 +114,7 @@ def test_the_scale_out_rows_give_the_trials_wall_and_cpu_time():
     rows = [line for line in table(results).splitlines() if line.startswith("| scale-out")]
     assert rows == [
         "| scale-out, trials one after another, without Ray | 8 trials in 200 s (2 CPUs each), 40 CPU s per trial; whole run 300 s |  |  |",
-        "| scale-out, 2 trial(s) at once on Ray | 8 trials in 150 s (1 CPUs each), 35 CPU s per trial, Ray started in 4.3 s; whole run 250 s |  |  |",
+        "| scale-out, 2 trial(s) at once on Ray | 8 trials in 150 s (1 CPU each), 35 CPU s per trial, Ray started in 4.3 s; whole run 250 s |  |  |",
         "| scale-out, 1 trial(s) at once on Ray | failed: error: Ray cluster 'local' cannot be joined |  |  |",
     ]
 
