@@ -78,11 +78,13 @@ def run_search(
     """
     # Keras' progress bars and Keras Tuner's tables in a terminal; in logs, our lines only.
     verbose = (1 if sys.stdout.isatty() else 0) if verbose is None else verbose
-    if config.ray:  # before any run is opened
+    data = prepare_data(config, resume)
+    # Before anything trains or a run opens: a wrong Ray address, store or password is one line.
+    if config.ray:
         from search.scaleout import check_address  # Ray loads only when it is used
 
         check_address(config.ray)
-    data = prepare_data(config, resume)
+    tracking.check_reachable()
     # Chosen once per search; a resumed search keeps the one it started with.
     precision = Precision(resume.precision, "resumed") if resume and resume.precision else choose_precision(config.precision)
     keras.utils.set_random_seed(config.seed)

@@ -355,6 +355,11 @@ def check_reachable() -> None:
         mlflow.MlflowClient().search_experiments(max_results=1)
     except Exception as err:
         text = str(err)
+        for code, what in (("401", "refused the credentials"), ("403", "refused this user")):
+            if f"error code {code} " in text:
+                raise TrackingError(
+                    f"tracking server {mlflow.get_tracking_uri()} {what} (HTTP {code}): check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+                ) from None
         reason = (
             "no connection"
             if "Max retries exceeded" in text or "Connection" in text

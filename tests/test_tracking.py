@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from search.data import load_mnist
 from search.evaluate import Comparison
 from search.pipeline import SearchFailed, run_search
 from search.tuner import active_values, make_tuner
+from tests.helpers import MLFLOW_RUN_ENV, REPO, mlflow_listening
 
 
 class FailsOnSecondTrial(kt.HyperModel):
@@ -300,3 +303,49 @@ def test_the_tracking_uri_given_to_other_processes_is_absolute(tracking_store, m
     assert tracking.tracking_uri() == f"sqlite:///{Path.cwd() / 'relative' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.tracking_uri() == "http://127.0.0.1:5000"
+
+
+AUTH_ENV = {"MLFLOW_FLASK_SERVER_SECRET_KEY": "test-csrf-key", "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-password-0123"}
+
+
+@pytest.mark.e2e
+def test_a_search_against_a_server_with_basic_auth_keeps_the_credentials_out_of_its_runs(tmp_path, mnist_npz):
+    """`mlflow server --app-name basic-auth`: a wrong password is one line and exit 2 before
+    any training; with the right one the search runs, and the password appears in no param,
+    tag, metric name, artifact or line the search printed."""
+    server_args = ["server", "--app-name", "basic-auth", "--backend-store-uri", f"sqlite:///{tmp_path / 'auth.db'}", "--workers", "1"]
+    with mlflow_listening(server_args, "/health", tmp_path, env=AUTH_ENV) as url:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MNIST_NPZ": str(mnist_npz), "PYTHONPATH": str(REPO)}
+        env |= {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "not-the-password"}
+        for var in MLFLOW_RUN_ENV:
+            env.pop(var, None)
+        command = [sys.executable, "-m", "search", "run", "--profile", "smoke", "max_trials=2"]
+        started = time.monotonic()
+        refused = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and time.monotonic() - started < 30
+        assert refused.stderr.strip() == (
+            f"error: tracking server {url} refused the credentials (HTTP 401): check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+        password = AUTH_ENV["MLFLOW_AUTH_ADMIN_PASSWORD"]
+        done = subprocess.run(
+            command, cwd=tmp_path, env={**env, "MLFLOW_TRACKING_PASSWORD": password}, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert password not in done.stdout + done.stderr
+        os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=password)
+        try:
+            client = mlflow.MlflowClient(url)
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=100)
+            assert len(runs) == 3  # the search and its 2 trials
+            for run in runs:
+                logged = {**run.data.params, **run.data.tags, **dict.fromkeys(run.data.metrics, "")}
+                assert not [k for k, v in logged.items() if password in k or password in str(v)], run.info.run_name
+            parent = next(r for r in runs if "trial_id" not in r.data.tags)
+            artifacts = Path(
+                mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, tracking_uri=url, dst_path=str(tmp_path / "artifacts"))
+            )
+            texts = [p for p in artifacts.rglob("*") if p.is_file() and p.suffix in (".csv", ".html", ".md", ".json", ".yaml", ".txt", "")]
+            assert texts and not [p for p in texts if password in p.read_text(errors="ignore")]
+        finally:
+            os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
+            os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
