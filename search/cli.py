@@ -94,8 +94,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace):
+    settings = list(args.settings)
+    if args.ray and "=" in args.ray:  # `--ray seed=0`: a bare --ray followed by a setting
+        settings.insert(0, args.ray)
+        args.ray = "local"
     given = {name: getattr(args, name) for name in ("profile", *SETTINGS) if getattr(args, name) is not None}
-    for setting in args.settings:
+    for setting in settings:
         name, equals, value = setting.partition("=")
         if not equals or not name.strip():
             raise ConfigError(f"{setting!r} is not a setting of the form name=value")

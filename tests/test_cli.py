@@ -121,6 +121,10 @@ def test_every_setting_reaches_the_config_from_the_command_line_and_from_mlflow_
     assert parse(["run", "--profile", "fast"]) == resolve("fast")
     # --ray alone: a Ray cluster started by the search.
     assert parse(["run", "--ray"]).ray == "local" and parse(["run", "--ray", "auto"]).ray == "auto"
+    assert (parse(["run", "--ray", "parallel_trials=2", "seed=0"]).ray, parse(["run", "--ray", "parallel_trials=2"]).parallel_trials) == (
+        "local",
+        2,
+    )
 
 
 @pytest.mark.parametrize(
