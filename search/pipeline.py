@@ -79,23 +79,22 @@ def run_search(
     # Keras' progress bars and Keras Tuner's tables in a terminal; in logs, our lines only.
     verbose = (1 if sys.stdout.isatty() else 0) if verbose is None else verbose
     data = prepare_data(config, resume)
-    # Before anything trains or a run opens: a wrong Ray address, store or password is one line.
-    if config.ray:
+    if config.ray:  # before a run opens: a wrong address is one line
         from search.scaleout import check_address  # Ray loads only when it is used
 
         check_address(config.ray)
-    tracking.check_reachable()
-    # Chosen once per search; a resumed search keeps the one it started with.
-    precision = Precision(resume.precision, "resumed") if resume and resume.precision else choose_precision(config.precision)
-    keras.utils.set_random_seed(config.seed)
 
     # Models are built under the search's policy (make_tuner), never Keras' global
     # one, which Keras Tuner resets before each build: the caller's is put back after.
+    # tracked_run checks the store (and its credentials) before anything trains.
     run = tracking.tracked_run(config.experiment_name, resume.run_id if resume else "")
     with precision_policy(None), run as tracker, contextlib.ExitStack() as held:
         out = Path(config.output_dir) / tracker.run_id
         if not resume:  # a resume holds the lock already (resume_search)
             held.enter_context(locking.holding(out, tracker.run_id))
+        # Chosen once per search; a resumed search keeps the one it started with.
+        precision = Precision(resume.precision, "resumed") if resume and resume.precision else choose_precision(config.precision)
+        keras.utils.set_random_seed(config.seed)
         record_setup(tracker, config, data, precision, resume, out)
         tuner, records = search(tracker, config, data, precision.policy, resume, hypermodel, verbose, out)
         winner = pick(tracker, tuner, config, len(data.validation))

@@ -79,8 +79,7 @@ class TrialOutcome:
 def connect(address: str, cpus_per_trial: int = 1) -> float:
     """Join the Ray cluster at `address` ("local": start one here) as a job whose workers
     get the project's code and `worker_environment`; the seconds it took."""
-    started = time.perf_counter()
-    check_address(address)
+    started = time.perf_counter()  # the address was checked before the search run opened (pipeline)
     try:
         ray.init(
             address=address,  # "local" starts a cluster, whatever RAY_ADDRESS says
@@ -166,7 +165,7 @@ class RayTrials:
 
     def _job(self, tuner: kt.Tuner, tracker: tracking.SearchTracker, trial: kt.engine.trial.Trial) -> TrialJob:
         earlier = trial.hyperparameters.values.get("tuner/trial_id")
-        pruner = getattr(tuner, "pruner", None)
+        pruner = tuner.pruner
         return TrialJob(
             trial_id=trial.trial_id,
             hyperparameters=trial.hyperparameters.copy(),
@@ -190,9 +189,8 @@ class RayTrials:
             save_checkpoint(tuner, trial, outcome.weights)
         trial.status = kt.engine.trial.TrialStatus.COMPLETED if outcome.completed else kt.engine.trial.TrialStatus.FAILED
         trial.message = outcome.reason
-        pruner = getattr(tuner, "pruner", None)
-        if pruner and outcome.completed:
-            pruner.seed(trial.trial_id, outcome.curve, outcome.pruned)
+        if tuner.pruner and outcome.completed:
+            tuner.pruner.seed(trial.trial_id, outcome.curve, outcome.pruned)
         tuner.oracle.end_trial(trial)
         tuner.save()  # as Keras Tuner's own loop does after each trial: what a resume reloads
         score = tuner.oracle.get_trial(trial.trial_id).score if outcome.completed else None
