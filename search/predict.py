@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from search.pyfunc_model import probabilities_of
+from search.pyfunc_model import MAX_DIGITS, probabilities_of
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class Prediction:
 def predict(model, names: list[str], digits: np.ndarray) -> list[Prediction]:
     """The most probable digit of each of `digits` (float32 (N, 28, 28, 1) in [0, 1]) and its
     probability, from `model` as MLflow's pyfunc serves it (the registered model's served form)."""
-    answer = model.predict(digits)
-    probabilities, best = probabilities_of(answer), np.asarray(answer["digit"])
+    answers = [model.predict(digits[i : i + MAX_DIGITS]) for i in range(0, len(digits), MAX_DIGITS)]
+    probabilities = np.concatenate([probabilities_of(answer) for answer in answers])
+    best = np.concatenate([np.asarray(answer["digit"]) for answer in answers])
     return [Prediction(name, int(d), float(p[d])) for name, d, p in zip(names, best, probabilities)]

@@ -9,6 +9,9 @@ model keeps its `keras` flavor (float32) for `mlflow.keras.load_model`.
 Input: digits of shape (N, 28, 28), (N, 28, 28, 1) or (N, 784) (rows of pixels, as
 CSV files and DataFrames hold MNIST), as arrays, nested lists or DataFrames with 784
 pixel columns; integers 0..255 or floats 0..1; a light digit on a dark background.
+At most MAX_DIGITS digits a call (a larger batch is split by the caller). Bad input
+raises MLflow's INVALID_PARAMETER_VALUE, which a server answers with HTTP 400 and
+the message naming the problem.
 Output: a DataFrame with column `digit` (int64) and `probability_0` ... `probability_9`
 (float32), what REST clients read; loaded with `model_config={"output": "digit"}`, the
 digits alone (a Series), what MLflow's classifier evaluation reads:
@@ -54,6 +57,7 @@ def as_digits(array: np.ndarray, where: str = "input") -> np.ndarray:
 
 
 BATCH = 1024  # digits per forward pass
+MAX_DIGITS = 10_000  # per call: MNIST's whole test split fits; caps what one REST request may hold in memory
 SPEC_SHAPE = [None, SIZE, SIZE, 1]
 
 
@@ -91,7 +95,10 @@ class DigitClassifier:
         """The pyfunc's answer: a DataFrame, `digit` and `probability_<d>` per input digit."""
         import pandas as pd
 
-        probabilities = self.probabilities(data)
+        try:
+            probabilities = self.probabilities(data)
+        except InputError as err:
+            raise invalid_input(err) from None
         if self.output == "digit":
             return pd.Series(probabilities.argmax(axis=1).astype(np.int64), name="digit")
         columns = {"digit": probabilities.argmax(axis=1).astype(np.int64)}
@@ -101,8 +108,23 @@ class DigitClassifier:
     def probabilities(self, data) -> np.ndarray:
         """float32 (N, 10): the probability of each digit for each input digit."""
         digits = as_digits(pixel_rows_as_images(data))
+        if len(digits) > MAX_DIGITS:
+            raise InputError(f"input has {len(digits):,} digits: at most {MAX_DIGITS:,} a call")
         batches = [np.asarray(self._forward(digits[i : i + BATCH]), dtype=np.float32) for i in range(0, len(digits), BATCH)]
         return np.concatenate(batches)
+
+
+def invalid_input(err: InputError):
+    """`err` as the error MLflow's scoring server answers with HTTP 400 and its message;
+    still an InputError to this project's callers."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    class InvalidDigits(InputError, MlflowException):
+        def __init__(self, message: str):
+            MlflowException.__init__(self, message, INVALID_PARAMETER_VALUE)
+
+    return InvalidDigits(str(err))
 
 
 PROBABILITY_COLUMNS = tuple(f"probability_{d}" for d in range(10))
@@ -122,7 +144,12 @@ def pixel_rows_as_images(data) -> np.ndarray:
         data = data.to_numpy()
         if data.dtype == object:
             data = np.asarray(data.tolist() if data.shape[1] != 1 else data[:, 0].tolist())
-    array = np.asarray(data)
+    try:
+        array = np.asarray(data)
+    except ValueError:  # nested lists of different lengths
+        raise InputError("input is not a rectangular array: its rows have different lengths") from None
+    if array.ndim >= 1 and len(array) == 0:
+        raise InputError("input is empty")
     if array.ndim == 2:
         if array.shape[1] != SIZE * SIZE:
             raise InputError(f"input must have shape (N, 28, 28), (N, 28, 28, 1) or (N, 784), got {array.shape}")

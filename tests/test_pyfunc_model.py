@@ -102,3 +102,21 @@ def test_model_config_output_digit_answers_the_digits_alone():
     np.testing.assert_array_equal(digits, table.predict(DIGITS)["digit"])
     with pytest.raises(InputError, match="model_config output 'proba': choose one of table, digit"):
         DigitClassifier(table._forward, output="proba")
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (np.zeros((0, 784)), "input is empty"),
+        ([[0] * 784, [0] * 783], "different lengths"),
+        (np.zeros((10_001, 784), np.uint8), "input has 10,001 digits: at most 10,000 a call"),
+        (np.array([["7"] * 784]), "has dtype <U1"),
+    ],
+)
+def test_bad_input_is_an_input_error_that_a_scoring_server_answers_with_400(data, message):
+    from mlflow.exceptions import MlflowException
+
+    classifier = DigitClassifier(lambda digits: np.full((len(digits), 10), 0.1, np.float32))
+    with pytest.raises(InputError, match=message) as err:
+        classifier.predict(data)
+    assert isinstance(err.value, MlflowException) and err.value.get_http_status_code() == 400

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -89,6 +94,77 @@ def test_served_champion_answers_rest_requests(registry, mnist_npz):
             np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-4)
             np.testing.assert_array_equal(digit, probabilities.argmax(axis=1))
             assert (digit == labels).mean() >= 0.9
+
+
+CLIENTS = 8  # concurrent REST clients of the load test
+BAD_REQUESTS = {  # name: (body, content type, what the answer's message must name)
+    "wrong shape": (json.dumps({"inputs": np.zeros((2, 28, 27)).tolist()}), "application/json", "got (2, 28, 27)"),
+    "strings": (json.dumps({"inputs": [["a"] * 784]}), "application/json", "expected integers 0..255 or floats"),
+    "NaN": (json.dumps({"inputs": np.full((1, 784), np.nan).tolist()}), "application/json", "NaN or infinite"),
+    "integers above 255": (json.dumps({"inputs": np.full((1, 784), 300).tolist()}), "application/json", "outside 0..255"),
+    "floats above 1": (json.dumps({"inputs": np.full((1, 784), 1.5).tolist()}), "application/json", "outside [0, 1]"),
+    "ragged rows": (json.dumps({"inputs": [[0] * 784, [0] * 783]}), "application/json", "inhomogeneous"),  # MLflow's own parser
+    "empty batch": (json.dumps({"inputs": np.zeros((0, 784)).tolist()}), "application/json", "is empty"),
+    "over the batch limit": (json.dumps({"inputs": np.zeros((10_001, 784), np.uint8).tolist()}), "application/json", "at most 10,000"),
+    "not JSON": ("{inputs: [", "application/json", ""),
+    "unknown content type": ("0,0,0", "text/plain", "content types"),
+}
+
+
+def post(url: str, body: str, content_type: str = "application/json") -> tuple[int, str]:
+    request = urllib.request.Request(f"{url}/invocations", data=body.encode(), headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_served_model_answers_concurrent_clients_as_it_answers_one_and_bad_requests_with_4xx(registry, mnist_npz):
+    store, tmp = registry
+    serve = ["models", "serve", "-m", "models:/mnist-cnn@champion", "--env-manager", "local"]
+    test = np.load(mnist_npz)
+    batches = [json.dumps({"inputs": test["x_test"][i * 20 : (i + 1) * 20].tolist()}) for i in range(48)]
+    with mlflow_listening(serve, "/ping", tmp, {"MLFLOW_TRACKING_URI": store}) as url:
+        alone = [post(url, body) for body in batches]
+        assert all(status == 200 for status, _ in alone)
+
+        def client(order: list[int]) -> list[tuple[int, int, str, float]]:
+            answers = []
+            for i in order:
+                started = time.perf_counter()
+                status, text = post(url, batches[i])
+                answers.append((i, status, text, time.perf_counter() - started))
+            return answers
+
+        orders = [list(np.random.default_rng(c).permutation(len(batches))) for c in range(CLIENTS)]
+        started = time.perf_counter()
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            answers = [a for client_answers in pool.map(client, orders) for a in client_answers]
+        wall = time.perf_counter() - started
+        for i, status, text, _ in answers:
+            assert status == 200
+            assert json.loads(text) == json.loads(alone[i][1]), f"batch {i} answered differently under load"
+        latencies = np.array([a[3] for a in answers]) * 1000
+        figures = {
+            "clients": CLIENTS,
+            "requests": len(answers),
+            "digits_per_request": 20,
+            "p50_ms": round(float(np.percentile(latencies, 50)), 1),
+            "p99_ms": round(float(np.percentile(latencies, 99)), 1),
+            "digits_per_s": round(len(answers) * 20 / wall),
+        }
+        statuses = {}
+        for name, (body, content_type, names_the_problem) in BAD_REQUESTS.items():
+            status, text = post(url, body, content_type)
+            statuses[name] = status
+            assert 400 <= status < 500, f"{name}: HTTP {status} {text[:300]}"
+            assert names_the_problem in text, f"{name}: {text[:300]}"
+            assert post(url, batches[0]) == alone[0], f"the server stopped serving after {name}"
+    record = REPO / "test-outputs" / "serving-load.json"
+    record.parent.mkdir(exist_ok=True)
+    record.write_text(json.dumps({**figures, "bad_requests": statuses}, indent=1) + "\n")
+    print(json.dumps({**figures, "bad_requests": statuses}))
 
 
 def test_second_search_is_compared_with_the_champion(registry, mnist_npz):
