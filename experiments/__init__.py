@@ -111,6 +111,9 @@ class SearchConfig:
     # Optional --data path; empty: $MNIST_NPZ, else keras.datasets.mnist.
     data: str = field(default="", compare=False)
     output_dir: str = "outputs"  # figures, tables and tuner state, per parent run id
+    # How long the search waits for a tracking server that stops answering (a
+    # restart, a network blip) before it stops, resumable, as if interrupted.
+    tracking_wait_s: float = 600.0
 
     def __post_init__(self) -> None:
         _check_choice("tuner", self.tuner, TUNERS)
@@ -150,6 +153,7 @@ class SearchConfig:
             "final_learning_rate",
             "winner_within_se",
             "int8_max_accuracy_drop",
+            "tracking_wait_s",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -24,7 +24,7 @@ from search.data import DataError
 from search.progress import top_table
 from search.tracking import TrackingError
 from search.train import Precision, choose_precision, train_final
-from search.tuner import failure_reason, make_tuner, pick_winner, run_trials, seed_pruner
+from search.tuner import TrackingFailed, failure_reason, make_tuner, pick_winner, run_trials, seed_pruner
 
 
 class SearchFailed(RuntimeError):
@@ -87,7 +87,7 @@ def run_search(
     # Models are built under the search's policy (make_tuner), never Keras' global
     # one, which Keras Tuner resets before each build: the caller's is put back after.
     # tracked_run checks the store (and its credentials) before anything trains.
-    run = tracking.tracked_run(config.experiment_name, resume.run_id if resume else "")
+    run = tracking.tracked_run(config.experiment_name, resume.run_id if resume else "", config.tracking_wait_s)
     with precision_policy(None), run as tracker, contextlib.ExitStack() as held:
         out = Path(config.output_dir) / tracker.run_id
         if not resume:  # a resume holds the lock already (resume_search)
@@ -183,6 +183,10 @@ def search(
                 RayTrials(config).search(tuner, tracker, train, data.validation)
             else:
                 run_trials(tuner, config, train, data.validation, verbose)
+        except TrackingFailed as err:
+            if isinstance(err.error, tracking.TrackingUnavailable):
+                raise err.error from None
+            raise
         except RuntimeError as err:
             if "consecutive failures" not in str(err):
                 raise

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import sys
 import time
 import warnings
 from importlib.metadata import version
@@ -48,10 +49,50 @@ LOCK_RETRY_DELAYS_S = (0.5, 1, 2, 4, 8)
 # The reachability probe gives up within ~30 s rather than MLflow's minutes of retries.
 KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"  # where keras.datasets.mnist reads
 PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# During a search, MLflow's own HTTP retries give up within seconds (not its default
+# minutes of silence), so that the search's own wait, which says so, takes over.
+SEARCH_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+SERVER_RETRY_DELAY_S = 3  # between attempts while the tracking server does not answer
 
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used, or the run asked for cannot be resumed."""
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server stopped answering mid-search for longer than the search waits."""
+
+
+class _ServerWait:
+    """How long calls wait for a tracking server that stops answering, saying so once per
+    outage; after one outage outlasts `limit_s`, later calls fail at once."""
+
+    limit_s = 600.0
+    gave_up = False
+
+    def wait(self, since: float | None) -> float:
+        """Sleep before the next attempt of a call that found the server gone at `since`
+        (None: just now); raise TrackingUnavailable when the limit is reached."""
+        now = time.monotonic()
+        if since is None and not self.gave_up:
+            print(
+                f"tracking server {mlflow.get_tracking_uri()} does not answer: waiting up to {self.limit_s:.0f} s for it",
+                file=sys.stderr,
+                flush=True,
+            )
+            since = now
+        if self.gave_up or now - since >= self.limit_s:
+            self.gave_up = True
+            raise TrackingUnavailable(f"tracking server {mlflow.get_tracking_uri()} did not answer for {self.limit_s:.0f} s")
+        time.sleep(SERVER_RETRY_DELAY_S)
+        return since
+
+    @staticmethod
+    def back(since: float) -> None:
+        print(f"tracking server answers again after {time.monotonic() - since:.0f} s", file=sys.stderr, flush=True)
+
+
+SERVER = _ServerWait()
 
 
 class SearchTracker:
@@ -261,13 +302,18 @@ class _KerasWithPyfunc:
 
 
 @contextlib.contextmanager
-def tracked_run(experiment_name: str, resume_run_id: str = "") -> Iterator[SearchTracker]:
+def tracked_run(experiment_name: str, resume_run_id: str = "", server_wait_s: float = SERVER.limit_s) -> Iterator[SearchTracker]:
     """The parent run of a search; ended FINISHED, KILLED on Ctrl-C or SIGTERM, FAILED on an error.
 
     With `resume_run_id` the search's existing parent run is reopened, and trial
-    runs a killed process left RUNNING are marked KILLED.
+    runs a killed process left RUNNING are marked KILLED. A tracking server that
+    stops answering is waited for up to `server_wait_s`, then the search stops
+    with TrackingUnavailable, its runs left for resume to mark.
     """
     check_reachable()
+    for key, value in SEARCH_HTTP_ENV.items():
+        os.environ.setdefault(key, value)
+    SERVER.limit_s, SERVER.gave_up = server_wait_s, False
     if resume_run_id:
         parent = _patient(mlflow.start_run)(run_id=resume_run_id)
     else:
@@ -280,6 +326,12 @@ def tracked_run(experiment_name: str, resume_run_id: str = "") -> Iterator[Searc
         if resume_run_id:
             tracker.end_orphaned_trials()
         yield tracker
+    except TrackingUnavailable as err:
+        with contextlib.suppress(Exception):  # off the active-run stack, or MLflow ends it FINISHED at exit
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise TrackingUnavailable(
+            f"{err}: the search stopped; once it is back, continue with `python -m search resume {tracker.run_id}`"
+        ) from None
     except KeyboardInterrupt:
         tracker.end_open_trials("KILLED")
         end_run(RunStatus.to_string(RunStatus.KILLED))
@@ -387,17 +439,36 @@ class PatientClient:
 
 
 def _patient(call):
+    """`call`, retried while another process holds the sqlite lock and while the tracking
+    server does not answer (SERVER says how long)."""
+
     def patient_call(*args, **kwargs):
-        for delay in LOCK_RETRY_DELAYS_S:
+        lock_delays, server_gone_since = iter(LOCK_RETRY_DELAYS_S), None
+        while True:
             try:
-                return call(*args, **kwargs)
+                result = call(*args, **kwargs)
             except Exception as err:
-                if "database is locked" not in str(err):
+                if "database is locked" in str(err) and (delay := next(lock_delays, None)) is not None:
+                    time.sleep(delay)
+                elif _server_gone(err):
+                    server_gone_since = SERVER.wait(server_gone_since)
+                else:
                     raise
-                time.sleep(delay)
-        return call(*args, **kwargs)
+                continue
+            if server_gone_since is not None:
+                SERVER.back(server_gone_since)
+            return result
 
     return patient_call
+
+
+def _server_gone(err: Exception) -> bool:
+    """Whether `err` says the tracking server could not be reached (refused, reset, or
+    answering 5xx while it starts), not that it refused the request."""
+    import requests  # noqa: PLC0415 - installed with MLflow, which raises its errors
+
+    text = str(err)
+    return isinstance(err, requests.exceptions.ConnectionError) or "Max retries exceeded" in text or "Connection aborted" in text
 
 
 def config_params(config: object) -> dict[str, object]:

@@ -27,6 +27,15 @@ from search.tracking import SearchTracker
 from search.train import WarmupCosine, evaluation_dataset, training_dataset
 
 
+class TrackingFailed(kt.errors.FatalError):
+    """A tracking call failed inside a trial, where Keras Tuner lets only a FatalError through:
+    the search stops. `error` is the original (Keras drops the exception's cause)."""
+
+    def __init__(self, trial_id: str, error: Exception):
+        super().__init__(f"MLflow logging failed in trial {trial_id}: {error}")
+        self.error = error
+
+
 class TrackedTuner:
     """Mixin: logs each trial as a nested MLflow run through `tracker`, prints a line per
     trial (its `progress`, counting down `trials` or Hyperband's own schedule), and
@@ -69,7 +78,7 @@ class TrackedTuner:
         except Exception as err:
             # Keras Tuner would swallow an ordinary exception here and mark the
             # trial failed; a tracking failure must stop the search instead.
-            raise kt.errors.FatalError(f"MLflow logging failed in trial {trial.trial_id}: {err}") from err
+            raise TrackingFailed(trial.trial_id, err) from err
         last = epoch + 1 >= planned_epochs(trial, self.max_epochs)
         if self.pruner and "val_accuracy" in logs and self.pruner.report(trial.trial_id, epoch, float(logs["val_accuracy"]), last):
             model.stop_training = True  # Keras ends the fit after this epoch

@@ -23,7 +23,7 @@ from search.data import load_mnist
 from search.evaluate import Comparison
 from search.pipeline import SearchFailed, run_search
 from search.tuner import active_values, make_tuner
-from tests.helpers import MLFLOW_RUN_ENV, REPO, mlflow_listening
+from tests.helpers import MLFLOW_RUN_ENV, REPO, free_port, mlflow_listening
 
 
 class FailsOnSecondTrial(kt.HyperModel):
@@ -303,6 +303,23 @@ def test_the_tracking_uri_given_to_other_processes_is_absolute(tracking_store, m
     assert tracking.tracking_uri() == f"sqlite:///{Path.cwd() / 'relative' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_a_server_that_stops_answering_is_waited_for_saying_so_then_given_up(monkeypatch, capsys):
+    """The wait itself; tests/test_tracking_server.py stops and restarts a real server mid-search."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(tracking, "SERVER", tracking._ServerWait())
+    monkeypatch.setattr(tracking.SERVER, "limit_s", 2.0)
+    monkeypatch.setattr(tracking, "SERVER_RETRY_DELAY_S", 0.5)
+    client = tracking.PatientClient()
+    with pytest.raises(tracking.TrackingUnavailable, match="did not answer for 2 s"):
+        client.search_experiments()
+    assert capsys.readouterr().err.count("does not answer: waiting up to 2 s for it") == 1
+    started = time.monotonic()
+    with pytest.raises(tracking.TrackingUnavailable):  # once given up, at once
+        client.search_experiments()
+    assert time.monotonic() - started < 1
 
 
 AUTH_ENV = {"MLFLOW_FLASK_SERVER_SECRET_KEY": "test-csrf-key", "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-password-0123"}
