@@ -5,6 +5,7 @@ promote it (the registry), report."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import shutil
 import sys
 import time
@@ -24,7 +25,7 @@ from search.data import DataError
 from search.progress import top_table
 from search.tracking import TrackingError
 from search.train import Precision, choose_precision, train_final
-from search.tuner import TrackingFailed, failure_reason, make_tuner, pick_winner, run_trials, seed_pruner
+from search.tuner import SearchStopped, failure_reason, make_tuner, pick_winner, run_trials, seed_pruner
 
 
 class SearchFailed(RuntimeError):
@@ -92,6 +93,7 @@ def run_search(
         out = Path(config.output_dir) / tracker.run_id
         if not resume:  # a resume holds the lock already (resume_search)
             held.enter_context(locking.holding(out, tracker.run_id))
+        held.enter_context(naming_a_full_disk(out, tracker.run_id))
         # Chosen once per search; a resumed search keeps the one it started with.
         precision = Precision(resume.precision, "resumed") if resume and resume.precision else choose_precision(config.precision)
         keras.utils.set_random_seed(config.seed)
@@ -113,6 +115,23 @@ def run_search(
         test=evaluation.test,
         decision=decision,
     )
+
+
+class DiskFull(RuntimeError):
+    """The output directory's file system is full: the search stopped, resumable."""
+
+
+@contextlib.contextmanager
+def naming_a_full_disk(out: Path, run_id: str):
+    """A 'no space left' error, wherever it happens, as one line naming the output directory."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise DiskFull(
+            f"{err.filename or out}: no space left on device; free some, then continue with `python -m search resume {run_id}`"
+        ) from None
 
 
 def prepare_data(config: SearchConfig, resume: Resume | None) -> data_module.MnistData:
@@ -183,8 +202,8 @@ def search(
                 RayTrials(config).search(tuner, tracker, train, data.validation)
             else:
                 run_trials(tuner, config, train, data.validation, verbose)
-        except TrackingFailed as err:
-            if isinstance(err.error, tracking.TrackingUnavailable):
+        except SearchStopped as err:
+            if isinstance(err.error, (tracking.TrackingUnavailable, OSError)):
                 raise err.error from None
             raise
         except RuntimeError as err:

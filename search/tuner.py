@@ -9,13 +9,16 @@ deep-copies for every trial.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import keras_tuner as kt
+import numpy as np
 
 from experiments import ConfigError, SearchConfig
 from model_zoo import CNNZoo, multiply_adds
@@ -26,13 +29,16 @@ from search.pruning import MedianStopping
 from search.tracking import SearchTracker
 from search.train import WarmupCosine, evaluation_dataset, training_dataset
 
+CHECKPOINT_HEADROOM_BYTES = 1 << 20  # beyond the weights: HDF5's own structures, the tuner's JSON files
 
-class TrackingFailed(kt.errors.FatalError):
-    """A tracking call failed inside a trial, where Keras Tuner lets only a FatalError through:
-    the search stops. `error` is the original (Keras drops the exception's cause)."""
 
-    def __init__(self, trial_id: str, error: Exception):
-        super().__init__(f"MLflow logging failed in trial {trial_id}: {error}")
+class SearchStopped(kt.errors.FatalError):
+    """An error inside a trial that must stop the search, not just fail the trial (Keras
+    Tuner lets only a FatalError through): a tracking call that failed, a full disk.
+    `error` is the original (Keras drops the exception's cause)."""
+
+    def __init__(self, trial_id: str, error: Exception, what: str):
+        super().__init__(f"{what} in trial {trial_id}: {error}")
         self.error = error
 
 
@@ -56,7 +62,12 @@ class TrackedTuner:
         self.progress.trial_started(trial.trial_id, active_values(trial.hyperparameters))
 
     def run_trial(self, trial, *args, **kwargs):
-        histories = super().run_trial(trial, *args, **kwargs)
+        try:
+            histories = super().run_trial(trial, *args, **kwargs)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:  # every later trial would fail the same way
+                raise SearchStopped(trial.trial_id, err, "no space left on device") from err
+            raise
         for history in histories:
             losses = getattr(history, "history", {}).get("loss", [])
             if any(math.isnan(loss) for loss in losses):
@@ -78,10 +89,21 @@ class TrackedTuner:
         except Exception as err:
             # Keras Tuner would swallow an ordinary exception here and mark the
             # trial failed; a tracking failure must stop the search instead.
-            raise TrackingFailed(trial.trial_id, err) from err
+            raise SearchStopped(trial.trial_id, err, "MLflow logging failed") from err
+        self._check_room_for_checkpoint(trial, model)
         last = epoch + 1 >= planned_epochs(trial, self.max_epochs)
         if self.pruner and "val_accuracy" in logs and self.pruner.report(trial.trial_id, epoch, float(logs["val_accuracy"]), last):
             model.stop_training = True  # Keras ends the fit after this epoch
+
+    def _check_room_for_checkpoint(self, trial, model) -> None:
+        """Stop the search before Keras Tuner writes this epoch's checkpoint (it runs after
+        this hook) to a disk without room for it: an HDF5 write that fails on a full disk
+        leaves a file the process cannot even exit cleanly from."""
+        needed = sum(math.prod(w.shape) * np.dtype(w.dtype).itemsize for w in model.weights) * 1.1 + CHECKPOINT_HEADROOM_BYTES
+        folder = Path(self.project_dir)
+        if shutil.disk_usage(folder).free < needed:
+            full = OSError(errno.ENOSPC, f"no room for a {needed / 1e6:.1f} MB checkpoint", str(folder))
+            raise SearchStopped(trial.trial_id, full, "no space left on device")
 
     def on_trial_end(self, trial: kt.engine.trial.Trial) -> None:
         # A Ctrl-C that lands inside TensorFlow can come out as another exception

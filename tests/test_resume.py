@@ -219,3 +219,60 @@ def test_a_search_killed_before_its_first_trial_resumes_from_the_start(tmp_path,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_completed_once(store, parent_id, killed_children=0)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`tmp_path/outputs` on a tmpfs of 64 MB (mounting needs root)."""
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(outputs)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill here: {(mounted.stderr or mounted.stdout).strip()[:200]}")
+    yield outputs
+    subprocess.run(["umount", "-l", str(outputs)], check=True)
+
+
+def fill(folder: Path, leave_bytes: int) -> Path:
+    """A file that takes all but `leave_bytes` of `folder`'s file system: room for the tuner's
+    small JSON files, none for a checkpoint."""
+    ballast = folder / "ballast"
+    stat = os.statvfs(folder)
+    with ballast.open("wb") as file:
+        file.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave_bytes))
+    return ballast
+
+
+def test_a_full_disk_stops_the_search_with_one_line_and_resume_finishes_it_once_space_is_freed(tmp_path, mnist_npz, small_disk):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the store and its artifacts stay on the roomy disk
+    env = search_env(store, mnist_npz)
+    search = subprocess.Popen(
+        [sys.executable, "-m", "search", "run", "--profile", "smoke", "--max-trials", str(MAX_TRIALS)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    parent_id = wait_until_mid_trial(store, search)
+    ballast = fill(small_disk, leave_bytes=256 * 1024)
+    finished_before = {
+        r.data.tags["trial_id"]: r.info.run_id for r in all_runs(store) if r.info.status == "FINISHED" and "trial_id" in r.data.tags
+    }
+    stdout, stderr = search.communicate(timeout=300)
+    assert search.returncode == 1, stdout[-2000:] + stderr[-2000:]
+    message = stderr.strip().splitlines()[-1]
+    assert message.startswith(f"error: {Path('outputs') / parent_id}") and message.endswith(
+        f": no space left on device; free some, then continue with `python -m search resume {parent_id}`"
+    ), stderr[-3000:]
+    assert "Traceback" not in stderr
+    statuses = {r.info.run_id: r.info.status for r in all_runs(store)}
+    assert statuses[parent_id] == "FAILED" and "RUNNING" not in statuses.values()
+
+    ballast.unlink()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "search", "resume", parent_id], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_completed_once(store, parent_id, killed_children=0)
+    finished_after = {
+        r.data.tags["trial_id"]: r.info.run_id for r in all_runs(store) if r.info.status == "FINISHED" and "trial_id" in r.data.tags
+    }
+    assert finished_before.items() <= finished_after.items()  # the trials finished before were not run again
+    print(f"{message} | trials finished before: {len(finished_before)}, after resume: {len(finished_after)}")
