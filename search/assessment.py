@@ -119,9 +119,8 @@ def evaluate_model(model_uri: str, data_path: str = "", config: SearchConfig | N
     config = config or SearchConfig()
     data = data_module.load_mnist(data_module.data_source(data_path), config.validation_size)
     model = tracking.load_keras_model(model_uri)
-    with tracking.tracked_run(config.experiment_name) as run:
+    with tracking.tracked_run(config.experiment_name, command="evaluate") as run:
         run.log_params({"model_uri": model_uri, "data_source": data.source, "data_sha256": data.digest})
-        run.set_tag("command", "evaluate")
         out = Path(config.output_dir) / run.run_id / "evaluation"
         test_report = evaluate.evaluate(model, data.test)
         log_evaluation(run, test_report, data.test, out)

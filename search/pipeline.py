@@ -8,6 +8,7 @@ import contextlib
 import errno
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import keras
 import keras_tuner as kt
 
 from experiments import ConfigError, SearchConfig, champion_uri, from_params
-from model_zoo import average_of, precision_policy
+from model_zoo import CNNZoo, average_of, precision_policy
 from search import data as data_module
 from search import eda, evaluate, locking, registry, report, robustness, tracking
 from search.assessment import Evaluation, evaluate_once, keras_predict, write_model_card
@@ -25,7 +26,7 @@ from search.data import DataError
 from search.progress import top_table
 from search.tracking import TrackingError
 from search.train import Precision, choose_precision, train_final
-from search.tuner import SearchStopped, failure_reason, make_tuner, pick_winner, run_trials, seed_pruner
+from search.tuner import SearchStopped, failure_reason, fixed_hyperparameters, make_tuner, pick_winner, run_trials, seed_pruner
 
 
 class SearchFailed(RuntimeError):
@@ -80,6 +81,8 @@ def run_search(
     # Keras' progress bars and Keras Tuner's tables in a terminal; in logs, our lines only.
     verbose = (1 if sys.stdout.isatty() else 0) if verbose is None else verbose
     data = prepare_data(config, resume)
+    check_writable(Path(config.output_dir))
+    fixed_hyperparameters(hypermodel or CNNZoo(config.families), config.fixed)  # a pin outside the space: before a run opens
     if config.ray:  # before a run opens: a wrong address is one line
         from search.scaleout import check_address  # Ray loads only when it is used
 
@@ -115,6 +118,15 @@ def run_search(
         test=evaluation.test,
         decision=decision,
     )
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any run opens when the outputs cannot be written there."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise ConfigError(f"output_dir {folder}: cannot be written ({err.strerror or err})") from None
 
 
 class DiskFull(RuntimeError):

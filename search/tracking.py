@@ -42,6 +42,7 @@ MODEL_SIGNATURE = ModelSignature(
     inputs=None,
     outputs=Schema([ColSpec("long", "digit"), *(ColSpec("float", f"probability_{d}") for d in range(10))]),
 )
+COMMAND_TAG = "command"  # of a parent run: search (resumable) or evaluate
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 # Waits between retries while another process holds the sqlite write lock
 # (MLflow already waits 20 s inside each attempt).
@@ -302,8 +303,11 @@ class _KerasWithPyfunc:
 
 
 @contextlib.contextmanager
-def tracked_run(experiment_name: str, resume_run_id: str = "", server_wait_s: float = SERVER.limit_s) -> Iterator[SearchTracker]:
-    """The parent run of a search; ended FINISHED, KILLED on Ctrl-C or SIGTERM, FAILED on an error.
+def tracked_run(
+    experiment_name: str, resume_run_id: str = "", server_wait_s: float = SERVER.limit_s, command: str = "search"
+) -> Iterator[SearchTracker]:
+    """The parent run of a search (tag `command`: what made it); ended FINISHED, KILLED on
+    Ctrl-C or SIGTERM, FAILED on an error.
 
     With `resume_run_id` the search's existing parent run is reopened, and trial
     runs a killed process left RUNNING are marked KILLED. A tracking server that
@@ -319,7 +323,7 @@ def tracked_run(experiment_name: str, resume_run_id: str = "", server_wait_s: fl
     else:
         if "MLFLOW_RUN_ID" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ:
             mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", experiment_name))
-        parent = _patient(mlflow.start_run)()
+        parent = _patient(mlflow.start_run)(tags={COMMAND_TAG: command})
     tracker = SearchTracker(parent)
     end_run = _patient(mlflow.end_run)
     try:
@@ -391,6 +395,9 @@ def resumable_params(run_id: str) -> dict[str, str]:
         raise TrackingError(f"run {run_id} is a trial run; resume its search run {run.data.tags[MLFLOW_PARENT_RUN_ID]}")
     if "registry_decision" in run.data.tags:
         raise TrackingError(f"search run {run_id} has already finished: {run.data.tags['registry_decision']}")
+    if run.data.tags.get(COMMAND_TAG) != "search" and "config.profile" not in run.data.params:
+        experiment = PatientClient().get_experiment(run.info.experiment_id).name
+        raise TrackingError(f"run {run_id} (experiment {experiment!r}) is not a search run: nothing to resume")
     return run.data.params
 
 

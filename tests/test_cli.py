@@ -46,6 +46,12 @@ def bad_input(case: str, tmp_path) -> tuple[list[str], str]:
         "negative max_trials": (["--max-trials", "-2"], "max_trials must be a positive integer, got -2"),
         "negative max_epochs": (["--max-epochs", "-1"], "max_epochs must be a positive integer, got -1"),
         "unreachable tracking server": ([], "is unreachable"),
+        "Ray cluster that does not answer": (["--ray", "127.0.0.1:1"], "Ray cluster 127.0.0.1:1 does not answer (Connection refused)"),
+        "output_dir that cannot be written": (
+            [f"output_dir={write_npz(npz)}/outputs"],
+            f"output_dir {npz}/outputs: cannot be written (Not a directory)",
+        ),
+        "pin of a hyperparameter not searched": (["fixed=width=3"], "fixed hyperparameter 'width' is not in the search space"),
     }[case]
 
 
@@ -53,7 +59,8 @@ CASES = [
     "data path missing", "not an npz", "npz missing a key", "wrong image shape", "labels outside 0..9",
     "images and labels of different length", "NaN in float images", "empty split", "threshold above 1",
     "threshold below 0", "unknown profile", "unknown tuner", "unknown model family", "negative max_trials",
-    "negative max_epochs", "unreachable tracking server",
+    "negative max_epochs", "unreachable tracking server", "Ray cluster that does not answer", "output_dir that cannot be written",
+    "pin of a hyperparameter not searched",
 ]  # fmt: skip
 
 
@@ -147,7 +154,7 @@ MLFLOW_LOG_LINE = "20"  # MLflow's own INFO lines (creating a new store) start w
 def test_resuming_a_search_that_stopped_before_logging_its_settings_marks_it_killed(tracking_store, capsys):
     """Killed at its very start, a search has nothing to continue: resume says so and ends the run."""
     client = mlflow.MlflowClient()
-    run = client.create_run(client.create_experiment("killed-at-start"))
+    run = client.create_run(client.create_experiment("killed-at-start"), tags={"command": "search"})
     assert main(["resume", run.info.run_id]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith(MLFLOW_LOG_LINE)]
     message = (
@@ -155,3 +162,39 @@ def test_resuming_a_search_that_stopped_before_logging_its_settings_marks_it_kil
     )
     assert errors == [message]
     assert client.get_run(run.info.run_id).info.status == "KILLED"
+
+
+def resume_case(case: str, client: mlflow.MlflowClient) -> tuple[str, str]:
+    """A run id to resume that cannot be resumed, and the message naming why."""
+    from experiments import resolve
+    from search.tracking import config_params
+
+    experiment = client.create_experiment("other-project")
+    if case == "no such run":
+        missing = "0123456789abcdef0123456789abcdef"
+        return missing, f"no run '{missing}' in the tracking store {mlflow.get_tracking_uri()}"
+    if case == "another experiment's run":
+        run = client.create_run(experiment)
+        return run.info.run_id, f"run {run.info.run_id} (experiment 'other-project') is not a search run: nothing to resume"
+    search = client.create_run(experiment, tags={"command": "search"})
+    if case == "a trial run":
+        trial = client.create_run(experiment, tags={"mlflow.parentRunId": search.info.run_id, "trial_id": "0"})
+        return trial.info.run_id, f"run {trial.info.run_id} is a trial run; resume its search run {search.info.run_id}"
+    if case == "a finished search":
+        client.set_tag(search.info.run_id, "registry_decision", "registered version 1 as champion")
+        return search.info.run_id, f"search run {search.info.run_id} has already finished: registered version 1 as champion"
+    for name, value in config_params(resolve("smoke")).items():  # "from another directory": no outputs here
+        client.log_param(search.info.run_id, name, value)
+    folder = __import__("pathlib").Path("outputs") / search.info.run_id
+    return search.info.run_id, f"no outputs of search run {search.info.run_id} at {folder}: resume from the directory the search ran in"
+
+
+@pytest.mark.parametrize("case", ["no such run", "another experiment's run", "a trial run", "a finished search", "another directory"])
+def test_a_run_that_cannot_be_resumed_is_one_line_exit_2_and_left_as_it_was(case, tracking_store, capsys):
+    client = mlflow.MlflowClient()
+    run_id, message = resume_case(case, client)
+    before = {r.info.run_id: r.info.status for r in mlflow.search_runs(search_all_experiments=True, output_format="list")}
+    assert main(["resume", run_id]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith(MLFLOW_LOG_LINE)]
+    assert errors == [f"error: {message}"]
+    assert {r.info.run_id: r.info.status for r in mlflow.search_runs(search_all_experiments=True, output_format="list")} == before
