@@ -103,9 +103,10 @@ def run_search(
         record_setup(tracker, config, data, precision, resume, out)
         tuner, records = search(tracker, config, data, precision.policy, resume, hypermodel, verbose, out)
         winner = pick(tracker, tuner, config, len(data.validation))
-        model = build_model(tracker, tuner, winner, data, config)
+        registered = tracker.registered_version(config.model_name) if resume else None  # stopped after registering
+        model = build_model(tracker, tuner, winner, data, config, registered)
         evaluation = evaluate_once(tracker, model, data, config, out)
-        decision = promote(tracker, model, evaluation, winner, data, config)
+        decision = promote(tracker, model, evaluation, winner, data, config, registered)
         write_search_report(tracker, config, decision, records, out)
 
     trials = list(tuner.oracle.trials.values())
@@ -250,8 +251,14 @@ def pick(tracker: tracking.SearchTracker, tuner: kt.Tuner, config: SearchConfig,
     return winner
 
 
-def build_model(tracker: tracking.SearchTracker, tuner: kt.Tuner, winner, data: data_module.MnistData, config: SearchConfig) -> keras.Model:
-    """The winner's checkpoint, or its configuration retrained longer (`final_models` times: their average)."""
+def build_model(
+    tracker: tracking.SearchTracker, tuner: kt.Tuner, winner, data: data_module.MnistData, config: SearchConfig, registered: str | None
+) -> keras.Model:
+    """The winner's checkpoint, or its configuration retrained longer (`final_models` times: their average);
+    for a search stopped after it registered its model, that model."""
+    if registered:
+        print(f"this search registered {config.model_name} version {registered} before it stopped: completing that version", flush=True)
+        return tracking.load_keras_model(f"models:/{config.model_name}/{registered}")
     if config.final_epochs:
         return retrain_winner(tracker, tuner.hypermodel, winner.trial.hyperparameters, data, config)
     with warnings.catch_warnings():  # checkpoints hold weights only, not the optimizer state
@@ -260,10 +267,18 @@ def build_model(tracker: tracking.SearchTracker, tuner: kt.Tuner, winner, data: 
 
 
 def promote(
-    tracker: tracking.SearchTracker, model: keras.Model, evaluation: Evaluation, winner, data: data_module.MnistData, config: SearchConfig
+    tracker: tracking.SearchTracker,
+    model: keras.Model,
+    evaluation: Evaluation,
+    winner,
+    data: data_module.MnistData,
+    config: SearchConfig,
+    registered: str | None = None,
 ) -> registry.RegistryDecision:
     """The registry gates; a challenger is compared with the champion on the same test digits and suite."""
     scores = evaluation.scores
+    if registered and tracker.alias_version(config.model_name, config.champion_alias) == registered:
+        return registry.decided_before(tracker, config.model_name, config.champion_alias, registered)
     gates = {"test_accuracy": config.threshold, "robust_accuracy_mean": config.robust_threshold}
     clears = all(scores[k] >= gates[k] for k in gates)
     comparison, card = None, ""
@@ -282,7 +297,7 @@ def promote(
     if clears:
         card = write_model_card(tracker, config, data, winner, model, evaluation, gates)
     decision = registry.register_if_better(
-        tracker, model, scores, gates, config.model_name, config.champion_alias, comparison, evaluation.int8_model, card
+        tracker, model, scores, gates, config.model_name, config.champion_alias, comparison, evaluation.int8_model, card, registered
     )
     print(f"test_accuracy {scores['test_accuracy']:.4f}, robust_accuracy_mean {scores['robust_accuracy_mean']:.4f} - {decision.reason}")
     return decision

@@ -40,20 +40,25 @@ def register_if_better(
     comparison: Comparison | None,
     int8_model: bytes | None = None,
     card: str = "",
+    registered: str | None = None,
 ) -> RegistryDecision:
     """Register `model` if each of its `scores` named in `gates` reaches its gate; move
     `alias` to it if it beats the champion. `comparison` is the challenger against the
     current champion (None: there is none). `int8_model` (a TFLite flatbuffer) is what
     the pyfunc serves; None: the float32 model. `card` (Markdown) travels with the model
-    as `model_card.md` and becomes the version's description."""
+    as `model_card.md` and becomes the version's description. `registered`: the version
+    this search registered before it was stopped, completed instead of a new one."""
     failed = [f"{name} {scores[name]:.4f} < {gate:.4f}" for name, gate in gates.items() if scores[name] < gate]
     if failed:
         return _decided(tracker, RegistryDecision(False, "not registered: " + ", ".join(failed)))
     previous = tracker.alias_version(model_name, alias)
-    files = {pyfunc_model.TFLITE_FILE: int8_model} if int8_model else {}
-    loader_config = {"output": "table"}  # load_model(..., model_config={"output": "digit"}) for the digits alone
-    model_uri = tracker.log_model(with_keras_layers(model), Path(pyfunc_model.__file__), PYFUNC_MODULE, files, card, loader_config)
-    version = tracker.register(model_uri, model_name)
+    if registered:
+        version = registered
+    else:
+        files = {pyfunc_model.TFLITE_FILE: int8_model} if int8_model else {}
+        loader_config = {"output": "table"}  # load_model(..., model_config={"output": "digit"}) for the digits alone
+        model_uri = tracker.log_model(with_keras_layers(model), Path(pyfunc_model.__file__), PYFUNC_MODULE, files, card, loader_config)
+        version = tracker.register(model_uri, model_name)
     tags = {
         **{name: f"{value:.6f}" for name, value in scores.items()},
         "search_run_id": tracker.run_id,
@@ -86,6 +91,11 @@ def register_if_better(
     return _decided(
         tracker, RegistryDecision(True, f"registered {model_name} version {version} as @{alias} ({figures}{against})", version, True)
     )
+
+
+def decided_before(tracker: SearchTracker, model_name: str, alias: str, version: str) -> RegistryDecision:
+    """The decision of a search stopped after it made its `version` @`alias`."""
+    return _decided(tracker, RegistryDecision(True, f"registered {model_name} version {version} as @{alias}", version, True))
 
 
 def _decided(tracker: SearchTracker, decision: RegistryDecision) -> RegistryDecision:

@@ -257,6 +257,12 @@ class SearchTracker:
         except mlflow.exceptions.MlflowException:
             return None
 
+    def registered_version(self, name: str) -> str | None:
+        """The version of model `name` this search run registered already (a search
+        stopped after registering), or None."""
+        versions = self.client.search_model_versions(f"name = '{name}' and run_id = '{self.run_id}'")
+        return str(min(int(v.version) for v in versions)) if versions else None
+
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
 

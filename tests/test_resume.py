@@ -276,3 +276,42 @@ def test_a_full_disk_stops_the_search_with_one_line_and_resume_finishes_it_once_
     }
     assert finished_before.items() <= finished_after.items()  # the trials finished before were not run again
     print(f"{message} | trials finished before: {len(finished_before)}, after resume: {len(finished_after)}")
+
+
+def test_a_search_killed_in_its_final_training_or_after_registering_resumes_to_one_version(tmp_path, mnist_npz):
+    """SIGKILL while the winner is retrained: resume retrains it and registers once. Then the
+    states a kill right after registering leaves (a version, no decision, the alias moved or
+    not yet, the run RUNNING): resume completes that version instead of registering another."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env, log = search_env(store, mnist_npz), tmp_path / "search.log"
+    search = start(["run", "--profile", "smoke", "--max-trials", str(MAX_TRIALS), "final_epochs=1"], tmp_path, env, log)
+    deadline = time.monotonic() + 300
+    while "retraining the winner's configuration" not in log.read_text():
+        assert search.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+    search.send_signal(signal.SIGKILL)
+    search.wait(timeout=60)
+    (parent_id,) = [r.info.run_id for r in all_runs(store) if "trial_id" not in r.data.tags]
+    client = mlflow.MlflowClient(store)
+    assert not client.search_model_versions("name = 'mnist-cnn'")
+    resume = [sys.executable, "-m", "search", "resume", parent_id]
+    resumed = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_completed_once(store, parent_id, killed_children=0)
+
+    client.delete_tag(parent_id, "registry_decision")
+    client.delete_registered_model_alias("mnist-cnn", "champion")
+    client.update_run(parent_id, status="RUNNING")
+    resumed = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "this search registered mnist-cnn version 1 before it stopped: completing that version" in resumed.stdout
+    assert_completed_once(store, parent_id, killed_children=0)
+    assert str(client.get_model_version_by_alias("mnist-cnn", "champion").version) == "1"
+    assert "retraining" not in resumed.stdout
+    # Killed after the alias moved, before the decision was logged: the decision is that one.
+    client.delete_tag(parent_id, "registry_decision")
+    client.update_run(parent_id, status="RUNNING")
+    resumed = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_completed_once(store, parent_id, killed_children=0)
+    assert client.get_run(parent_id).data.tags["registry_decision"] == "registered mnist-cnn version 1 as @champion"
