@@ -234,7 +234,8 @@ def inference_throughput(data, batch_size: int = 1_000, passes: int = 3) -> dict
     import numpy as np  # noqa: PLC0415
 
     from model_zoo import BatchNormCNN  # noqa: PLC0415
-    from search import pyfunc_model, registry, tracking  # noqa: PLC0415
+    from search import registry, tracking  # noqa: PLC0415
+    from search.serving import pyfunc_model  # noqa: PLC0415
 
     model = BatchNormCNN().build(kt.HyperParameters())
     # 300 steps: enough for batch norm's moving statistics to settle.

@@ -12,8 +12,10 @@ import keras
 
 from experiments import SearchConfig
 from search import data as data_module
-from search import evaluate, model_card, pyfunc_model, robustness, tracking
+from search import evaluate, robustness, tracking
 from search.data import Split
+from search.reporting import model_card
+from search.serving import pyfunc_model
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ def write_model_card(
     evaluation: Evaluation,
     gates: dict[str, float],
 ) -> str:
-    """The registered version's card (search/model_card.py), its speed measured on the served form."""
+    """The registered version's card (search/reporting/model_card.py), its speed measured on the served form."""
     int8 = evaluation.int8_model
     served = pyfunc_model.DigitClassifier.from_tflite(int8) if int8 else pyfunc_model.DigitClassifier.float32(model)
     speed = model_card.measure_speed(served.predict, data.test.x)

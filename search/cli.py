@@ -123,7 +123,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from search import images, predict, tracking
+    from search import tracking
+    from search.serving import images, predict
 
     names, digits = images.read_inputs(args.input)  # bad input fails before the model loads
     model = tracking.load_pyfunc_model(args.model_uri)
@@ -167,8 +168,8 @@ def _first_line(err: Exception) -> str:
 
 def _is_user_error(err: Exception) -> bool:
     from search.data import DataError
-    from search.images import InputError
     from search.locking import LockedError
+    from search.serving.images import InputError
     from search.tracking import TrackingError
 
     return isinstance(err, (ConfigError, DataError, InputError, LockedError, TrackingError))

@@ -12,7 +12,7 @@ from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from search.data import Split
-from search.plots import save, subplots
+from search.reporting.plots import save, subplots
 
 
 @dataclass(frozen=True)

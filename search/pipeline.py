@@ -20,10 +20,11 @@ import keras_tuner as kt
 from experiments import ConfigError, SearchConfig, champion_uri, from_params
 from model_zoo import CNNZoo, average_of, precision_policy
 from search import data as data_module
-from search import eda, evaluate, locking, registry, report, robustness, tracking
+from search import evaluate, locking, registry, robustness, tracking
 from search.assessment import Evaluation, evaluate_once, keras_predict, write_model_card
 from search.data import DataError
-from search.progress import top_table
+from search.reporting import eda, report
+from search.reporting.progress import top_table
 from search.tracking import TrackingError
 from search.train import Precision, choose_precision, train_final
 from search.tuner import SearchStopped, failure_reason, fixed_hyperparameters, make_tuner, pick_winner, run_trials, seed_pruner

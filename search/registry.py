@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Mapping
 
 from model_zoo import with_keras_layers
-from search import pyfunc_model
 from search.evaluate import Comparison
+from search.serving import pyfunc_model
 from search.tracking import SearchTracker
 
-PYFUNC_MODULE = "mnist_digits_pyfunc"  # the name search/pyfunc_model.py is shipped under
+PYFUNC_MODULE = "mnist_digits_pyfunc"  # the name search/serving/pyfunc_model.py is shipped under
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from search.data import Split
-from search.plots import save, subplots
+from search.reporting.plots import save, subplots
 
 SIZE = 28
 CENTRE = (SIZE - 1) / 2

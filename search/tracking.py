@@ -36,7 +36,7 @@ KERAS_SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28, 1), "digits")]),
     outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10), "probabilities")]),
 )
-# The registered model's pyfunc (search/pyfunc_model.py): its input is left open, as it takes
+# The registered model's pyfunc (search/serving/pyfunc_model.py): its input is left open, as it takes
 # (N, 28, 28), (N, 28, 28, 1) or (N, 784) digits, integers 0..255 or floats 0..1.
 MODEL_SIGNATURE = ModelSignature(
     inputs=None,

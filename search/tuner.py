@@ -24,8 +24,8 @@ from experiments import ConfigError, SearchConfig
 from model_zoo import CNNZoo, multiply_adds
 from search import interrupts
 from search.data import Split
-from search.progress import Progress
 from search.pruning import MedianStopping
+from search.reporting.progress import Progress
 from search.tracking import SearchTracker
 from search.train import WarmupCosine, evaluation_dataset, training_dataset
 

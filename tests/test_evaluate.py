@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from model_zoo import make_cnn
-from search import eda
 from search.data import load_mnist
 from search.evaluate import compare, evaluate, mcnemar_p_value, plot_confusion_matrix, plot_misclassified, report
+from search.reporting import eda
 from tests.helpers import write_npz
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

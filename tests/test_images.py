@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from search.images import MAX_FILE_BYTES, InputError, read_image, read_inputs, to_mnist
+from search.serving.images import MAX_FILE_BYTES, InputError, read_image, read_inputs, to_mnist
 
 DIGITS = Path(__file__).parent / "fixtures" / "digits"
 

@@ -114,7 +114,7 @@ def test_make_cnn_defaults_follow_mnist_convnet():
 def test_an_average_of_models_is_one_model_that_saves_and_serves(tmp_path, dtype_policy):
     import keras
 
-    from search.pyfunc_model import DigitClassifier
+    from search.serving.pyfunc_model import DigitClassifier
 
     members = [make_cnn(conv_filters=(4,), batch_norm=True, dense_units=8) for _ in range(2)]
     assert average_of(members[:1]) is members[0]

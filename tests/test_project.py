@@ -63,3 +63,23 @@ def test_a_test_that_leaves_a_dtype_policy_behind_fails(tmp_path):
     assert done.returncode == 1, done.stdout[-2000:]
     assert "test_leak.py::test_leaks left Keras' global dtype policy at mixed_bfloat16" in done.stdout
     assert "2 passed, 1 error" in done.stdout  # the leak is an error of that test; the next one starts in float32
+
+
+def imported_modules(path):
+    import ast
+
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            yield node.module
+
+
+def test_only_the_tracking_adapter_imports_mlflow_and_it_imports_nothing_of_the_project():
+    """MLflow is reached through search/tracking.py alone (and the pyfunc shipped inside each model)."""
+    sources = [p for folder in ("experiments", "model_zoo", "search") for p in (REPO / folder).rglob("*.py")]
+    importers = {str(p.relative_to(REPO)) for p in sources if any(m.split(".")[0] == "mlflow" for m in imported_modules(p))}
+    assert importers == {"search/tracking.py", "search/serving/pyfunc_model.py"}
+    project = {"experiments", "model_zoo", "search", "benchmarks", "tests"}
+    assert not [m for m in imported_modules(REPO / "search" / "tracking.py") if m.split(".")[0] in project]

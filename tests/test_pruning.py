@@ -11,7 +11,7 @@ from experiments import resolve
 from search import tracking
 from search.data import Split
 from search.pruning import MedianStopping
-from search.report import write_trials_csv
+from search.reporting.report import write_trials_csv
 from search.tuner import make_tuner, run_trials
 
 

@@ -1,4 +1,4 @@
-"""Model tests of the registered model's pyfunc (search/pyfunc_model.py): its folded float32 pass and its int8 form."""
+"""Model tests of the registered model's pyfunc (search/serving/pyfunc_model.py): its folded float32 pass and its int8 form."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from model_zoo import average_of, make_cnn, precision_policy
-from search.pyfunc_model import PROBABILITY_COLUMNS, DigitClassifier, InputError, float32_copy, folded_forward, probabilities_of
+from search.serving.pyfunc_model import PROBABILITY_COLUMNS, DigitClassifier, InputError, float32_copy, folded_forward, probabilities_of
 
 rng = np.random.default_rng(0)
 DIGITS = rng.random((64, 28, 28, 1), dtype=np.float32)

@@ -5,8 +5,8 @@ import re
 
 import numpy as np
 
-from search import report
-from search.progress import Progress, describe, top_table
+from search.reporting import report
+from search.reporting.progress import Progress, describe, top_table
 from tests.test_evaluate import assert_png
 
 

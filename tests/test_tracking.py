@@ -18,10 +18,11 @@ import pytest
 
 from experiments import resolve
 from model_zoo import PlainCNN, make_cnn
-from search import interrupts, pyfunc_model, registry, tracking
+from search import interrupts, registry, tracking
 from search.data import load_mnist
 from search.evaluate import Comparison
 from search.pipeline import SearchFailed, run_search
+from search.serving import pyfunc_model
 from search.tuner import active_values, make_tuner
 from tests.helpers import MLFLOW_RUN_ENV, REPO, free_port, mlflow_listening
 

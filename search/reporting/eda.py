@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from search.data import MnistData, Split
-from search.plots import save, subplots
+from search.reporting.plots import save, subplots
 
 
 def sample_grid(split: Split, path: Path, seed: int, rows: int = 4, cols: int = 8) -> Path:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from search.pyfunc_model import MAX_DIGITS, probabilities_of
+from search.serving.pyfunc_model import MAX_DIGITS, probabilities_of
 
 
 @dataclass(frozen=True)

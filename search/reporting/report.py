@@ -16,8 +16,8 @@ import jinja2
 import numpy as np
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
-from search.plots import save, subplots
-from search.progress import completed, describe
+from search.reporting.plots import save, subplots
+from search.reporting.progress import completed, describe
 
 
 def learning_curves(records: list[dict], path: Path, top: int = 5) -> Path:
