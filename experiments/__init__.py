@@ -281,6 +281,13 @@ def champion_uri(config: SearchConfig | None = None) -> str:
     return f"models:/{config.model_name}@{config.champion_alias}"
 
 
+def to_params(config: SearchConfig) -> dict[str, object]:
+    """The resolved config as flat params `config.<field>` (sequences joined by commas).
+    Prefixed because `mlflow run` has already logged the entry-point parameters it was
+    given under the plain names, and MLflow params cannot change."""
+    return {f"config.{k}": ",".join(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
 def from_params(params: dict[str, str]) -> SearchConfig:
     """The config a search logged as `config.<field>` params (strings), for resuming it."""
     missing = [name for name in SETTINGS if f"config.{name}" not in params]

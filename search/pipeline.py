@@ -17,7 +17,7 @@ from pathlib import Path
 import keras
 import keras_tuner as kt
 
-from experiments import ConfigError, SearchConfig, champion_uri, from_params
+from experiments import ConfigError, SearchConfig, champion_uri, from_params, to_params
 from model_zoo import CNNZoo, average_of, precision_policy
 from search import data as data_module
 from search import evaluate, locking, registry, robustness, tracking
@@ -55,7 +55,7 @@ class Resume:
 def resume_search(run_id: str, verbose: int | None = None) -> SearchResult:
     """Continue the interrupted search whose parent run is `run_id`, with the settings it
     logged: from its tuner state, or from the start when it was stopped before its first trial."""
-    params = tracking.resumable_params(run_id)
+    params = resumable_params(run_id)
     try:
         config = from_params(params)
     except ConfigError:
@@ -69,6 +69,18 @@ def resume_search(run_id: str, verbose: int | None = None) -> SearchResult:
     # Before the run is reopened: a second resume must not touch the first one's runs.
     with locking.holding(folder, run_id):
         return run_search(config, verbose, Resume(run_id, params.get("data_sha256", ""), params.get("precision_used", "")))
+
+
+def resumable_params(run_id: str) -> dict[str, str]:
+    """The params of search run `run_id`, checked to be a search that has not finished."""
+    run = tracking.run_record(run_id)
+    if "trial_id" in run.tags and "mlflow.parentRunId" in run.tags:
+        raise TrackingError(f"run {run_id} is a trial run; resume its search run {run.tags['mlflow.parentRunId']}")
+    if "registry_decision" in run.tags:
+        raise TrackingError(f"search run {run_id} has already finished: {run.tags['registry_decision']}")
+    if run.tags.get(tracking.COMMAND_TAG) != "search" and "config.profile" not in run.params:
+        raise TrackingError(f"run {run_id} (experiment {run.experiment!r}) is not a search run: nothing to resume")
+    return run.params
 
 
 def run_search(
@@ -168,7 +180,7 @@ def record_setup(
 ) -> None:
     """The resolved settings, the data and the precision as params (a resume logs the same
     values again); the EDA figures, unless a resumed search drew them already."""
-    tracker.log_params(tracking.config_params(config))
+    tracker.log_params(to_params(config))
     train_images = len(data_module.subset(data.train, config.train_subset))
     tracker.log_params(
         {"data_source": data.source, "data_sha256": data.digest, "train_images": train_images, "validation_images": len(data.validation)}
@@ -371,6 +383,6 @@ def write_report(records: list[dict], config: SearchConfig, decision: registry.R
         "Winner: misclassified test digits": Path(shutil.copy(out / "evaluation" / "misclassified.png", folder)),
         "Winner: the robustness suite": Path(shutil.copy(out / "evaluation" / "robustness.png", folder)),
     }
-    settings = {k.removeprefix("config."): v for k, v in tracking.config_params(config).items()}
+    settings = {k.removeprefix("config."): v for k, v in to_params(config).items()}
     report.write_html(folder / "report.html", f"MNIST CNN search ({config.profile} profile)", settings, records, figures, decision.reason)
     return folder

@@ -390,21 +390,24 @@ def _load(loader, model_uri: str):
         raise TrackingError(f"cannot load model {model_uri!r}: {first_line[:300]}") from None
 
 
-def resumable_params(run_id: str) -> dict[str, str]:
-    """The params of search run `run_id`, checked to be a search that has not finished."""
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """What resume reads of a run: its params, tags and experiment's name."""
+
+    params: dict[str, str]
+    tags: dict[str, str]
+    experiment: str
+
+
+def run_record(run_id: str) -> RunRecord:
+    """Run `run_id` as logged, from any process; TrackingError if there is none."""
     check_reachable()
+    client = PatientClient()
     try:
-        run = PatientClient().get_run(run_id)
+        run = client.get_run(run_id)
     except mlflow.exceptions.MlflowException:
         raise TrackingError(f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()}") from None
-    if MLFLOW_PARENT_RUN_ID in run.data.tags and "trial_id" in run.data.tags:
-        raise TrackingError(f"run {run_id} is a trial run; resume its search run {run.data.tags[MLFLOW_PARENT_RUN_ID]}")
-    if "registry_decision" in run.data.tags:
-        raise TrackingError(f"search run {run_id} has already finished: {run.data.tags['registry_decision']}")
-    if run.data.tags.get(COMMAND_TAG) != "search" and "config.profile" not in run.data.params:
-        experiment = PatientClient().get_experiment(run.info.experiment_id).name
-        raise TrackingError(f"run {run_id} (experiment {experiment!r}) is not a search run: nothing to resume")
-    return run.data.params
+    return RunRecord(dict(run.data.params), dict(run.data.tags), client.get_experiment(run.info.experiment_id).name)
 
 
 def end_run(run_id: str, status: str) -> None:
@@ -482,16 +485,6 @@ def _server_gone(err: Exception) -> bool:
 
     text = str(err)
     return isinstance(err, requests.exceptions.ConnectionError) or "Max retries exceeded" in text or "Connection aborted" in text
-
-
-def config_params(config: object) -> dict[str, object]:
-    """The resolved config as flat params `config.<field>` (sequences joined by commas).
-
-    Prefixed because `mlflow run` has already logged the raw entry-point
-    parameters (blank = "the profile's") under the plain names, and MLflow
-    params cannot change.
-    """
-    return {f"config.{k}": ",".join(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
 
 
 def _dataset_input(name: str, digest: str, source: str) -> DatasetInput:

@@ -166,8 +166,7 @@ def test_resuming_a_search_that_stopped_before_logging_its_settings_marks_it_kil
 
 def resume_case(case: str, client: mlflow.MlflowClient) -> tuple[str, str]:
     """A run id to resume that cannot be resumed, and the message naming why."""
-    from experiments import resolve
-    from search.tracking import config_params
+    from experiments import resolve, to_params
 
     experiment = client.create_experiment("other-project")
     if case == "no such run":
@@ -183,7 +182,7 @@ def resume_case(case: str, client: mlflow.MlflowClient) -> tuple[str, str]:
     if case == "a finished search":
         client.set_tag(search.info.run_id, "registry_decision", "registered version 1 as champion")
         return search.info.run_id, f"search run {search.info.run_id} has already finished: registered version 1 as champion"
-    for name, value in config_params(resolve("smoke")).items():  # "from another directory": no outputs here
+    for name, value in to_params(resolve("smoke")).items():  # "from another directory": no outputs here
         client.log_param(search.info.run_id, name, value)
     folder = __import__("pathlib").Path("outputs") / search.info.run_id
     return search.info.run_id, f"no outputs of search run {search.info.run_id} at {folder}: resume from the directory the search ran in"

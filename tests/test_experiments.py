@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from experiments import FAMILIES, PROFILES, TUNERS, ConfigError, SearchConfig, from_params, parse_setting, resolve, resolve_text
+from experiments import FAMILIES, PROFILES, TUNERS, ConfigError, SearchConfig, from_params, parse_setting, resolve, resolve_text, to_params
 from model_zoo import FAMILIES as ZOO_FAMILIES
 
 
@@ -149,8 +149,6 @@ def test_bad_settings_raise_one_clear_error(kwargs, message):
 
 @pytest.mark.parametrize("name", PROFILES)
 def test_a_logged_config_reads_back_as_the_same_config(name):
-    from search.tracking import config_params
-
     config = resolve(name)
-    logged = {key: str(value) for key, value in config_params(config).items()}  # MLflow params are strings
+    logged = {key: str(value) for key, value in to_params(config).items()}  # MLflow params are strings
     assert from_params(logged) == config
