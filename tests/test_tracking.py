@@ -310,9 +310,11 @@ def test_a_server_that_stops_answering_is_waited_for_saying_so_then_given_up(mon
     """The wait itself; tests/test_tracking_server.py stops and restarts a real server mid-search."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setattr(tracking, "SERVER", tracking._ServerWait())
-    monkeypatch.setattr(tracking.SERVER, "limit_s", 2.0)
-    monkeypatch.setattr(tracking, "SERVER_RETRY_DELAY_S", 0.5)
+    from search.tracking import store
+
+    monkeypatch.setattr(store, "SERVER", store._ServerWait())
+    monkeypatch.setattr(store.SERVER, "limit_s", 2.0)
+    monkeypatch.setattr(store, "SERVER_RETRY_DELAY_S", 0.5)
     client = tracking.PatientClient()
     with pytest.raises(tracking.TrackingUnavailable, match="did not answer for 2 s"):
         client.search_experiments()

@@ -1,6 +1,5 @@
-"""The MLflow adapter: every MLflow call of the project (the parent run, one nested run
-per trial, logged models, the registry's primitives); it imports nothing of the project,
-and what to register is search/registry.py's decision.
+"""Runs: the search's parent run, one nested run per trial, the registry's primitives, and
+reading a run back for resume.
 
 The parent run is the one `mlflow run` started (it passes MLFLOW_RUN_ID, which
 the first `mlflow.start_run()` adopts); outside `mlflow run` it is a new run.
@@ -13,87 +12,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
-import sys
 import time
 import warnings
-from importlib.metadata import version
 from pathlib import Path
 from typing import Iterator, Mapping
 
 import mlflow
-import numpy as np
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
-from mlflow.models import Model, ModelSignature
-from mlflow.types import ColSpec, Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 
-# What the logged model needs to be loaded and served; given explicitly
-# because inferring it costs seconds per call.
-MODEL_REQUIREMENTS = tuple(f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "tensorflow", "keras"))
-# The Keras model's own tensors (mlflow.keras.save_model requires an input schema).
-KERAS_SIGNATURE = ModelSignature(
-    inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28, 1), "digits")]),
-    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10), "probabilities")]),
-)
-# The registered model's pyfunc (search/serving/pyfunc_model.py): its input is left open, as it takes
-# (N, 28, 28), (N, 28, 28, 1) or (N, 784) digits, integers 0..255 or floats 0..1.
-MODEL_SIGNATURE = ModelSignature(
-    inputs=None,
-    outputs=Schema([ColSpec("long", "digit"), *(ColSpec("float", f"probability_{d}") for d in range(10))]),
-)
+from .models import log_keras_with_pyfunc
+from .store import DEFAULT_SERVER_WAIT_S, PatientClient, TrackingError, TrackingUnavailable, check_reachable, patient, wait_for_server
+
+KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"  # where keras.datasets.mnist reads
 COMMAND_TAG = "command"  # of a parent run: search (resumable) or evaluate
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
-# Waits between retries while another process holds the sqlite write lock
-# (MLflow already waits 20 s inside each attempt).
-LOCK_RETRY_DELAYS_S = (0.5, 1, 2, 4, 8)
-# The reachability probe gives up within ~30 s rather than MLflow's minutes of retries.
-KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"  # where keras.datasets.mnist reads
-PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-# During a search, MLflow's own HTTP retries give up within seconds (not its default
-# minutes of silence), so that the search's own wait, which says so, takes over.
-SEARCH_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-SERVER_RETRY_DELAY_S = 3  # between attempts while the tracking server does not answer
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used, or the run asked for cannot be resumed."""
-
-
-class TrackingUnavailable(RuntimeError):
-    """The tracking server stopped answering mid-search for longer than the search waits."""
-
-
-class _ServerWait:
-    """How long calls wait for a tracking server that stops answering, saying so once per
-    outage; after one outage outlasts `limit_s`, later calls fail at once."""
-
-    limit_s = 600.0
-    gave_up = False
-
-    def wait(self, since: float | None) -> float:
-        """Sleep before the next attempt of a call that found the server gone at `since`
-        (None: just now); raise TrackingUnavailable when the limit is reached."""
-        now = time.monotonic()
-        if since is None and not self.gave_up:
-            print(
-                f"tracking server {mlflow.get_tracking_uri()} does not answer: waiting up to {self.limit_s:.0f} s for it",
-                file=sys.stderr,
-                flush=True,
-            )
-            since = now
-        if self.gave_up or now - since >= self.limit_s:
-            self.gave_up = True
-            raise TrackingUnavailable(f"tracking server {mlflow.get_tracking_uri()} did not answer for {self.limit_s:.0f} s")
-        time.sleep(SERVER_RETRY_DELAY_S)
-        return since
-
-    @staticmethod
-    def back(since: float) -> None:
-        print(f"tracking server answers again after {time.monotonic() - since:.0f} s", file=sys.stderr, flush=True)
-
-
-SERVER = _ServerWait()
 
 
 class SearchTracker:
@@ -220,29 +153,12 @@ class SearchTracker:
     def log_model(
         self, keras_model, loader: Path, loader_module: str, files: Mapping[str, bytes], card: str, loader_config: Mapping[str, str]
     ) -> str:
-        """Log `keras_model` as an MLflow logged model of this run, named `model`: MLflow's
-        keras flavor, and a pyfunc flavor served by `loader` (a module shipped with the
-        model as `code/<loader_module>.py`, reading `files` under `data/`, configured by
-        `loader_config`, which `load_model(..., model_config=)` can override); `card`
-        beside it as `model_card.md`. MLflow links the run's metrics of step 0 (the
-        test and robustness metrics) to it. Returns its `models:/` URI."""
-        info = _patient(Model.log)(
-            artifact_path=None,
-            name="model",
-            flavor=_KerasWithPyfunc,
-            run_id=self.run_id,
-            keras_model=keras_model,
-            loader=loader,
-            loader_module=loader_module,
-            files=files,
-            card=card,
-            loader_config=loader_config,
-        )
-        return info.model_uri
+        """`keras_model` logged as this run's model `model` (models.log_keras_with_pyfunc); its `models:/` URI."""
+        return log_keras_with_pyfunc(self.run_id, keras_model, loader, loader_module, files, card, loader_config)
 
     def register(self, model_uri: str, name: str) -> str:
         """A new version of registered model `name` from `model_uri`; its version number."""
-        return str(_patient(mlflow.register_model)(model_uri, name).version)
+        return str(patient(mlflow.register_model)(model_uri, name).version)
 
     def tag_version(self, name: str, version: str, tags: Mapping[str, str], description: str = "") -> None:
         for key, value in tags.items():
@@ -267,50 +183,9 @@ class SearchTracker:
         self.client.set_registered_model_alias(name, alias, version)
 
 
-class _KerasWithPyfunc:
-    """A flavor for `mlflow.models.Model.log`: MLflow's keras flavor (float32, for
-    `mlflow.keras.load_model`), with a pyfunc flavor whose loader module is shipped with the model."""
-
-    @staticmethod
-    def save_model(
-        path,
-        mlflow_model: Model,
-        keras_model,
-        loader: Path,
-        loader_module: str,
-        files: Mapping[str, bytes],
-        card: str,
-        loader_config: Mapping[str, str],
-    ) -> None:
-        import mlflow.keras  # noqa: PLC0415 - TensorFlow glue only when a model is logged
-
-        mlflow.keras.save_model(
-            keras_model, path, mlflow_model=mlflow_model, signature=KERAS_SIGNATURE, pip_requirements=list(MODEL_REQUIREMENTS)
-        )
-        folder = Path(path)
-        for name, content in files.items():
-            (folder / "data" / name).write_bytes(content)
-        (folder / "code").mkdir()
-        shutil.copy(loader, folder / "code" / f"{loader_module}.py")
-        if card:
-            (folder / "model_card.md").write_text(card)
-        keras_env = mlflow_model.flavors["python_function"]["env"]
-        mlflow.pyfunc.add_to_model(
-            mlflow_model,
-            loader_module=loader_module,
-            code="code",
-            data="data",
-            conda_env=keras_env["conda"],
-            python_env=keras_env["virtualenv"],
-            model_config=dict(loader_config),
-        )
-        mlflow_model.signature = MODEL_SIGNATURE
-        mlflow_model.save(str(folder / "MLmodel"))
-
-
 @contextlib.contextmanager
 def tracked_run(
-    experiment_name: str, resume_run_id: str = "", server_wait_s: float = SERVER.limit_s, command: str = "search"
+    experiment_name: str, resume_run_id: str = "", server_wait_s: float = DEFAULT_SERVER_WAIT_S, command: str = "search"
 ) -> Iterator[SearchTracker]:
     """The parent run of a search (tag `command`: what made it); ended FINISHED, KILLED on
     Ctrl-C or SIGTERM, FAILED on an error.
@@ -321,17 +196,15 @@ def tracked_run(
     with TrackingUnavailable, its runs left for resume to mark.
     """
     check_reachable()
-    for key, value in SEARCH_HTTP_ENV.items():
-        os.environ.setdefault(key, value)
-    SERVER.limit_s, SERVER.gave_up = server_wait_s, False
+    wait_for_server(server_wait_s)
     if resume_run_id:
-        parent = _patient(mlflow.start_run)(run_id=resume_run_id)
+        parent = patient(mlflow.start_run)(run_id=resume_run_id)
     else:
         if "MLFLOW_RUN_ID" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ:
             mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", experiment_name))
-        parent = _patient(mlflow.start_run)(tags={COMMAND_TAG: command})
+        parent = patient(mlflow.start_run)(tags={COMMAND_TAG: command})
     tracker = SearchTracker(parent)
-    end_run = _patient(mlflow.end_run)
+    end_run = patient(mlflow.end_run)
     try:
         if resume_run_id:
             tracker.end_orphaned_trials()
@@ -360,36 +233,6 @@ def attach(parent_run_id: str, trial_tags: Mapping[str, str]) -> SearchTracker:
     return SearchTracker(PatientClient().get_run(parent_run_id), trial_tags)
 
 
-def tracking_uri() -> str:
-    """This process's tracking URI, as another process started elsewhere must be given it
-    (a relative sqlite path made absolute)."""
-    uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    return uri
-
-
-def load_keras_model(model_uri: str):
-    """The Keras model at `model_uri` (e.g. `models:/mnist-cnn@champion`), loaded with Keras' safe mode."""
-    import mlflow.keras  # noqa: PLC0415 - TensorFlow glue only when a model is loaded
-
-    return _load(mlflow.keras.load_model, model_uri)
-
-
-def load_pyfunc_model(model_uri: str):
-    """The model at `model_uri` as MLflow's generic pyfunc, as a serving process loads it."""
-    return _load(mlflow.pyfunc.load_model, model_uri)
-
-
-def _load(loader, model_uri: str):
-    check_reachable()
-    try:
-        return loader(model_uri)
-    except Exception as err:  # MLflow raises several types for a missing model or alias
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise TrackingError(f"cannot load model {model_uri!r}: {first_line[:300]}") from None
-
-
 @dataclasses.dataclass(frozen=True)
 class RunRecord:
     """What resume reads of a run: its params, tags and experiment's name."""
@@ -408,83 +251,6 @@ def run_record(run_id: str) -> RunRecord:
     except mlflow.exceptions.MlflowException:
         raise TrackingError(f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()}") from None
     return RunRecord(dict(run.data.params), dict(run.data.tags), client.get_experiment(run.info.experiment_id).name)
-
-
-def end_run(run_id: str, status: str) -> None:
-    """End run `run_id` with `status` (e.g. KILLED), from any process."""
-    PatientClient().set_terminated(run_id, status)
-
-
-def check_reachable() -> None:
-    """Fail fast, with one clear error, if the tracking store cannot be reached."""
-    saved = {k: os.environ.get(k) for k in PROBE_ENV}
-    os.environ.update({k: os.environ.get(k) or v for k, v in PROBE_ENV.items()})
-    try:
-        mlflow.MlflowClient().search_experiments(max_results=1)
-    except Exception as err:
-        text = str(err)
-        for code, what in (("401", "refused the credentials"), ("403", "refused this user")):
-            if f"error code {code} " in text:
-                raise TrackingError(
-                    f"tracking server {mlflow.get_tracking_uri()} {what} (HTTP {code}): check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
-                ) from None
-        reason = (
-            "no connection"
-            if "Max retries exceeded" in text or "Connection" in text
-            else (text.strip().splitlines() or [type(err).__name__])[0][:200]
-        )
-        raise TrackingError(f"tracking store {mlflow.get_tracking_uri()} is unreachable ({reason})") from None
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-class PatientClient:
-    """`MlflowClient` whose calls wait and retry while another process holds the sqlite lock,
-    so two searches sharing one sqlite store lose no metric."""
-
-    def __init__(self) -> None:
-        self._client = mlflow.MlflowClient()
-
-    def __getattr__(self, name: str):
-        attribute = getattr(self._client, name)
-        return _patient(attribute) if callable(attribute) else attribute
-
-
-def _patient(call):
-    """`call`, retried while another process holds the sqlite lock and while the tracking
-    server does not answer (SERVER says how long)."""
-
-    def patient_call(*args, **kwargs):
-        lock_delays, server_gone_since = iter(LOCK_RETRY_DELAYS_S), None
-        while True:
-            try:
-                result = call(*args, **kwargs)
-            except Exception as err:
-                if "database is locked" in str(err) and (delay := next(lock_delays, None)) is not None:
-                    time.sleep(delay)
-                elif _server_gone(err):
-                    server_gone_since = SERVER.wait(server_gone_since)
-                else:
-                    raise
-                continue
-            if server_gone_since is not None:
-                SERVER.back(server_gone_since)
-            return result
-
-    return patient_call
-
-
-def _server_gone(err: Exception) -> bool:
-    """Whether `err` says the tracking server could not be reached (refused, reset, or
-    answering 5xx while it starts), not that it refused the request."""
-    import requests  # noqa: PLC0415 - installed with MLflow, which raises its errors
-
-    text = str(err)
-    return isinstance(err, requests.exceptions.ConnectionError) or "Max retries exceeded" in text or "Connection aborted" in text
 
 
 def _dataset_input(name: str, digest: str, source: str) -> DatasetInput:

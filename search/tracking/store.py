@@ -1,0 +1,155 @@
+"""The tracking store itself: is it reachable (and are the credentials right), and calls
+that wait while another process holds the sqlite lock or while the server does not answer."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+
+# Waits between retries while another process holds the sqlite write lock
+# (MLflow already waits 20 s inside each attempt).
+LOCK_RETRY_DELAYS_S = (0.5, 1, 2, 4, 8)
+# The reachability probe gives up within ~30 s rather than MLflow's minutes of retries.
+PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# During a search, MLflow's own HTTP retries give up within seconds, not its default minutes of silence.
+SEARCH_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+SERVER_RETRY_DELAY_S = 3  # between attempts while the tracking server does not answer
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used, or the run asked for cannot be resumed."""
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server stopped answering mid-search for longer than the search waits."""
+
+
+class _ServerWait:
+    """How long calls wait for a tracking server that stops answering, saying so once per
+    outage; after one outage outlasts `limit_s`, later calls fail at once."""
+
+    limit_s = 600.0
+    gave_up = False
+
+    def wait(self, since: float | None) -> float:
+        """Sleep before the next attempt of a call that found the server gone at `since`
+        (None: just now); raise TrackingUnavailable when the limit is reached."""
+        now = time.monotonic()
+        if since is None and not self.gave_up:
+            print(
+                f"tracking server {mlflow.get_tracking_uri()} does not answer: waiting up to {self.limit_s:.0f} s for it",
+                file=sys.stderr,
+                flush=True,
+            )
+            since = now
+        if self.gave_up or now - since >= self.limit_s:
+            self.gave_up = True
+            raise TrackingUnavailable(f"tracking server {mlflow.get_tracking_uri()} did not answer for {self.limit_s:.0f} s")
+        time.sleep(SERVER_RETRY_DELAY_S)
+        return since
+
+    @staticmethod
+    def back(since: float) -> None:
+        print(f"tracking server answers again after {time.monotonic() - since:.0f} s", file=sys.stderr, flush=True)
+
+
+SERVER = _ServerWait()
+DEFAULT_SERVER_WAIT_S = _ServerWait.limit_s
+
+
+def wait_for_server(seconds: float) -> None:
+    """From now on in this process, calls wait up to `seconds` for a server that stops
+    answering; MLflow's own HTTP retries, shortened, hand over to that wait within seconds."""
+    for key, value in SEARCH_HTTP_ENV.items():
+        os.environ.setdefault(key, value)
+    SERVER.limit_s, SERVER.gave_up = seconds, False
+
+
+def tracking_uri() -> str:
+    """This process's tracking URI, as another process started elsewhere must be given it
+    (a relative sqlite path made absolute)."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def end_run(run_id: str, status: str) -> None:
+    """End run `run_id` with `status` (e.g. KILLED), from any process."""
+    PatientClient().set_terminated(run_id, status)
+
+
+def check_reachable() -> None:
+    """Fail fast, with one clear error, if the tracking store cannot be reached."""
+    saved = {k: os.environ.get(k) for k in PROBE_ENV}
+    os.environ.update({k: os.environ.get(k) or v for k, v in PROBE_ENV.items()})
+    try:
+        mlflow.MlflowClient().search_experiments(max_results=1)
+    except Exception as err:
+        text = str(err)
+        for code, what in (("401", "refused the credentials"), ("403", "refused this user")):
+            if f"error code {code} " in text:
+                raise TrackingError(
+                    f"tracking server {mlflow.get_tracking_uri()} {what} (HTTP {code}): check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+                ) from None
+        reason = (
+            "no connection"
+            if "Max retries exceeded" in text or "Connection" in text
+            else (text.strip().splitlines() or [type(err).__name__])[0][:200]
+        )
+        raise TrackingError(f"tracking store {mlflow.get_tracking_uri()} is unreachable ({reason})") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class PatientClient:
+    """`MlflowClient` whose calls wait and retry while another process holds the sqlite lock,
+    so two searches sharing one sqlite store lose no metric."""
+
+    def __init__(self) -> None:
+        self._client = mlflow.MlflowClient()
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self._client, name)
+        return patient(attribute) if callable(attribute) else attribute
+
+
+def patient(call):
+    """`call`, retried while another process holds the sqlite lock and while the tracking
+    server does not answer (SERVER says how long)."""
+
+    def patient_call(*args, **kwargs):
+        lock_delays, server_gone_since = iter(LOCK_RETRY_DELAYS_S), None
+        while True:
+            try:
+                result = call(*args, **kwargs)
+            except Exception as err:
+                if "database is locked" in str(err) and (delay := next(lock_delays, None)) is not None:
+                    time.sleep(delay)
+                elif _server_gone(err):
+                    server_gone_since = SERVER.wait(server_gone_since)
+                else:
+                    raise
+                continue
+            if server_gone_since is not None:
+                SERVER.back(server_gone_since)
+            return result
+
+    return patient_call
+
+
+def _server_gone(err: Exception) -> bool:
+    """Whether `err` says the tracking server could not be reached (refused, reset, or
+    answering 5xx while it starts), not that it refused the request."""
+    import requests  # noqa: PLC0415 - installed with MLflow, which raises its errors
+
+    text = str(err)
+    return isinstance(err, requests.exceptions.ConnectionError) or "Max retries exceeded" in text or "Connection aborted" in text
