@@ -110,7 +110,7 @@ def _config(args: argparse.Namespace):
 def _resume(args: argparse.Namespace) -> int:
     if not args.run_id:
         raise ConfigError("resume needs the search's run id (or MLFLOW_RUN_ID, as `mlflow run --run-id` sets it)")
-    from search.pipeline import resume_search
+    from search.resume import resume_search
 
     return _report(resume_search(args.run_id))
 

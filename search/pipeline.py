@@ -13,11 +13,12 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import keras
 import keras_tuner as kt
 
-from experiments import ConfigError, SearchConfig, champion_uri, from_params, to_params
+from experiments import ConfigError, SearchConfig, champion_uri, to_params
 from model_zoo import CNNZoo, average_of, precision_policy
 from search import data as data_module
 from search import evaluate, locking, registry, robustness, tracking
@@ -25,9 +26,11 @@ from search.assessment import Evaluation, evaluate_once, keras_predict, write_mo
 from search.data import DataError
 from search.reporting import eda, report
 from search.reporting.progress import top_table
-from search.tracking import TrackingError
 from search.train import Precision, choose_precision, train_final
 from search.tuner import SearchStopped, failure_reason, fixed_hyperparameters, make_tuner, pick_winner, run_trials, seed_pruner
+
+if TYPE_CHECKING:  # resume.py calls run_search
+    from search.resume import Resume
 
 
 class SearchFailed(RuntimeError):
@@ -43,44 +46,6 @@ class SearchResult:
     winner_hyperparameters: dict  # of the trial kept (see pick_winner), not always the best score's
     test: evaluate.TestReport
     decision: registry.RegistryDecision
-
-
-@dataclass(frozen=True)
-class Resume:
-    run_id: str  # the search's parent run
-    data_sha256: str  # the data it started with
-    precision: str  # the dtype policy it started with: a resumed search never re-measures it
-
-
-def resume_search(run_id: str, verbose: int | None = None) -> SearchResult:
-    """Continue the interrupted search whose parent run is `run_id`, with the settings it
-    logged: from its tuner state, or from the start when it was stopped before its first trial."""
-    params = resumable_params(run_id)
-    try:
-        config = from_params(params)
-    except ConfigError:
-        tracking.end_run(run_id, "KILLED")
-        raise TrackingError(
-            f"search run {run_id} stopped before it logged its settings: nothing to continue, marked KILLED; start a new search"
-        ) from None
-    folder = Path(config.output_dir) / run_id
-    if not folder.is_dir():
-        raise TrackingError(f"no outputs of search run {run_id} at {folder}: resume from the directory the search ran in")
-    # Before the run is reopened: a second resume must not touch the first one's runs.
-    with locking.holding(folder, run_id):
-        return run_search(config, verbose, Resume(run_id, params.get("data_sha256", ""), params.get("precision_used", "")))
-
-
-def resumable_params(run_id: str) -> dict[str, str]:
-    """The params of search run `run_id`, checked to be a search that has not finished."""
-    run = tracking.run_record(run_id)
-    if "trial_id" in run.tags and "mlflow.parentRunId" in run.tags:
-        raise TrackingError(f"run {run_id} is a trial run; resume its search run {run.tags['mlflow.parentRunId']}")
-    if "registry_decision" in run.tags:
-        raise TrackingError(f"search run {run_id} has already finished: {run.tags['registry_decision']}")
-    if run.tags.get(tracking.COMMAND_TAG) != "search" and "config.profile" not in run.params:
-        raise TrackingError(f"run {run_id} (experiment {run.experiment!r}) is not a search run: nothing to resume")
-    return run.params
 
 
 def run_search(
