@@ -101,7 +101,7 @@ EVERY_SETTING = {
     "augment": "jitter", "serve_int8": "false", "int8_max_accuracy_drop": "0.5", "threshold": "0.5", "robust_threshold": "0.25",
     "robust_size": "100", "model_name": "digits", "champion_alias": "best", "experiment_name": "mine", "seed": "0", "data": "x.npz",
     "output_dir": "out", "ray": "auto", "parallel_trials": "3", "cpus_per_trial": "2", "trial_retries": "0",
-    "clean_final_epochs": "2", "tracking_wait_s": "30",
+    "clean_final_epochs": "3", "tracking_wait_s": "30",
 }  # fmt: skip
 
 
