@@ -262,7 +262,7 @@ def test_a_trial_whose_loss_goes_nan_is_failed(tracking_store, tmp_path, small_m
 
 
 def test_when_every_trial_fails_the_search_fails(tracking_store, mnist_npz):
-    config = dataclasses.replace(resolve("smoke", data=str(mnist_npz)), fixed=())
+    config = dataclasses.replace(resolve("smoke", data=str(mnist_npz), precision="float32"), fixed=())
     with pytest.raises(SearchFailed, match="3 trials failed in a row, the last with: ValueError: cannot train"):
         run_search(config, verbose=0, hypermodel=NeverTrains())
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
