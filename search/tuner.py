@@ -57,7 +57,7 @@ class TrackedTuner:
         interrupts.raise_if_requested()
         super().on_trial_begin(trial)
         self._trial_started, self._cpu_started = time.perf_counter(), time.process_time()
-        self._param_count = self._multiply_adds = None
+        self._param_count = self._multiply_adds = self._checkpoint_bytes = None
         self.tracker.start_trial(trial.trial_id, active_values(trial.hyperparameters))
         self.progress.trial_started(trial.trial_id, active_values(trial.hyperparameters))
 
@@ -81,28 +81,29 @@ class TrackedTuner:
     def on_epoch_end(self, trial, model, epoch, logs=None) -> None:
         super().on_epoch_end(trial, model, epoch, logs)
         logs = logs or {}
+        if self._param_count is None:  # once per trial, after its first epoch
+            self._param_count = model.count_params()
+            self._multiply_adds = multiply_adds(model)
+            weights = sum(math.prod(w.shape) * np.dtype(w.dtype).itemsize for w in model.weights)
+            self._checkpoint_bytes = weights * 1.1 + CHECKPOINT_HEADROOM_BYTES
         try:
-            if self._param_count is None:  # once per trial, after its first epoch
-                self._param_count = model.count_params()
-                self._multiply_adds = multiply_adds(model)
             self.tracker.log_epoch(trial.trial_id, epoch, logs)
         except Exception as err:
             # Keras Tuner would swallow an ordinary exception here and mark the
             # trial failed; a tracking failure must stop the search instead.
             raise SearchStopped(trial.trial_id, err, "MLflow logging failed") from err
-        self._check_room_for_checkpoint(trial, model)
+        self._check_room_for_checkpoint(trial)
         last = epoch + 1 >= planned_epochs(trial, self.max_epochs)
         if self.pruner and "val_accuracy" in logs and self.pruner.report(trial.trial_id, epoch, float(logs["val_accuracy"]), last):
             model.stop_training = True  # Keras ends the fit after this epoch
 
-    def _check_room_for_checkpoint(self, trial, model) -> None:
+    def _check_room_for_checkpoint(self, trial) -> None:
         """Stop the search before Keras Tuner writes this epoch's checkpoint (it runs after
         this hook) to a disk without room for it: an HDF5 write that fails on a full disk
         leaves a file the process cannot even exit cleanly from."""
-        needed = sum(math.prod(w.shape) * np.dtype(w.dtype).itemsize for w in model.weights) * 1.1 + CHECKPOINT_HEADROOM_BYTES
         folder = Path(self.project_dir)
-        if shutil.disk_usage(folder).free < needed:
-            full = OSError(errno.ENOSPC, f"no room for a {needed / 1e6:.1f} MB checkpoint", str(folder))
+        if shutil.disk_usage(folder).free < self._checkpoint_bytes:
+            full = OSError(errno.ENOSPC, f"no room for a {self._checkpoint_bytes / 1e6:.1f} MB checkpoint", str(folder))
             raise SearchStopped(trial.trial_id, full, "no space left on device")
 
     def on_trial_end(self, trial: kt.engine.trial.Trial) -> None:
