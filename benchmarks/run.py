@@ -135,7 +135,8 @@ def training_throughput(data, rounds: int) -> dict:
     from experiments import resolve  # noqa: PLC0415
     from model_zoo import BatchNormCNN, precision_policy, with_keras_layers  # noqa: PLC0415
     from search.data import Split  # noqa: PLC0415
-    from search.train import choose_precision, cpu_has_bf16, training_dataset  # noqa: PLC0415
+    from search.precision import choose_precision, cpu_has_bf16  # noqa: PLC0415
+    from search.train import training_dataset  # noqa: PLC0415
 
     config = resolve("default")
     split = Split(data.train.x[:TRAINING_IMAGES], data.train.y[:TRAINING_IMAGES])
@@ -497,7 +498,7 @@ def machine() -> dict:
     """What the figures were measured on."""
     import tensorflow as tf  # noqa: PLC0415
 
-    from search.train import cpu_has_bf16  # noqa: PLC0415
+    from search.precision import cpu_has_bf16  # noqa: PLC0415
 
     cpuinfo = _read("/proc/cpuinfo")
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), platform.processor())

@@ -5,32 +5,36 @@ promote it (the registry), report."""
 from __future__ import annotations
 
 import contextlib
-import errno
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import keras
 import keras_tuner as kt
 
-from experiments import ConfigError, SearchConfig, champion_uri, to_params
-from model_zoo import CNNZoo, average_of, precision_policy
+from experiments import SearchConfig, champion_uri, to_params
+from model_zoo import CNNZoo, precision_policy
 from search import data as data_module
 from search import evaluate, locking, registry, robustness, tracking
 from search.assessment import Evaluation, evaluate_once, keras_predict, write_model_card
 from search.data import DataError
+from search.outputs import check_writable, naming_a_full_disk
+from search.precision import Precision, choose_precision
 from search.reporting import eda, report
 from search.reporting.progress import top_table
-from search.train import Precision, choose_precision, train_final
+from search.train import retrain_winner
 from search.tuner import SearchStopped, failure_reason, fixed_hyperparameters, make_tuner, pick_winner, run_trials, seed_pruner
 
-if TYPE_CHECKING:  # resume.py calls run_search
-    from search.resume import Resume
+
+@dataclass(frozen=True)
+class Resume:
+    """What a resumed search continues from (search/resume.py decides which runs can be resumed)."""
+
+    run_id: str  # the search's parent run
+    data_sha256: str  # the data it started with
+    precision: str  # the dtype policy it started with: a resumed search never re-measures it
 
 
 class SearchFailed(RuntimeError):
@@ -97,32 +101,6 @@ def run_search(
         test=evaluation.test,
         decision=decision,
     )
-
-
-def check_writable(folder: Path) -> None:
-    """Fail before any run opens when the outputs cannot be written there."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as err:
-        raise ConfigError(f"output_dir {folder}: cannot be written ({err.strerror or err})") from None
-
-
-class DiskFull(RuntimeError):
-    """The output directory's file system is full: the search stopped, resumable."""
-
-
-@contextlib.contextmanager
-def naming_a_full_disk(out: Path, run_id: str):
-    """A 'no space left' error, wherever it happens, as one line naming the output directory."""
-    try:
-        yield
-    except OSError as err:
-        if err.errno != errno.ENOSPC:
-            raise
-        raise DiskFull(
-            f"{err.filename or out}: no space left on device; free some, then continue with `python -m search resume {run_id}`"
-        ) from None
 
 
 def prepare_data(config: SearchConfig, resume: Resume | None) -> data_module.MnistData:
@@ -238,7 +216,7 @@ def build_model(
         print(f"this search registered {config.model_name} version {registered} before it stopped: completing that version", flush=True)
         return tracking.load_keras_model(f"models:/{config.model_name}/{registered}")
     if config.final_epochs:
-        return retrain_winner(tracker, tuner.hypermodel, winner.trial.hyperparameters, data, config)
+        return retrain_winner(tuner.hypermodel, winner.trial.hyperparameters, data, config, tracker.log_metrics)
     with warnings.catch_warnings():  # checkpoints hold weights only, not the optimizer state
         warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
         return tuner.load_model(winner.trial)
@@ -285,69 +263,5 @@ def write_search_report(
     tracker: tracking.SearchTracker, config: SearchConfig, decision: registry.RegistryDecision, records: list[dict], out: Path
 ) -> None:
     """Figures comparing the trials and report.html, under `report/`."""
-    tracker.log_artifacts(write_report(records, config, decision, out), "report")
+    tracker.log_artifacts(report.write_report(records, config, decision.reason, out), "report")
     print(f"report: {tracker.artifact_uri('report/report.html')}")
-
-
-def retrain_winner(
-    tracker: tracking.SearchTracker,
-    hypermodel: kt.HyperModel,
-    hyperparameters: kt.HyperParameters,
-    data: data_module.MnistData,
-    config: SearchConfig,
-) -> keras.Model:
-    """The winner's configuration retrained on all training images, `final_models` times
-    with seeds seed, seed+1, ... (`final_minutes` shared), averaged into one model."""
-    budget_s = config.final_minutes * 60 / config.final_models
-    models = []
-    for i in range(config.final_models):
-        # One model keeps the metric names final_<metric>; several are final_<i>_<metric>.
-        prefix = "final_" if config.final_models == 1 else f"final_{i}_"
-        limit = f", as many as fit in {budget_s / 60:.1f} min" if budget_s else ""
-        print(
-            f"retraining the winner's configuration on {len(data.train)} images for up to {config.final_epochs} epochs{limit}"
-            + (f" (model {i + 1} of {config.final_models})" if config.final_models > 1 else ""),
-            flush=True,
-        )
-        run = train_final(
-            hypermodel,
-            hyperparameters,
-            data.train,
-            data.validation,
-            config.final_epochs,
-            config.batch_size,
-            config.augment,
-            config.seed + i,
-            on_epoch_end=lambda epoch, logs, prefix=prefix: tracker.log_metrics({prefix + k: v for k, v in logs.items()}, step=epoch),
-            peak_learning_rate=config.final_learning_rate,
-            budget_s=budget_s,
-            clean_epochs=config.clean_final_epochs,
-        )
-        timing = {prefix + "epochs_run": run.epochs, prefix + "epoch_seconds": sum(run.epoch_seconds) / run.epochs}
-        if run.epoch_estimate_s is not None:
-            timing[prefix + "epoch_estimate_seconds"] = run.epoch_estimate_s
-        tracker.log_metrics(timing)
-        models.append(run.model)
-    model = average_of(models)
-    if len(models) > 1:
-        validation = evaluate.evaluate(model, data.validation)
-        tracker.log_metrics({"final_average_val_accuracy": validation.accuracy})
-        print(f"average of {len(models)} models: val_accuracy {validation.accuracy:.4f}", flush=True)
-    return model
-
-
-def write_report(records: list[dict], config: SearchConfig, decision: registry.RegistryDecision, out: Path) -> Path:
-    """The report folder: trial figures, the winner's evaluation figures and report.html."""
-    folder = out / "report"
-    folder.mkdir(parents=True, exist_ok=True)
-    figures = {
-        "Learning curves of the top trials": report.learning_curves(records, folder / "learning_curves.png"),
-        "Hyperparameters against validation accuracy": report.hyperparameter_effects(records, folder / "hyperparameters.png"),
-        "Accuracy against model cost": report.accuracy_vs_cost(records, folder / "accuracy_vs_cost.png"),
-        "Winner: test confusion matrix": Path(shutil.copy(out / "evaluation" / "confusion_matrix.png", folder)),
-        "Winner: misclassified test digits": Path(shutil.copy(out / "evaluation" / "misclassified.png", folder)),
-        "Winner: the robustness suite": Path(shutil.copy(out / "evaluation" / "robustness.png", folder)),
-    }
-    settings = {k.removeprefix("config."): v for k, v in to_params(config).items()}
-    report.write_html(folder / "report.html", f"MNIST CNN search ({config.profile} profile)", settings, records, figures, decision.reason)
-    return folder

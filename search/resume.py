@@ -3,20 +3,12 @@ settings, data and tuner state (run_search does the rest, skipping what is done)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from experiments import ConfigError, from_params
 from search import locking, tracking
-from search.pipeline import SearchResult, run_search
+from search.pipeline import Resume, SearchResult, run_search
 from search.tracking import TrackingError
-
-
-@dataclass(frozen=True)
-class Resume:
-    run_id: str  # the search's parent run
-    data_sha256: str  # the data it started with
-    precision: str  # the dtype policy it started with: a resumed search never re-measures it
 
 
 def resume_search(run_id: str, verbose: int | None = None) -> SearchResult:

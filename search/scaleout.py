@@ -35,7 +35,7 @@ from search import interrupts, tracking
 from search.data import Split
 from search.pruning import MedianStopping
 from search.train import evaluation_dataset, training_dataset
-from search.tuner import active_values, epochs_saved, planned_epochs, trial_callbacks
+from search.tuner import active_values, check_room, checkpoint_bytes, epochs_saved, planned_epochs, trial_callbacks
 
 PACKAGES = ("experiments", "model_zoo", "search")  # shipped to every worker: no shared file system
 CONNECT_TIMEOUT_S = 10  # an address that does not answer fails within this
@@ -213,6 +213,7 @@ def save_checkpoint(tuner: kt.Tuner, trial: kt.engine.trial.Trial, weights: list
     model = tuner.hypermodel.build(trial.hyperparameters.copy())
     model.set_weights(weights)
     folder = Path(tuner.get_trial_dir(trial.trial_id))
+    check_room(folder, checkpoint_bytes(sum(w.nbytes for w in weights)))
     model.save_weights(folder / CHECKPOINT)
     (folder / BUILD_CONFIG).write_text(json.dumps(model.get_build_config()))
 

@@ -1,26 +1,24 @@
-"""The training path: data as an in-memory tf.data pipeline, the precision
-policy, and retraining the winning configuration for longer than any trial."""
+"""The training path: data as an in-memory tf.data pipeline, the warm-up + cosine
+schedule, and retraining the winning configuration for longer than any trial."""
 
 from __future__ import annotations
 
 import functools
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import keras
 import keras_tuner as kt
-import numpy as np
 import tensorflow as tf
 
-from experiments import ConfigError
-from model_zoo.cnn import make_cnn
+from experiments import SearchConfig
+from model_zoo.cnn import average_of
 from search.augment import augmenter
-from search.data import Split
+from search.data import MnistData, Split
+from search.evaluate import evaluate
 
 PREFETCH_BATCHES = 2  # one training while the next is prepared, and one spare
 
@@ -223,82 +221,49 @@ def final_progress(schedule: WarmupCosine, epoch: int, logs: dict) -> str:
     )
 
 
-# What `precision=auto` resolves to on this machine without running the probe
-# (float32 or mixed_bfloat16): for CI and tests, which must cover both choices
-# on any CPU, and for a cluster whose machines should all agree.
-AUTO_PRECISION_ENV = "SEARCH_AUTO_PRECISION"
-# bf16 is chosen only when the probe times it at least this much faster: a
-# margin, so that a probe near 1.0x on a noisy machine does not flip between runs.
-BF16_MIN_SPEEDUP = 1.2
-
-
-@dataclass(frozen=True)
-class Precision:
-    """The Keras dtype policy a search trains with, and why."""
-
-    policy: str  # float32 or mixed_bfloat16
-    reason: str  # e.g. "pinned", "probe: bf16 0.61x float32's speed"
-    probe_speedup: float | None = None  # bf16 against float32, where the probe ran
-
-    def params(self) -> dict[str, str]:
-        logged = {"precision_used": self.policy, "precision_reason": self.reason}
-        if self.probe_speedup is not None:
-            logged["precision_probe_speedup"] = f"{self.probe_speedup:.3f}"
-        return logged
-
-
-def cpu_has_bf16() -> bool:
-    """Whether the CPU advertises native bf16 (AVX-512 BF16 or AMX) on Linux."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def choose_precision(precision: str, native_bf16: bool | None = None) -> Precision:
-    """The Keras dtype policy to train with: `precision` itself unless it is `auto`.
-
-    `auto` is float32 where the CPU has no native bf16. Elsewhere it is
-    `mixed_bfloat16` only if a short probe measures it `BF16_MIN_SPEEDUP` times
-    faster than float32: on CPUs with AMX it is; on an Intel Xeon with
-    AVX512-BF16 and no AMX, oneDNN's native avx512_core_bf16 convolution
-    kernels are slower than its float32 ones, so bf16 loses there. The probe
-    runs once per process; `$SEARCH_AUTO_PRECISION` replaces it.
-    """
-    if precision != "auto":
-        return Precision(precision, "pinned")
-    forced = os.environ.get(AUTO_PRECISION_ENV, "")
-    if forced:
-        if forced not in ("float32", "mixed_bfloat16"):
-            raise ConfigError(f"${AUTO_PRECISION_ENV} is {forced!r}: use float32 or mixed_bfloat16")
-        return Precision(forced, f"${AUTO_PRECISION_ENV}")
-    if not (cpu_has_bf16() if native_bf16 is None else native_bf16):
-        return Precision("float32", "no native bf16 on this CPU")
-    speedup = _probe_once()
-    policy = "mixed_bfloat16" if speedup >= BF16_MIN_SPEEDUP else "float32"
-    return Precision(policy, f"probe: bf16 {speedup:.2f}x float32's speed (bf16 needs {BF16_MIN_SPEEDUP}x)", speedup)
-
-
-@functools.cache
-def _probe_once() -> float:
-    return probe_speedup("mixed_bfloat16")
-
-
-def probe_speedup(policy: str, batch_size: int = 128, steps: int = 8, rounds: int = 3) -> float:
-    """How many times faster than float32 a small batch-norm CNN trains under `policy`,
-    along the project's training path (tf.data without its autotuner, whose stalls
-    would time the pipeline instead of the arithmetic); the best of `rounds`
-    interleaved timings each, so one slow round does not decide."""
-    rng = np.random.default_rng(0)
-    split = Split(rng.random((batch_size * steps, 28, 28, 1), dtype=np.float32), rng.integers(0, 10, batch_size * steps))
-    models, best = {}, {}
-    for name in ("float32", policy):
-        models[name] = make_cnn(conv_filters=(32, 64), convs_per_block=2, batch_norm=True, dense_units=128, dtype_policy=name)
-        models[name].fit(training_dataset(split, batch_size, seed=0).take(2), verbose=0)  # compile, warm up
-    for _ in range(rounds):
-        for name, model in models.items():
-            started = time.perf_counter()
-            model.fit(training_dataset(split, batch_size, seed=0), verbose=0)
-            best[name] = min(best.get(name, np.inf), time.perf_counter() - started)
-    return best["float32"] / best[policy]
+def retrain_winner(
+    hypermodel: kt.HyperModel,
+    hyperparameters: kt.HyperParameters,
+    data: MnistData,
+    config: SearchConfig,
+    log_metrics: Callable[..., None],
+) -> keras.Model:
+    """The winner's configuration retrained on all training images, `final_models` times
+    with seeds seed, seed+1, ... (`final_minutes` shared), averaged into one model.
+    `log_metrics(metrics, step=None)` records each epoch and each training's timing."""
+    budget_s = config.final_minutes * 60 / config.final_models
+    models = []
+    for i in range(config.final_models):
+        # One model keeps the metric names final_<metric>; several are final_<i>_<metric>.
+        prefix = "final_" if config.final_models == 1 else f"final_{i}_"
+        limit = f", as many as fit in {budget_s / 60:.1f} min" if budget_s else ""
+        print(
+            f"retraining the winner's configuration on {len(data.train)} images for up to {config.final_epochs} epochs{limit}"
+            + (f" (model {i + 1} of {config.final_models})" if config.final_models > 1 else ""),
+            flush=True,
+        )
+        run = train_final(
+            hypermodel,
+            hyperparameters,
+            data.train,
+            data.validation,
+            config.final_epochs,
+            config.batch_size,
+            config.augment,
+            config.seed + i,
+            on_epoch_end=lambda epoch, logs, prefix=prefix: log_metrics({prefix + k: v for k, v in logs.items()}, step=epoch),
+            peak_learning_rate=config.final_learning_rate,
+            budget_s=budget_s,
+            clean_epochs=config.clean_final_epochs,
+        )
+        timing = {prefix + "epochs_run": run.epochs, prefix + "epoch_seconds": sum(run.epoch_seconds) / run.epochs}
+        if run.epoch_estimate_s is not None:
+            timing[prefix + "epoch_estimate_seconds"] = run.epoch_estimate_s
+        log_metrics(timing)
+        models.append(run.model)
+    model = average_of(models)
+    if len(models) > 1:
+        validation = evaluate(model, data.validation)
+        log_metrics({"final_average_val_accuracy": validation.accuracy})
+        print(f"average of {len(models)} models: val_accuracy {validation.accuracy:.4f}", flush=True)
+    return model

@@ -32,6 +32,18 @@ from search.train import WarmupCosine, evaluation_dataset, training_dataset
 CHECKPOINT_HEADROOM_BYTES = 1 << 20  # beyond the weights: HDF5's own structures, the tuner's JSON files
 
 
+def checkpoint_bytes(weight_bytes: int) -> float:
+    """The room a checkpoint of `weight_bytes` of weights needs on disk."""
+    return weight_bytes * 1.1 + CHECKPOINT_HEADROOM_BYTES
+
+
+def check_room(folder: Path, needed: float) -> None:
+    """ENOSPC before a checkpoint is written to a disk without room for it: an HDF5 write
+    that fails on a full disk leaves a file the process cannot even exit cleanly from."""
+    if shutil.disk_usage(folder).free < needed:
+        raise OSError(errno.ENOSPC, f"no room for a {needed / 1e6:.1f} MB checkpoint", str(folder))
+
+
 class SearchStopped(kt.errors.FatalError):
     """An error inside a trial that must stop the search, not just fail the trial (Keras
     Tuner lets only a FatalError through): a tracking call that failed, a full disk.
@@ -84,8 +96,7 @@ class TrackedTuner:
         if self._param_count is None:  # once per trial, after its first epoch
             self._param_count = model.count_params()
             self._multiply_adds = multiply_adds(model)
-            weights = sum(math.prod(w.shape) * np.dtype(w.dtype).itemsize for w in model.weights)
-            self._checkpoint_bytes = weights * 1.1 + CHECKPOINT_HEADROOM_BYTES
+            self._checkpoint_bytes = checkpoint_bytes(sum(math.prod(w.shape) * np.dtype(w.dtype).itemsize for w in model.weights))
         try:
             self.tracker.log_epoch(trial.trial_id, epoch, logs)
         except Exception as err:
@@ -99,12 +110,11 @@ class TrackedTuner:
 
     def _check_room_for_checkpoint(self, trial) -> None:
         """Stop the search before Keras Tuner writes this epoch's checkpoint (it runs after
-        this hook) to a disk without room for it: an HDF5 write that fails on a full disk
-        leaves a file the process cannot even exit cleanly from."""
-        folder = Path(self.project_dir)
-        if shutil.disk_usage(folder).free < self._checkpoint_bytes:
-            full = OSError(errno.ENOSPC, f"no room for a {self._checkpoint_bytes / 1e6:.1f} MB checkpoint", str(folder))
-            raise SearchStopped(trial.trial_id, full, "no space left on device")
+        this hook) to a disk without room for it."""
+        try:
+            check_room(Path(self.project_dir), self._checkpoint_bytes)
+        except OSError as full:
+            raise SearchStopped(trial.trial_id, full, "no space left on device") from full
 
     def on_trial_end(self, trial: kt.engine.trial.Trial) -> None:
         # A Ctrl-C that lands inside TensorFlow can come out as another exception

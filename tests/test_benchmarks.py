@@ -18,7 +18,8 @@ def test_cpu_seconds_count_work_not_waiting():
         {"busy": 1, "asleep": 0}, rounds=1, run=lambda busy: sum(range(3_000_000)) if busy else time.sleep(0.2)
     )
     assert cpu_seconds["asleep"][0] < 0.05 < seconds["asleep"][0]
-    assert cpu_seconds["busy"][0] > 0.5 * seconds["busy"][0]
+    # Not a share of the wall time: on a loaded machine the loop gets a small share of a core.
+    assert cpu_seconds["busy"][0] > 10 * cpu_seconds["asleep"][0] and cpu_seconds["busy"][0] > 0.02
 
 
 ROBUST = {"robust_accuracy_mean": 0.95, "robust_accuracy": {"rotation": 0.99, "line": 0.89, "scale": 0.97}}

@@ -318,17 +318,3 @@ def test_a_model_below_the_robustness_gate_is_not_registered(tmp_path, mnist_npz
         == f"not registered: robust_accuracy_mean {parent.data.metrics['robust_accuracy_mean']:.4f} < 0.9900"
     )
     assert mlflow.MlflowClient(store).search_registered_models() == []
-
-
-def test_no_space_left_anywhere_in_a_search_is_one_line_naming_the_path_and_the_resume_command(tmp_path):
-    import errno
-
-    from search.pipeline import DiskFull, naming_a_full_disk
-
-    with pytest.raises(DiskFull) as full, naming_a_full_disk(tmp_path / "outputs" / "abc", "abc"):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "outputs" / "abc" / "trials.csv"))
-    assert str(full.value) == (
-        f"{tmp_path / 'outputs' / 'abc' / 'trials.csv'}: no space left on device; free some, then continue with `python -m search resume abc`"
-    )
-    with pytest.raises(PermissionError), naming_a_full_disk(tmp_path, "abc"):  # other OS errors pass through
-        raise PermissionError(errno.EACCES, "Permission denied")

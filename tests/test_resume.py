@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from search.train import AUTO_PRECISION_ENV
+from search.precision import AUTO_PRECISION_ENV
 from tests.helpers import MLFLOW_RUN_ENV, REPO, mlflow_listening, rest_predictions
 
 pytestmark = pytest.mark.e2e

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import shutil
+
 import keras_tuner as kt
 import pytest
 
 from experiments import resolve
 from model_zoo import BatchNormCNN, make_cnn, multiply_adds
-from search.tuner import make_tuner, pick_winner, planned_trials
+from search.tuner import check_room, checkpoint_bytes, make_tuner, pick_winner, planned_trials
 
 
 def test_multiply_adds_counts_convolutions_and_dense_layers():
@@ -81,3 +84,12 @@ def test_progress_counts_down_hyperbands_own_schedule(tmp_path, max_epochs, fact
     assert created == planned_trials(oracle, config.max_trials) > 1
     assert planned_trials(oracle, 1) == 1  # max_trials caps it
     assert planned_trials(make_tuner(resolve("smoke"), None, tmp_path, "random").oracle, 7) == 7
+
+
+def test_a_checkpoint_without_room_on_disk_is_refused_before_it_is_written(tmp_path):
+    free = shutil.disk_usage(tmp_path).free
+    check_room(tmp_path, checkpoint_bytes(1_000))  # room
+    with pytest.raises(OSError) as full:
+        check_room(tmp_path, free + checkpoint_bytes(0))
+    assert full.value.errno == errno.ENOSPC and full.value.filename == str(tmp_path)
+    assert "MB checkpoint" in full.value.strerror

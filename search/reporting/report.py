@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import csv
 import math
+import shutil
 from pathlib import Path
 from typing import Mapping
 
@@ -16,8 +17,27 @@ import jinja2
 import numpy as np
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
+from experiments import SearchConfig, to_params
 from search.reporting.plots import save, subplots
 from search.reporting.progress import completed, describe
+
+
+def write_report(records: list[dict], config: SearchConfig, decision: str, out: Path) -> Path:
+    """`out/report/`: the trials' figures, the winner's evaluation figures (drawn under
+    `out/evaluation/`) and report.html, which shows them with the settings and the registry's `decision`."""
+    folder = out / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = {
+        "Learning curves of the top trials": learning_curves(records, folder / "learning_curves.png"),
+        "Hyperparameters against validation accuracy": hyperparameter_effects(records, folder / "hyperparameters.png"),
+        "Accuracy against model cost": accuracy_vs_cost(records, folder / "accuracy_vs_cost.png"),
+        "Winner: test confusion matrix": Path(shutil.copy(out / "evaluation" / "confusion_matrix.png", folder)),
+        "Winner: misclassified test digits": Path(shutil.copy(out / "evaluation" / "misclassified.png", folder)),
+        "Winner: the robustness suite": Path(shutil.copy(out / "evaluation" / "robustness.png", folder)),
+    }
+    settings = {k.removeprefix("config."): v for k, v in to_params(config).items()}
+    write_html(folder / "report.html", f"MNIST CNN search ({config.profile} profile)", settings, records, figures, decision)
+    return folder
 
 
 def learning_curves(records: list[dict], path: Path, top: int = 5) -> Path:
