@@ -16,8 +16,8 @@ import keras_tuner as kt
 
 from experiments import SearchConfig, champion_uri, to_params
 from model_zoo import CNNZoo, precision_policy
+from search import assessment, evaluate, locking, registry, robustness, tracking
 from search import data as data_module
-from search import evaluate, locking, registry, robustness, tracking
 from search.assessment import Evaluation, evaluate_once, keras_predict, write_model_card
 from search.data import DataError
 from search.outputs import check_writable, naming_a_full_disk
@@ -235,8 +235,8 @@ def promote(
     scores = evaluation.scores
     if registered and tracker.alias_version(config.model_name, config.champion_alias) == registered:
         return registry.decided_before(tracker, config.model_name, config.champion_alias, registered)
-    gates = {"test_accuracy": config.threshold, "robust_accuracy_mean": config.robust_threshold}
-    clears = all(scores[k] >= gates[k] for k in gates)
+    gates = assessment.gates(config)
+    clears = evaluation.clears(gates)
     comparison, card = None, ""
     if clears and tracker.alias_version(config.model_name, config.champion_alias):
         champion = tracking.load_keras_model(champion_uri(config))

@@ -318,3 +318,6 @@ def test_a_model_below_the_robustness_gate_is_not_registered(tmp_path, mnist_npz
         == f"not registered: robust_accuracy_mean {parent.data.metrics['robust_accuracy_mean']:.4f} < 0.9900"
     )
     assert mlflow.MlflowClient(store).search_registered_models() == []
+    # Nothing will serve it: no int8 form was made.
+    assert "int8_test_accuracy" not in parent.data.metrics and "served_form" not in parent.data.tags
+    assert "served with int8 weights" not in result.stdout and "served in float32" not in result.stdout
