@@ -174,8 +174,9 @@ PROFILES: dict[str, dict] = {
     "default": {},
     # About a minute: two one-epoch trials of a pinned small two-block
     # batch-norm network (16 and 32 filters, dense 128) that differ in dropout,
-    # the winner retrained for up to 5 epochs without augmentation, at batch 256
-    # and a higher peak rate: more of the few epochs fit in its minute.
+    # the winner retrained for 5 epochs without augmentation at a higher peak
+    # rate; at the default batch of 128, as batch 256 gave fewer updates for
+    # little time saved (benchmarks/RESULTS.md).
     "fast": {
         "families": ("batchnorm",),
         "fixed": (
@@ -192,7 +193,6 @@ PROFILES: dict[str, dict] = {
         "max_trials": 2,
         "max_epochs": 1,
         "train_subset": 6_000,
-        "batch_size": 256,
         "final_epochs": 5,
         "final_learning_rate": 0.006,
         "final_minutes": 1.2,
