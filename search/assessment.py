@@ -12,7 +12,7 @@ import keras
 
 from experiments import SearchConfig
 from search import data as data_module
-from search import evaluate, robustness, tracking
+from search import evaluate, registry, robustness, tracking
 from search.data import Split
 from search.reporting import model_card
 from search.serving import pyfunc_model
@@ -32,7 +32,7 @@ class Evaluation:
         return {"test_accuracy": self.test.accuracy, "robust_accuracy_mean": self.robust.mean}
 
     def clears(self, gates: dict[str, float]) -> bool:
-        return all(self.scores[name] >= gate for name, gate in gates.items())
+        return not registry.shortfalls(self.scores, gates)
 
 
 def gates(config: SearchConfig) -> dict[str, float]:
@@ -50,9 +50,9 @@ def evaluate_once(
     corrupted = robustness.suite(data.test, config.seed, config.robust_size)
     robust_report = evaluate_robustness(tracker, model, corrupted, out / "evaluation")
     evaluation = Evaluation(test_report, robust_report, corrupted, None)
-    if not evaluation.clears(gates(config)):
-        return evaluation
-    return dataclasses.replace(evaluation, int8_model=int8_form(tracker, model, test_report, data.test, config))
+    if evaluation.clears(gates(config)):
+        evaluation = dataclasses.replace(evaluation, int8_model=int8_form(tracker, model, test_report, data.test, config))
+    return evaluation
 
 
 def keras_predict(model: keras.Model):

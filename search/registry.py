@@ -30,6 +30,11 @@ class RegistryDecision:
     champion: bool = False  # whether the alias now points to this version
 
 
+def shortfalls(scores: Mapping[str, float], gates: Mapping[str, float]) -> list[str]:
+    """Each score below its gate, as `name score < gate`; empty: the model may be registered."""
+    return [f"{name} {scores[name]:.4f} < {gate:.4f}" for name, gate in gates.items() if scores[name] < gate]
+
+
 def register_if_better(
     tracker: SearchTracker,
     model,
@@ -48,7 +53,7 @@ def register_if_better(
     the pyfunc serves; None: the float32 model. `card` (Markdown) travels with the model
     as `model_card.md` and becomes the version's description. `registered`: the version
     this search registered before it was stopped, completed instead of a new one."""
-    failed = [f"{name} {scores[name]:.4f} < {gate:.4f}" for name, gate in gates.items() if scores[name] < gate]
+    failed = shortfalls(scores, gates)
     if failed:
         return _decided(tracker, RegistryDecision(False, "not registered: " + ", ".join(failed)))
     previous = tracker.alias_version(model_name, alias)
