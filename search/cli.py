@@ -88,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     config = _config(args)
+    from search.budget import process_started
     from search.pipeline import run_search  # TensorFlow loads only once the arguments are valid
 
-    return _report(run_search(config))
+    return _report(run_search(config, started=process_started()))
 
 
 def _config(args: argparse.Namespace):
@@ -110,9 +111,10 @@ def _config(args: argparse.Namespace):
 def _resume(args: argparse.Namespace) -> int:
     if not args.run_id:
         raise ConfigError("resume needs the search's run id (or MLFLOW_RUN_ID, as `mlflow run --run-id` sets it)")
+    from search.budget import process_started
     from search.resume import resume_search
 
-    return _report(resume_search(args.run_id))
+    return _report(resume_search(args.run_id, started=process_started()))
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ promote it (the registry), report."""
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 import warnings
@@ -19,13 +20,23 @@ from model_zoo import CNNZoo, precision_policy
 from search import assessment, evaluate, locking, registry, robustness, tracking
 from search import data as data_module
 from search.assessment import Evaluation, evaluate_once, keras_predict, write_model_card
+from search.budget import AFTER_TRAINING_PER_SETUP, CostModel, RunBudget, duration
 from search.data import DataError
 from search.outputs import check_writable, naming_a_full_disk
 from search.precision import Precision, choose_precision
 from search.reporting import eda, report
 from search.reporting.progress import top_table
 from search.train import retrain_winner
-from search.tuner import SearchStopped, failure_reason, fixed_hyperparameters, make_tuner, pick_winner, run_trials, seed_pruner
+from search.tuner import (
+    SearchStopped,
+    Winner,
+    failure_reason,
+    fixed_hyperparameters,
+    make_tuner,
+    pick_winner,
+    run_trials,
+    seed_from_records,
+)
 
 
 @dataclass(frozen=True)
@@ -53,13 +64,19 @@ class SearchResult:
 
 
 def run_search(
-    config: SearchConfig, verbose: int | None = None, resume: Resume | None = None, hypermodel: kt.HyperModel | None = None
+    config: SearchConfig,
+    verbose: int | None = None,
+    resume: Resume | None = None,
+    hypermodel: kt.HyperModel | None = None,
+    started: float | None = None,
 ) -> SearchResult:
-    """Run the whole search described by `config` (or continue one) and return what it found.
+    """Run the whole search described by `config` (or continue one) and return what it found,
+    within `config.budget_minutes` counted from `started` (a `time.monotonic()`; default: now).
 
     With `config.ray`, the trials run as Ray tasks (search/scaleout.py);
     everything else still happens here, once.
     """
+    budget = RunBudget(config.budget_minutes, config.search_share, time.monotonic() if started is None else started)
     # Keras' progress bars and Keras Tuner's tables in a terminal; in logs, our lines only.
     verbose = (1 if sys.stdout.isatty() else 0) if verbose is None else verbose
     data = prepare_data(config, resume)
@@ -82,14 +99,19 @@ def run_search(
         # Chosen once per search; a resumed search keeps the one it started with.
         precision = Precision(resume.precision, "resumed") if resume and resume.precision else choose_precision(config.precision)
         keras.utils.set_random_seed(config.seed)
+        setup_started = time.monotonic()
         record_setup(tracker, config, data, precision, resume, out)
-        tuner, records = search(tracker, config, data, precision.policy, resume, hypermodel, verbose, out)
-        winner = pick(tracker, tuner, config, len(data.validation))
+        cost, after_training_s = plan(tracker, config, data, budget, time.monotonic() - setup_started, precision)
+        tuner, records = search(tracker, config, data, precision.policy, resume, hypermodel, verbose, out, budget, cost)
+        final_s = lambda: budget.left() - after_training_s  # noqa: E731 - the final training's time, when asked
+        winner = pick(tracker, tuner, config, len(data.validation), budget, cost, final_s)
         registered = tracker.registered_version(config.model_name) if resume else None  # stopped after registering
-        model = build_model(tracker, tuner, winner, data, config, registered)
+        model = build_model(tracker, tuner, winner, data, config, registered, budget, cost, final_s)
         evaluation = evaluate_once(tracker, model, data, config, out)
         decision = promote(tracker, model, evaluation, winner, data, config, registered)
         write_search_report(tracker, config, decision, records, out)
+        tracker.log_metrics({"run_seconds": budget.elapsed()})
+        print(f"done: {budget.status()}", flush=True)
 
     trials = list(tuner.oracle.trials.values())
     return SearchResult(
@@ -139,6 +161,37 @@ def record_setup(
         tracker.log_artifact(eda.label_distribution(data, out / "eda" / "label_distribution.png"), "eda")
 
 
+def plan(
+    tracker: tracking.SearchTracker,
+    config: SearchConfig,
+    data: data_module.MnistData,
+    budget: RunBudget,
+    setup_s: float,
+    precision: Precision,
+) -> tuple[CostModel, float]:
+    """What the run will cost here, and the plan it makes of its budget, printed and logged:
+    the cost model of the final training and evaluation, and the seconds kept after the
+    final training for the figures, the registry and the report (measured as a multiple of
+    the set-up's own figures and logging, which are the same kind of work)."""
+    champion = tracker.alias_version(config.model_name, config.champion_alias)
+    suite_images = len(robustness.CORRUPTIONS) * min(config.robust_size or len(data.test), len(data.test))
+    evaluated = (len(data.test) + suite_images) * (2 if champion else 1)  # a champion is evaluated on the same digits
+    cost = CostModel(len(data.train), len(data.validation), evaluated)
+    after_training_s = AFTER_TRAINING_PER_SETUP * setup_s
+    tracker.log_metrics({"setup_seconds": budget.elapsed(), "after_training_reserve_seconds": after_training_s})
+    if not budget.limited:
+        print(f"no time budget: {config.max_trials} trials, then up to {config.final_epochs} final epochs", flush=True)
+    else:
+        print(
+            f"budget {duration(budget.total_s)} on {os.cpu_count()} cores ({precision.policy}): {duration(budget.elapsed())} used starting up; "
+            f"trials until {duration(budget.total_s * config.search_share)} (at most {config.max_trials}, each cut in its first epoch if "
+            f"its final training could not get {config.min_final_epochs} epochs), then the final training, as many of up to "
+            f"{config.final_epochs} epochs as fit, keeping time to evaluate {evaluated:,} digits and register",
+            flush=True,
+        )
+    return cost, after_training_s
+
+
 def search(
     tracker: tracking.SearchTracker,
     config: SearchConfig,
@@ -148,11 +201,21 @@ def search(
     hypermodel: kt.HyperModel | None,
     verbose: int,
     out: Path,
+    budget: RunBudget | None = None,
+    cost: CostModel | None = None,
 ) -> tuple[kt.Tuner, list[dict]]:
-    """The Keras Tuner search, scored on the validation split; trials.csv and the top trials
-    table. Returns the tuner and the trial records the tracker logged."""
+    """The Keras Tuner search, scored on the validation split, within the budget's share;
+    trials.csv and the top trials table. Returns the tuner and the trial records the tracker logged."""
     tuner = make_tuner(
-        config, tracker, out, project_name="tuner", hypermodel=hypermodel, resume=resume is not None, dtype_policy=dtype_policy
+        config,
+        tracker,
+        out,
+        project_name="tuner",
+        hypermodel=hypermodel,
+        resume=resume is not None,
+        dtype_policy=dtype_policy,
+        budget=budget,
+        cost=cost,
     )
     if resume:
         # Trials the oracle had not seen end run again: a run one of them finished in the
@@ -161,7 +224,7 @@ def search(
             if trial.status == kt.engine.trial.TrialStatus.RUNNING:
                 reason = "the search stopped before it recorded this attempt's result; the trial ran again"
                 tracker.end_trial_runs(trial.trial_id, "KILLED", reason, finished_too=True)
-        seed_pruner(tuner, tracker.trial_records())
+        seed_from_records(tuner, tracker.trial_records())
     train = data_module.subset(data.train, config.train_subset)
     try:
         try:
@@ -188,19 +251,39 @@ def search(
         raise
     records = tracker.trial_records()
     tracker.log_artifact(report.write_trials_csv(records, out / "trials.csv"))
+    if budget:
+        tracker.log_metrics({"search_seconds": budget.elapsed()})
     print(top_table(records))
     return tuner, records
 
 
-def pick(tracker: tracking.SearchTracker, tuner: kt.Tuner, config: SearchConfig, validation_images: int):
-    """The trial whose configuration becomes the model (see tuner.pick_winner)."""
+def pick(
+    tracker: tracking.SearchTracker,
+    tuner: kt.Tuner,
+    config: SearchConfig,
+    validation_images: int,
+    budget: RunBudget,
+    cost: CostModel,
+    final_s,
+) -> Winner:
+    """The trial whose configuration becomes the model: judged by what its final training
+    can reach in the time left here (see tuner.pick_winner)."""
     trials = list(tuner.oracle.trials.values())
     if not any(t.status == "COMPLETED" for t in trials):
         raise SearchFailed(f"all {len(trials)} trials failed; see the failure_reason tags of the trial runs")
-    winner = pick_winner(tuner, validation_images, config.winner_within_se)
-    tracker.log_metrics(
-        {"best_val_accuracy": winner.best.score, "winner_val_accuracy": winner.trial.score, "winner_multiply_adds": winner.multiply_adds}
+    fits = (
+        (lambda seconds_per_image: cost.epochs_that_fit(final_s(), seconds_per_image)) if budget.limited and config.final_epochs else None
     )
+    winner = pick_winner(tuner, validation_images, config.winner_within_se, fits, config.min_final_epochs)
+    metrics = {
+        "best_val_accuracy": winner.best.score,
+        "winner_val_accuracy": winner.trial.score,
+        "winner_multiply_adds": winner.multiply_adds,
+    }
+    if winner.seconds_per_image is not None:
+        metrics["winner_train_seconds_per_image"] = winner.seconds_per_image
+        metrics["final_epoch_seconds_predicted"] = cost.epoch_seconds(winner.seconds_per_image)
+    tracker.log_metrics(metrics)
     tracker.set_tag("best_trial_id", winner.best.trial_id)
     tracker.set_tag("winner_trial_id", winner.trial.trial_id)
     print(winner.describe(), flush=True)
@@ -208,15 +291,30 @@ def pick(tracker: tracking.SearchTracker, tuner: kt.Tuner, config: SearchConfig,
 
 
 def build_model(
-    tracker: tracking.SearchTracker, tuner: kt.Tuner, winner, data: data_module.MnistData, config: SearchConfig, registered: str | None
+    tracker: tracking.SearchTracker,
+    tuner: kt.Tuner,
+    winner: Winner,
+    data: data_module.MnistData,
+    config: SearchConfig,
+    registered: str | None,
+    budget: RunBudget,
+    cost: CostModel,
+    final_s,
 ) -> keras.Model:
-    """The winner's checkpoint, or its configuration retrained longer (`final_models` times: their average);
-    for a search stopped after it registered its model, that model."""
+    """The winner's checkpoint, or its configuration retrained longer (`final_models` times: their average)
+    in the time the budget leaves before the evaluation; for a search stopped after it registered its model, that model."""
     if registered:
         print(f"this search registered {config.model_name} version {registered} before it stopped: completing that version", flush=True)
         return tracking.load_keras_model(f"models:/{config.model_name}/{registered}")
     if config.final_epochs:
-        return retrain_winner(tuner.hypermodel, winner.trial.hyperparameters, data, config, tracker.log_metrics)
+        seconds_left = None
+        if budget.limited:
+            # After the first epoch, which times the validation pass: the evaluation's inference is kept out of it.
+            def seconds_left(validation_s: float) -> float:
+                return final_s() - cost.evaluation_seconds(validation_s / len(data.validation))
+
+            print(f"final training: {duration(max(0.0, final_s()))} until the evaluation; {budget.status()}", flush=True)
+        return retrain_winner(tuner.hypermodel, winner.trial.hyperparameters, data, config, tracker.log_metrics, seconds_left)
     with warnings.catch_warnings():  # checkpoints hold weights only, not the optimizer state
         warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
         return tuner.load_model(winner.trial)
@@ -226,7 +324,7 @@ def promote(
     tracker: tracking.SearchTracker,
     model: keras.Model,
     evaluation: Evaluation,
-    winner,
+    winner: Winner,
     data: data_module.MnistData,
     config: SearchConfig,
     registered: str | None = None,

@@ -11,9 +11,10 @@ from search.pipeline import Resume, SearchResult, run_search
 from search.tracking import TrackingError
 
 
-def resume_search(run_id: str, verbose: int | None = None) -> SearchResult:
+def resume_search(run_id: str, verbose: int | None = None, started: float | None = None) -> SearchResult:
     """Continue the interrupted search whose parent run is `run_id`, with the settings it
-    logged: from its tuner state, or from the start when it was stopped before its first trial."""
+    logged: from its tuner state, or from the start when it was stopped before its first trial.
+    Its time budget counts anew from `started` (a `time.monotonic()`; default: now)."""
     params = resumable_params(run_id)
     try:
         config = from_params(params)
@@ -27,7 +28,7 @@ def resume_search(run_id: str, verbose: int | None = None) -> SearchResult:
         raise TrackingError(f"no outputs of search run {run_id} at {folder}: resume from the directory the search ran in")
     # Before the run is reopened: a second resume must not touch the first one's runs.
     with locking.holding(folder, run_id):
-        return run_search(config, verbose, Resume(run_id, params.get("data_sha256", ""), params.get("precision_used", "")))
+        return run_search(config, verbose, Resume(run_id, params.get("data_sha256", ""), params.get("precision_used", "")), started=started)
 
 
 def resumable_params(run_id: str) -> dict[str, str]:

@@ -32,6 +32,7 @@ import ray
 from experiments import ConfigError, SearchConfig
 from model_zoo import multiply_adds
 from search import interrupts, tracking
+from search.budget import TrainingClock, too_costly
 from search.data import Split
 from search.pruning import MedianStopping
 from search.train import evaluation_dataset, training_dataset
@@ -61,6 +62,7 @@ class TrialJob:
     config: SearchConfig
     finished_curves: dict[str, dict[int, float]]  # the median rule's reference, when the trial starts
     weights: list[np.ndarray] | None = None  # Hyperband: the earlier round's weights it continues
+    max_seconds_per_image: float = float("inf")  # costlier, and the trial is cut in its first epoch (TrackedTuner)
 
 
 @dataclass
@@ -74,6 +76,8 @@ class TrialOutcome:
     weights: list[np.ndarray] | None = None  # of the best epoch
     reason: str = ""  # why it failed
     seconds: float = 0.0
+    seconds_per_image: float | None = None  # training, measured in its first epoch
+    cut: str = ""  # why it was cut as too costly to win
 
 
 def connect(address: str, cpus_per_trial: int = 1) -> float:
@@ -141,6 +145,7 @@ class RayTrials:
             while True:
                 interrupts.raise_if_requested()
                 while free and not stopped:
+                    tuner.pre_create_trial()  # the budget's check, as in Keras Tuner's own loop
                     trial = oracle.create_trial(free[0])
                     if trial.status == STOPPED:
                         stopped = True
@@ -174,6 +179,7 @@ class RayTrials:
             config=self.config,
             finished_curves=dict(pruner.finished) if pruner else {},
             weights=tuner.load_model(tuner.oracle.get_trial(earlier)).get_weights() if earlier else None,
+            max_seconds_per_image=tuner.max_seconds_per_image(),
         )
 
     def _end(self, tuner: kt.Tuner, tracker: tracking.SearchTracker, trial: kt.engine.trial.Trial, ref: ray.ObjectRef) -> None:
@@ -189,12 +195,15 @@ class RayTrials:
             save_checkpoint(tuner, trial, outcome.weights)
         trial.status = kt.engine.trial.TrialStatus.COMPLETED if outcome.completed else kt.engine.trial.TrialStatus.FAILED
         trial.message = outcome.reason
-        if tuner.pruner and outcome.completed:
+        if tuner.pruner and outcome.completed and not outcome.cut:
             tuner.pruner.seed(trial.trial_id, outcome.curve, outcome.pruned)
+        if outcome.cut:
+            tuner.costs.cut[trial.trial_id] = outcome.cut
+        tuner.costs.trial_ended(trial.trial_id, outcome.seconds, outcome.seconds_per_image)
         tuner.oracle.end_trial(trial)
         tuner.save()  # as Keras Tuner's own loop does after each trial: what a resume reloads
         score = tuner.oracle.get_trial(trial.trial_id).score if outcome.completed else None
-        tuner.progress.trial_ended(trial.trial_id, score, outcome.seconds, outcome.reason, outcome.pruned)
+        tuner.progress.trial_ended(trial.trial_id, score, outcome.seconds, outcome.reason, outcome.pruned, outcome.cut)
 
 
 def worker_environment(cpus: int) -> dict[str, str]:
@@ -224,6 +233,7 @@ def run_trial(job: TrialJob, data: tuple[np.ndarray, ...]) -> TrialOutcome:
     settings = job.config
     keras.backend.clear_session()  # a worker process runs many trials: free the last one's graph
     tracker = tracking.attach(job.parent_run_id, {"ray_node": ray.util.get_node_ip_address()})
+    watch = None
     try:
         # An earlier attempt whose worker died left its run RUNNING: this attempt replaces it.
         tracker.end_trial_runs(job.trial_id, "KILLED", "its Ray worker or node died; Ray ran the trial again")
@@ -238,7 +248,9 @@ def run_trial(job: TrialJob, data: tuple[np.ndarray, ...]) -> TrialOutcome:
         pruner = MedianStopping(settings.prune_min_trials, settings.prune_grace_epochs) if settings.prune else None
         if pruner:
             pruner.finished = dict(job.finished_curves)
-        watch = _Watch(tracker, job.trial_id, pruner, planned_epochs(trial, settings.max_epochs))
+        watch = _Watch(
+            tracker, job.trial_id, pruner, planned_epochs(trial, settings.max_epochs), settings.batch_size, job.max_seconds_per_image
+        )
         history = model.fit(
             training_dataset(train, settings.batch_size, settings.seed),
             validation_data=evaluation_dataset(validation, settings.batch_size),
@@ -252,31 +264,63 @@ def run_trial(job: TrialJob, data: tuple[np.ndarray, ...]) -> TrialOutcome:
             raise ValueError(f"loss became NaN after {len(losses)} epoch(s)")
         pruned = pruner.pruned.get(job.trial_id) if pruner else None
         outcome = TrialOutcome(job.trial_id, True, watch.best_logs, watch.best_epoch, watch.curve, pruned, watch.best_weights)
+        outcome.cut = watch.cut
         summary = {
             "best_val_accuracy": watch.best_logs["val_accuracy"],
             "param_count": model.count_params(),
             "multiply_adds": multiply_adds(model),
-            "epochs_saved": epochs_saved(trial, settings.max_epochs, pruned),
+            "epochs_saved": epochs_saved(trial, settings.max_epochs, pruned or (1 if watch.cut else None)),
         }
     except Exception as err:
         outcome, summary = TrialOutcome(job.trial_id, False, reason=_reason(err)), {}
     outcome.seconds = time.perf_counter() - started
+    outcome.seconds_per_image = watch.clock.seconds_per_image if watch else None
     summary |= {"wall_time_s": outcome.seconds, "cpu_seconds": time.process_time() - cpu_started}
-    tracker.end_trial(job.trial_id, not outcome.completed, summary, outcome.reason, pruned=outcome.pruned)
+    summary["train_seconds_per_image"] = outcome.seconds_per_image
+    tracker.end_trial(job.trial_id, not outcome.completed, summary, outcome.reason, pruned=outcome.pruned, cut=outcome.cut)
     return outcome
 
 
 class _Watch(keras.callbacks.Callback):
-    """Logs each epoch, keeps the best epoch's weights, and asks the median rule whether to go on."""
+    """Logs each epoch, keeps the best epoch's weights, cuts a trial too costly to win (as
+    TrackedTuner does), and asks the median rule whether to go on."""
 
-    def __init__(self, tracker: tracking.SearchTracker, trial_id: str, pruner: MedianStopping | None, planned: int):
+    def __init__(
+        self,
+        tracker: tracking.SearchTracker,
+        trial_id: str,
+        pruner: MedianStopping | None,
+        planned: int,
+        batch_size: int,
+        max_seconds_per_image: float,
+    ):
         super().__init__()
         self.tracker, self.trial_id, self.pruner, self.planned = tracker, trial_id, pruner, planned
+        self.clock, self.batch_size, self.max_seconds_per_image = TrainingClock(batch_size), batch_size, max_seconds_per_image
         self.curve: dict[int, float] = {}
         self.best_logs: dict[str, float] = {}
         self.best_epoch, self.best_weights = 0, None
+        self.cut, self.judged, self.batches = "", False, 0
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        self.epoch_started, self.batches = time.perf_counter(), 0
+
+    def on_train_batch_end(self, batch: int, logs=None) -> None:
+        self.batches = batch + 1
+        self.clock.batch_begins(batch + 1)
+        self._judge_cost()
+
+    def _judge_cost(self) -> None:
+        if self.judged or not self.clock.measured:
+            return
+        self.judged = True
+        self.cut = too_costly(self.clock.seconds_per_image, self.max_seconds_per_image)
+        if self.cut:
+            self.model.stop_training = True
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
+        self.clock.epoch_ends(time.perf_counter() - self.epoch_started, self.batches * self.batch_size)
+        self._judge_cost()
         logs = {k: float(v) for k, v in (logs or {}).items()}
         self.tracker.log_epoch(self.trial_id, epoch, logs)
         value = logs.get("val_accuracy", float("nan"))
@@ -285,7 +329,7 @@ class _Watch(keras.callbacks.Callback):
         self.curve[epoch] = value
         if not self.best_logs or value > self.best_logs["val_accuracy"]:
             self.best_logs, self.best_epoch, self.best_weights = logs, epoch, self.model.get_weights()
-        if self.pruner and self.pruner.report(self.trial_id, epoch, value, last=epoch + 1 >= self.planned):
+        if self.pruner and not self.cut and self.pruner.report(self.trial_id, epoch, value, last=epoch + 1 >= self.planned):
             self.model.stop_training = True
 
 

@@ -75,14 +75,23 @@ class WarmupCosine(keras.callbacks.Callback):
     schedule of its own). With `budget_s`, the epochs are settled once the first
     is timed: as many as fit in the budget (at most `epochs`), so the cosine
     still ends at zero; should later epochs run slower, training stops when the
-    next one would overrun the budget.
+    next one would overrun the budget. `seconds_left(validation_s)` instead of
+    `budget_s`: the seconds left for training once the first epoch is done, told
+    what one validation pass took then (so that the caller can keep time for
+    inference it measures that way).
     """
 
     WARM_BATCHES = 3  # batches left out of the timing: tracing and warm-up
 
-    def __init__(self, peak: float | None = None, epochs: int | None = None, budget_s: float = 0.0):
+    def __init__(
+        self,
+        peak: float | None = None,
+        epochs: int | None = None,
+        budget_s: float = 0.0,
+        seconds_left: Callable[[float], float] | None = None,
+    ):
         super().__init__()
-        self.peak, self.most, self.budget_s = peak, epochs, budget_s
+        self.peak, self.most, self.budget_s, self.seconds_left_after_first = peak, epochs, budget_s, seconds_left
 
     def on_train_begin(self, logs=None) -> None:
         self.steps_per_epoch = int(self.params["steps"])
@@ -93,6 +102,7 @@ class WarmupCosine(keras.callbacks.Callback):
         self.estimate_s: float | None = None  # seconds per epoch, from the first one
         self.training_s = self.validation_started = None
         self.validation_batches = 0
+        self.validation_s: float | None = None  # one validation pass, timed in the first epoch
 
     def rate(self, step: int) -> float:
         total = max(1, self.epochs * self.steps_per_epoch)
@@ -132,15 +142,18 @@ class WarmupCosine(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         now = time.perf_counter()
         self.epoch_seconds.append(now - self.epoch_started)
-        if self.budget_s and self.estimate_s is None:
+        if (self.budget_s or self.seconds_left_after_first) and self.estimate_s is None:
+            self.validation_s = 0.0
             if self.training_s is None:  # no validation: the whole first epoch
                 self.estimate_s = self.epoch_seconds[0]
             else:
                 timed = self.validation_batches - 1
-                validation_s = (
+                self.validation_s = (
                     (now - self.validation_timed_from) * self.validation_batches / timed if timed > 0 else now - self.validation_started
                 )
-                self.estimate_s = self.training_s + validation_s
+                self.estimate_s = self.training_s + self.validation_s
+            if self.seconds_left_after_first:
+                self.budget_s = now - self.started + max(0.0, self.seconds_left_after_first(self.validation_s))
             # The first epoch (tracing included) is spent; the rest run at the estimate.
             self.epochs = max(1, min(self.epochs, 1 + int((self.budget_s - self.epoch_seconds[0]) / self.estimate_s)))
         if len(self.epoch_seconds) >= self.epochs:
@@ -176,19 +189,21 @@ def train_final(
     peak_learning_rate: float = 0.0,
     budget_s: float = 0.0,
     clean_epochs: int = 0,
+    seconds_left: Callable[[float], float] | None = None,
 ) -> FinalTraining:
     """A fresh model of the best configuration, trained for up to `epochs` epochs on `train`.
 
     The learning rate follows `WarmupCosine`, peaking at `peak_learning_rate`
     (0: the configuration's searched learning rate), over as many epochs as
-    fit in `budget_s` seconds (0: no limit); the training digits are augmented
+    fit in `budget_s` seconds (0: no limit; or as `seconds_left` says after the
+    first epoch: see `WarmupCosine`); the training digits are augmented
     as `augment` says (search/augment.py), except in the last `clean_epochs` epochs of
     the schedule. The weights of the best validation epoch are kept.
     `on_epoch_end(epoch, logs)` sees every epoch, for tracking.
     """
     keras.utils.set_random_seed(seed)
     model = hypermodel.build(hyperparameters.copy())
-    schedule = WarmupCosine(peak_learning_rate or None, epochs, budget_s)
+    schedule = WarmupCosine(peak_learning_rate or None, epochs, budget_s, seconds_left)
     augmenting = tf.Variable(True, trainable=False)
     callbacks = [
         schedule,
@@ -227,18 +242,22 @@ def retrain_winner(
     data: MnistData,
     config: SearchConfig,
     log_metrics: Callable[..., None],
+    seconds_left: Callable[[float], float] | None = None,
 ) -> keras.Model:
     """The winner's configuration retrained on all training images, `final_models` times
-    with seeds seed, seed+1, ... (`final_minutes` shared), averaged into one model.
+    with seeds seed, seed+1, ..., averaged into one model. `seconds_left(validation_s)`
+    (None: no limit) is the run's time left for training, asked after each model's
+    first epoch, which the models still to train share.
     `log_metrics(metrics, step=None)` records each epoch and each training's timing."""
-    budget_s = config.final_minutes * 60 / config.final_models
     models = []
     for i in range(config.final_models):
         # One model keeps the metric names final_<metric>; several are final_<i>_<metric>.
         prefix = "final_" if config.final_models == 1 else f"final_{i}_"
-        limit = f", as many as fit in {budget_s / 60:.1f} min" if budget_s else ""
+        # This model's part of the time left: an equal share with the models still to train.
+        share = (lambda validation_s, n=config.final_models - i: seconds_left(validation_s) / n) if seconds_left else None
         print(
-            f"retraining the winner's configuration on {len(data.train)} images for up to {config.final_epochs} epochs{limit}"
+            f"retraining the winner's configuration on {len(data.train)} images for up to {config.final_epochs} epochs"
+            + (", as many as fit in the time left" if share else "")
             + (f" (model {i + 1} of {config.final_models})" if config.final_models > 1 else ""),
             flush=True,
         )
@@ -253,8 +272,8 @@ def retrain_winner(
             config.seed + i,
             on_epoch_end=lambda epoch, logs, prefix=prefix: log_metrics({prefix + k: v for k, v in logs.items()}, step=epoch),
             peak_learning_rate=config.final_learning_rate,
-            budget_s=budget_s,
             clean_epochs=config.clean_final_epochs,
+            seconds_left=share,
         )
         timing = {prefix + "epochs_run": run.epochs, prefix + "epoch_seconds": sum(run.epoch_seconds) / run.epochs}
         if run.epoch_estimate_s is not None:

@@ -12,9 +12,11 @@ import contextlib
 import errno
 import math
 import shutil
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import keras
 import keras_tuner as kt
@@ -23,6 +25,7 @@ import numpy as np
 from experiments import ConfigError, SearchConfig
 from model_zoo import CNNZoo, multiply_adds
 from search import interrupts
+from search.budget import CostModel, RunBudget, TrainingClock, too_costly
 from search.data import Split
 from search.pruning import MedianStopping
 from search.reporting.progress import Progress
@@ -58,18 +61,56 @@ class TrackedTuner:
     """Mixin: logs each trial as a nested MLflow run through `tracker`, prints a line per
     trial (its `progress`, counting down `trials` or Hyperband's own schedule), and
     stops the trials `pruner` finds hopeless. `trial_epochs`: a trial's epochs where
-    Hyperband does not set them."""
+    Hyperband does not set them.
 
-    def __init__(self, *, tracker: SearchTracker, pruner: MedianStopping | None, trial_epochs: int, trials: int, **kwargs):
+    With a limited `budget`, no trial starts that would end past the search's share
+    of it, and a trial whose measured cost per image would leave its final training
+    (`cost`) fewer than `min_final_epochs` in the time after the search is cut in its
+    first epoch: it cannot win (`pick_winner`)."""
+
+    def __init__(
+        self,
+        *,
+        tracker: SearchTracker,
+        pruner: MedianStopping | None,
+        trial_epochs: int,
+        trials: int,
+        batch_size: int,
+        budget: RunBudget | None = None,
+        cost: CostModel | None = None,
+        min_final_epochs: int = 1,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.tracker, self.pruner, self.max_epochs = tracker, pruner, trial_epochs
-        self.progress = Progress(planned_trials(self.oracle, trials))
+        self.batch_size, self.budget, self.cost, self.min_final_epochs = batch_size, budget, cost, min_final_epochs
+        self.progress = Progress(planned_trials(self.oracle, trials), budget=budget)
+        self.costs = TrialCosts()
+
+    def pre_create_trial(self) -> None:
+        super().pre_create_trial()
+        if self.costs.out_of_search_time(self.budget):
+            # Keras Tuner's own way to end a search: the next trial it creates is STOPPED.
+            self.oracle.max_trials = len(self.oracle.trials)
+            print(
+                f"search: stopping after {len(self.oracle.trials)} trials, its share of the budget spent; {self.budget.status()}",
+                flush=True,
+            )
+
+    def max_seconds_per_image(self) -> float:
+        """The costliest trial (seconds per training image) whose final training still gets
+        `min_final_epochs` in the time the budget leaves after the search."""
+        if not (self.budget and self.budget.limited and self.cost):
+            return math.inf
+        after_search = self.budget.left() - max(0.0, self.budget.search_left())
+        return self.cost.max_seconds_per_image(after_search, self.min_final_epochs)
 
     def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
         interrupts.raise_if_requested()
         super().on_trial_begin(trial)
         self._trial_started, self._cpu_started = time.perf_counter(), time.process_time()
         self._param_count = self._multiply_adds = self._checkpoint_bytes = None
+        self._clock, self._cost_limit, self._judged = TrainingClock(self.batch_size), self.max_seconds_per_image(), False
         self.tracker.start_trial(trial.trial_id, active_values(trial.hyperparameters))
         self.progress.trial_started(trial.trial_id, active_values(trial.hyperparameters))
 
@@ -87,12 +128,31 @@ class TrackedTuner:
                 raise kt.errors.FailedTrialError(f"loss became NaN after {len(losses)} epoch(s)")
         return histories
 
+    def on_epoch_begin(self, trial, model, epoch, logs=None) -> None:
+        super().on_epoch_begin(trial, model, epoch, logs)
+        self._epoch_started, self._batches = time.perf_counter(), 0
+
     def on_batch_end(self, trial, model, batch, logs=None) -> None:
         interrupts.raise_if_requested()
+        self._batches = batch + 1
+        self._clock.batch_begins(batch + 1)  # timed between batch ends: the same intervals
+        self._judge_cost(trial, model)
+
+    def _judge_cost(self, trial, model) -> None:
+        """Once the trial's cost is measured: cut it if its final training could not get enough epochs."""
+        if self._judged or not self._clock.measured:
+            return
+        self._judged = True
+        cut = too_costly(self._clock.seconds_per_image, self._cost_limit)
+        if cut:
+            self.costs.cut[trial.trial_id] = cut
+            model.stop_training = True  # Keras ends the epoch after this batch
 
     def on_epoch_end(self, trial, model, epoch, logs=None) -> None:
         super().on_epoch_end(trial, model, epoch, logs)
         logs = logs or {}
+        self._clock.epoch_ends(time.perf_counter() - self._epoch_started, self._batches * self.batch_size)
+        self._judge_cost(trial, model)
         if self._param_count is None:  # once per trial, after its first epoch
             self._param_count = model.count_params()
             self._multiply_adds = multiply_adds(model)
@@ -105,7 +165,13 @@ class TrackedTuner:
             raise SearchStopped(trial.trial_id, err, "MLflow logging failed") from err
         self._check_room_for_checkpoint(trial)
         last = epoch + 1 >= planned_epochs(trial, self.max_epochs)
-        if self.pruner and "val_accuracy" in logs and self.pruner.report(trial.trial_id, epoch, float(logs["val_accuracy"]), last):
+        cut = trial.trial_id in self.costs.cut
+        if (
+            self.pruner
+            and not cut
+            and "val_accuracy" in logs
+            and self.pruner.report(trial.trial_id, epoch, float(logs["val_accuracy"]), last)
+        ):
             model.stop_training = True  # Keras ends the fit after this epoch
 
     def _check_room_for_checkpoint(self, trial) -> None:
@@ -127,21 +193,53 @@ class TrackedTuner:
         finally:
             ended = self.oracle.get_trial(trial.trial_id)
             failed = ended.status != kt.engine.trial.TrialStatus.COMPLETED
+            cut = self.costs.cut.get(trial.trial_id, "")
             pruned = None
             if self.pruner:
-                self.pruner.end(trial.trial_id, failed)
+                self.pruner.end(trial.trial_id, failed or bool(cut))  # a cut trial's partial epoch is no reference
                 pruned = self.pruner.pruned.get(trial.trial_id)
             summary = {
                 "best_val_accuracy": None if failed else ended.score,
                 "param_count": self._param_count,
                 "multiply_adds": self._multiply_adds,
+                "train_seconds_per_image": self._clock.seconds_per_image,
                 "wall_time_s": time.perf_counter() - self._trial_started,
                 "cpu_seconds": time.process_time() - self._cpu_started,  # every thread of the process
-                "epochs_saved": epochs_saved(trial, self.max_epochs, pruned),
+                "epochs_saved": epochs_saved(trial, self.max_epochs, pruned or (1 if cut else None)),
             }
             reason = failure_reason(ended) if failed else ""
-            self.tracker.end_trial(trial.trial_id, failed, summary, reason, pruned=pruned)
-            self.progress.trial_ended(trial.trial_id, summary["best_val_accuracy"], summary["wall_time_s"], reason, pruned)
+            self.costs.trial_ended(trial.trial_id, summary["wall_time_s"], self._clock.seconds_per_image)
+            self.tracker.end_trial(trial.trial_id, failed, summary, reason, pruned=pruned, cut=cut)
+            self.progress.trial_ended(trial.trial_id, summary["best_val_accuracy"], summary["wall_time_s"], reason, pruned, cut)
+
+
+class TrialCosts:
+    """What the trials cost here: each one's seconds per training image (measured), its wall
+    time, and the trials cut as too costly for the final training the budget leaves."""
+
+    def __init__(self):
+        self.seconds_per_image: dict[str, float] = {}
+        self.wall_seconds: list[float] = []
+        self.cut: dict[str, str] = {}  # trial id -> why
+
+    def trial_ended(self, trial_id: str, wall_seconds: float, seconds_per_image: float | None) -> None:
+        self.wall_seconds.append(wall_seconds)
+        if seconds_per_image is not None:
+            self.seconds_per_image[trial_id] = seconds_per_image
+
+    def seed(self, records: list[dict]) -> None:
+        """A resumed search's costs, from the trials logged before (SearchTracker.trial_records)."""
+        for record in records:
+            if record["status"] == "FINISHED":
+                self.trial_ended(record["trial_id"], record["wall_time_s"] or 0.0, record.get("seconds_per_image"))
+                if record.get("cut"):
+                    self.cut[record["trial_id"]] = record["cut"]
+
+    def out_of_search_time(self, budget: RunBudget | None) -> bool:
+        """Whether a trial of the median duration so far would end past the search's share."""
+        if not (budget and budget.limited and self.wall_seconds):
+            return False  # the first trial always runs: it is what measures the machine
+        return budget.search_left() < statistics.median(self.wall_seconds)
 
 
 class TrackedHyperband(TrackedTuner, kt.Hyperband):
@@ -172,6 +270,8 @@ def make_tuner(
     resume: bool = False,
     dtype_policy: str | None = None,
     pruner: MedianStopping | None = None,
+    budget: RunBudget | None = None,
+    cost: CostModel | None = None,
 ) -> kt.Tuner:
     """The configured tuner over `hypermodel` (default: the model zoo's families,
     built under `dtype_policy`), scored on `val_accuracy`; hopeless trials are stopped
@@ -179,7 +279,8 @@ def make_tuner(
 
     With `resume`, Keras Tuner reloads the oracle from `directory`: completed
     trials are kept and the interrupted one runs again. With no `tracker`,
-    Keras Tuner's own tuner runs the same search untracked.
+    Keras Tuner's own tuner runs the same search untracked. `budget` and `cost`:
+    see `TrackedTuner`.
     """
     hypermodel = hypermodel or CNNZoo(config.families, dtype_policy=dtype_policy)
     common = dict(
@@ -196,7 +297,16 @@ def make_tuner(
     )
     if tracker:
         rule = (pruner or MedianStopping(config.prune_min_trials, config.prune_grace_epochs)) if config.prune else None
-        common |= dict(tracker=tracker, pruner=rule, trial_epochs=config.max_epochs, trials=config.max_trials)
+        common |= dict(
+            tracker=tracker,
+            pruner=rule,
+            trial_epochs=config.max_epochs,
+            trials=config.max_trials,
+            batch_size=config.batch_size,
+            budget=budget,
+            cost=cost,
+            min_final_epochs=config.min_final_epochs,
+        )
     classes = TUNER_CLASSES if tracker else UNTRACKED_CLASSES
     if config.tuner == "hyperband":
         tuner = classes["hyperband"](max_epochs=config.max_epochs, factor=config.hyperband_factor, **common)
@@ -277,41 +387,81 @@ def trial_callbacks(config: SearchConfig) -> list[keras.callbacks.Callback]:
 @dataclass(frozen=True)
 class Winner:
     trial: kt.engine.trial.Trial  # the configuration the pipeline keeps
-    best: kt.engine.trial.Trial  # the highest val_accuracy
+    best: kt.engine.trial.Trial  # the highest val_accuracy among the trials whose final training fits
     multiply_adds: int  # the winner's, per digit
     standard_error: float  # of the best val_accuracy on the validation split
+    seconds_per_image: float | None = None  # the winner's, measured in its trial
+    final_epochs_fit: float = math.inf  # final-training epochs the plan expects to fit here
+    left_out: tuple[tuple[str, float, float], ...] = ()  # (trial id, score, epochs that fit) of better trials too costly to win
 
     def describe(self) -> str:
         line = f"winner: trial {self.trial.trial_id}, val_accuracy {self.trial.score:.4f}, {self.multiply_adds / 1e6:.1f} M multiply-adds per digit"
+        if self.seconds_per_image is not None:
+            line += f", {self.seconds_per_image * 1e6:.0f} us per training image here"
+        if math.isfinite(self.final_epochs_fit):
+            line += f", about {self.final_epochs_fit:.0f} final epochs fit"
         if self.trial is not self.best:
             line += f"; the cheapest within {self.standard_error:.4f} of the best, trial {self.best.trial_id} ({self.best.score:.4f})"
+        for trial_id, score, fit in self.left_out:
+            line += f"; trial {trial_id} ({score:.4f}) left out: {fit:.1f} final epochs would fit"
         return line
 
 
-def pick_winner(tuner: kt.Tuner, validation_size: int, within_se: float) -> Winner:
-    """The cheapest completed trial whose val_accuracy is within `within_se` standard
-    errors of the best (the one-standard-error rule); 0: the best trial.
+def pick_winner(
+    tuner: kt.Tuner,
+    validation_size: int,
+    within_se: float,
+    epochs_that_fit: Callable[[float], float] | None = None,
+    min_epochs: int = 1,
+) -> Winner:
+    """The configuration to retrain: among the completed trials whose final training gets at
+    least `min_epochs` epochs here (`epochs_that_fit(seconds per image)`, from each trial's
+    measured cost; None: no limit), the cheapest whose val_accuracy is within `within_se`
+    standard errors of their best (the one-standard-error rule); 0: their best trial.
 
-    Scores closer than the validation split's sampling noise do not tell the
-    trials apart; a cheaper network retrains more epochs in the same minutes
-    and serves faster. Cost is multiply-adds per digit; ties go to the higher score.
+    A two-epoch score says how good a network is after two epochs, not after the final
+    training this machine can afford: a network that would get only a few epochs there
+    loses to a cheaper one that gets many. Scores closer than the validation split's
+    sampling noise do not tell the trials apart, and a cheaper network retrains more
+    epochs in the same minutes and serves faster. Cost is the measured seconds per
+    training image (multiply-adds where a trial has no measurement); ties go to the higher score.
     """
+    costs = getattr(tuner, "costs", TrialCosts())
     completed = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]
-    best = max(completed, key=lambda t: t.score)
+    uncut = [t for t in completed if t.trial_id not in costs.cut] or completed
+    adds = {t.trial_id: multiply_adds(tuner.hypermodel.build(t.hyperparameters.copy())) for t in uncut}
+    seconds = _seconds_per_image(costs.seconds_per_image, adds)
+    fit = {t.trial_id: epochs_that_fit(seconds[t.trial_id]) if epochs_that_fit and seconds else math.inf for t in uncut}
+    cost = seconds or adds
+    eligible = [t for t in uncut if fit[t.trial_id] >= min_epochs] or [min(uncut, key=lambda t: cost[t.trial_id])]
+    best = max(eligible, key=lambda t: t.score)
     standard_error = math.sqrt(best.score * (1 - best.score) / validation_size)
-    close = [t for t in completed if t.score >= best.score - within_se * standard_error]
-    costs = {t.trial_id: multiply_adds(tuner.hypermodel.build(t.hyperparameters.copy())) for t in close}
-    winner = min(close, key=lambda t: (costs[t.trial_id], -t.score, t.trial_id))
-    return Winner(winner, best, costs[winner.trial_id], standard_error)
+    close = [t for t in eligible if t.score >= best.score - within_se * standard_error]
+    winner = min(close, key=lambda t: (cost[t.trial_id], -t.score, t.trial_id))
+    left_out = tuple((t.trial_id, t.score, fit[t.trial_id]) for t in uncut if t not in eligible and t.score > best.score)
+    return Winner(winner, best, adds[winner.trial_id], standard_error, seconds.get(winner.trial_id), fit[winner.trial_id], left_out)
 
 
-def seed_pruner(tuner: kt.Tuner, records: list[dict]) -> None:
+def _seconds_per_image(measured: dict[str, float], adds: dict[str, int]) -> dict[str, float]:
+    """Each trial's measured seconds per training image; one without a measurement gets the
+    median seconds per multiply-add of those with one. Empty where none was measured."""
+    rates = [measured[i] / adds[i] for i in adds if i in measured and adds[i]]
+    if not rates:
+        return {}
+    rate = statistics.median(rates)
+    return {i: measured.get(i, adds[i] * rate) for i in adds}
+
+
+def seed_from_records(tuner: kt.Tuner, records: list[dict]) -> None:
     """A resumed search's pruner learns the curves of the trials that finished before
-    (`SearchTracker.trial_records`): Keras Tuner's oracle keeps no per-epoch scores."""
+    (`SearchTracker.trial_records`), and its costs their measured costs: Keras Tuner's
+    oracle keeps no per-epoch scores."""
     if getattr(tuner, "pruner", None):
         for record in records:
-            if record["status"] == "FINISHED" and record["curve"]:
+            if record["status"] == "FINISHED" and record["curve"] and not record.get("cut"):
                 tuner.pruner.seed(record["trial_id"], dict(record["curve"]), record["pruned"])
+    if hasattr(tuner, "costs"):
+        tuner.costs.seed(records)
 
 
 def planned_epochs(trial: kt.engine.trial.Trial, max_epochs: int) -> int:

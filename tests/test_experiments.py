@@ -98,7 +98,7 @@ def test_only_none_means_the_profiles_value():
 @pytest.mark.parametrize(
     "name, text, value",
     [
-        ("seed", "0", 0), ("max_trials", "3.0", 3), ("final_minutes", "2.5", 2.5), ("fixed", "", ()), ("fixed", "head=gap, dropout=0.1", ("head=gap", "dropout=0.1")),
+        ("seed", "0", 0), ("max_trials", "3.0", 3), ("budget_minutes", "2.5", 2.5), ("fixed", "", ()), ("fixed", "head=gap, dropout=0.1", ("head=gap", "dropout=0.1")),
         ("prune", "false", False), ("prune", "True", True), ("augment", "jitter", "jitter"), ("data", "", ""),
     ],
 )  # fmt: skip

@@ -187,7 +187,7 @@ def test_the_winner_is_retrained_within_its_time_budget_and_logged_per_epoch(tra
 
     data = write_npz(tmp_path / "tiny.npz", n_train=700, n_test=100)
     config = resolve(
-        "smoke", data=str(data), validation_size=100, max_trials=2, max_epochs=1, final_epochs=2, final_minutes=10.0, augment="robust"
+        "smoke", data=str(data), validation_size=100, max_trials=2, max_epochs=1, final_epochs=2, budget_minutes=10.0, augment="robust"
     )
     result = run_search(config, verbose=0)
 

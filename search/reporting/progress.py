@@ -5,7 +5,11 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from typing import Mapping, TextIO
+from typing import Mapping, Protocol, TextIO
+
+
+class Clock(Protocol):
+    def status(self) -> str: ...  # the run's time used and left (search/budget.py)
 
 
 def describe(hyperparameters: Mapping[str, object]) -> str:
@@ -23,10 +27,11 @@ def describe(hyperparameters: Mapping[str, object]) -> str:
 
 
 class Progress:
-    """Prints a line when a trial starts and when it ends; `max_trials` bounds the estimate of time left."""
+    """Prints a line when a trial starts and when it ends; `max_trials` bounds the estimate of
+    the search's time left, and `budget` (if given) says the whole run's."""
 
-    def __init__(self, max_trials: int, out: TextIO | None = None):
-        self.max_trials = max_trials
+    def __init__(self, max_trials: int, out: TextIO | None = None, budget: Clock | None = None):
+        self.max_trials, self.budget = max_trials, budget
         self.out = out or sys.stdout
         self.durations: list[float] = []
         self.best: float | None = None
@@ -36,17 +41,22 @@ class Progress:
         self.started += 1
         self._print(f"trial {self.started}/{self.max_trials} (id {trial_id}): {describe(hyperparameters)}")
 
-    def trial_ended(self, trial_id: str, val_accuracy: float | None, seconds: float, failure: str = "", pruned: int | None = None) -> None:
+    def trial_ended(
+        self, trial_id: str, val_accuracy: float | None, seconds: float, failure: str = "", pruned: int | None = None, cut: str = ""
+    ) -> None:
         self.durations.append(seconds)
         if val_accuracy is not None and (self.best is None or val_accuracy > self.best):
             self.best = val_accuracy
         outcome = f"FAILED ({failure})" if failure else f"val_accuracy {val_accuracy:.4f}"
         if pruned:
             outcome += f", pruned after epoch {pruned} (below the median)"
+        if cut:
+            outcome += f", cut in its first epoch ({cut})"
         best = f"best so far {self.best:.4f}" if self.best is not None else "no trial completed yet"
         left = max(0, self.max_trials - len(self.durations))
         eta = f", about {_duration(statistics.fmean(self.durations) * left)} left for up to {left} more" if left else ""
-        self._print(f"trial {len(self.durations)}/{self.max_trials} (id {trial_id}) {outcome} in {_duration(seconds)}; {best}{eta}")
+        run = f"; {self.budget.status()}" if self.budget else ""
+        self._print(f"trial {len(self.durations)}/{self.max_trials} (id {trial_id}) {outcome} in {_duration(seconds)}; {best}{eta}{run}")
 
     def _print(self, line: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {line}", file=self.out, flush=True)

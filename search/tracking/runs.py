@@ -85,19 +85,23 @@ class SearchTracker:
         metrics = [Metric(k, float(logs[k]), now, epoch) for k in EPOCH_METRICS if k in logs]
         self.client.log_batch(self._trial_runs[trial_id], metrics=metrics)
 
-    def end_trial(self, trial_id: str, failed: bool, summary: Mapping[str, float], reason: str = "", pruned: int | None = None) -> None:
-        """End the trial's run FINISHED (tag `pruned` = epochs trained when the median rule stopped it) or FAILED."""
+    def end_trial(
+        self, trial_id: str, failed: bool, summary: Mapping[str, float], reason: str = "", pruned: int | None = None, cut: str = ""
+    ) -> None:
+        """End the trial's run FINISHED (tag `pruned` = epochs trained when the median rule stopped it;
+        tag `cut` = why it was stopped as too costly to win) or FAILED."""
         metrics = [Metric(k, float(v), _now_ms(), 0) for k, v in summary.items() if v is not None]
         tags = [mlflow.entities.RunTag("failure_reason", reason[:5000])] if reason else []
         tags += [mlflow.entities.RunTag("pruned", str(pruned))] if pruned else []
+        tags += [mlflow.entities.RunTag("cut", cut[:5000])] if cut else []
         run_id = self._trial_runs.pop(trial_id)
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
     def trial_records(self) -> list[dict]:
         """Every trial run of this search as logged: trial_id, status, hyperparameters,
-        val_accuracy (best), param_count, multiply_adds, wall_time_s, pruned, epochs_saved
-        and the val_accuracy curve [(epoch, value)]."""
+        val_accuracy (best), param_count, multiply_adds, seconds_per_image (training, measured),
+        wall_time_s, pruned, cut (why, or ""), epochs_saved and the val_accuracy curve [(epoch, value)]."""
         runs = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=10_000)
         records = []
         for run in runs:
@@ -110,8 +114,10 @@ class SearchTracker:
                     "val_accuracy": run.data.metrics.get("best_val_accuracy"),
                     "param_count": run.data.metrics.get("param_count"),
                     "multiply_adds": run.data.metrics.get("multiply_adds"),
+                    "seconds_per_image": run.data.metrics.get("train_seconds_per_image"),
                     "wall_time_s": run.data.metrics.get("wall_time_s"),
                     "pruned": int(run.data.tags["pruned"]) if "pruned" in run.data.tags else None,
+                    "cut": run.data.tags.get("cut", ""),
                     "epochs_saved": run.data.metrics.get("epochs_saved"),
                     "curve": sorted((m.step, m.value) for m in curve),
                 }

@@ -1,0 +1,154 @@
+"""The whole run's time budget, planned from what this machine measures.
+
+The clock starts with the process (Python's start-up and imports count). The
+trials may spend `search_share` of the budget; what is left goes to the final
+training and to the evaluation and registry after it. Costs are measured, never
+assumed: each trial's seconds per training image (`TrainingClock`), and in the
+final training's first epoch its own epoch and inference times. Two ratios are
+planning estimates only, corrected by those measurements before anything is
+settled: what a final-training epoch costs against a trial's images, and
+inference against training per image.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# A final-training image costs more than a trial's: the augmentation shares the cores.
+FINAL_IMAGE_COST = 1.5
+# Inference of an image against one training step of it (forward only, large batches).
+INFERENCE_SHARE = 0.35
+# Kept back from the budget: the process's exit, and `mlflow run` around it.
+END_MARGIN = 0.03
+# After the final training: the corrupted digits made, figures drawn, the model logged
+# and registered, the report written; the same kind of work as the set-up's figures and
+# logging, which the run times first.
+AFTER_TRAINING_PER_SETUP = 3.0
+
+
+def process_started() -> float:
+    """The `time.monotonic()` at which this process started (Linux's /proc/self/stat), so that
+    start-up and imports count against the budget; elsewhere, now."""
+    try:
+        after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started_s = int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time, in ticks since boot
+        running_s = time.clock_gettime(time.CLOCK_BOOTTIME) - started_s
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.monotonic()
+    return time.monotonic() - min(max(running_s, 0.0), 600.0)
+
+
+class RunBudget:
+    """`minutes` from `started` (0: no limit), of which the trials may spend `search_share`."""
+
+    def __init__(self, minutes: float, search_share: float, started: float | None = None):
+        self.total_s = minutes * 60
+        self.search_share = search_share
+        self.started = process_started() if started is None else started
+
+    @property
+    def limited(self) -> bool:
+        return self.total_s > 0
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def left(self) -> float:
+        """Seconds until the run should be done (inf without a budget)."""
+        return self.total_s * (1 - END_MARGIN) - self.elapsed() if self.limited else math.inf
+
+    def search_left(self) -> float:
+        """Seconds the trials may still spend (inf without a budget)."""
+        return self.total_s * self.search_share - self.elapsed() if self.limited else math.inf
+
+    def status(self) -> str:
+        """The run's time so far and, with a budget, the time left: for the terminal's lines."""
+        used = duration(self.elapsed())
+        if not self.limited:
+            return f"run {used} so far"
+        return f"run {used} of {duration(self.total_s)}, {duration(max(0.0, self.left()))} left"
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """What the final training and evaluation will cost here, in terms of a configuration's
+    measured seconds per trial training image."""
+
+    train_images: int  # of the final training, each epoch
+    validation_images: int  # scored after each epoch
+    evaluated_images: int  # after the training: test split, robustness suite, the champion's too
+
+    def epoch_seconds(self, seconds_per_image: float) -> float:
+        """A final-training epoch: its images (augmented) and the validation pass."""
+        return seconds_per_image * (self.train_images * FINAL_IMAGE_COST + self.validation_images * INFERENCE_SHARE)
+
+    def evaluation_seconds(self, inference_seconds_per_image: float) -> float:
+        return inference_seconds_per_image * self.evaluated_images
+
+    def final_seconds(self, seconds_left: float, seconds_per_image: float) -> float:
+        """Of `seconds_left` in the run, what the final training of such a configuration may spend."""
+        return seconds_left - self.evaluation_seconds(seconds_per_image * INFERENCE_SHARE)
+
+    def epochs_that_fit(self, seconds_left: float, seconds_per_image: float) -> float:
+        """Final-training epochs of a configuration costing `seconds_per_image` (in a trial) that fit in `seconds_left`."""
+        return max(0.0, self.final_seconds(seconds_left, seconds_per_image)) / self.epoch_seconds(seconds_per_image)
+
+    def max_seconds_per_image(self, seconds_left: float, min_epochs: int) -> float:
+        """The costliest configuration (seconds per trial image) whose final training still
+        gets `min_epochs` epochs in `seconds_left`."""
+        per_image = self.epoch_seconds(1.0) * min_epochs + self.evaluation_seconds(INFERENCE_SHARE)
+        return seconds_left / per_image if seconds_left > 0 else 0.0
+
+
+class TrainingClock:
+    """Seconds per training image of one training, timed over its first epoch's batches after
+    the first `WARM` (tracing and warm-up); `batch_begins(batch)` is told of every batch."""
+
+    WARM = 3
+    ENOUGH = 12  # timed batches before the cost can be judged
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.epoch = 0
+        self.timed_from: float | None = None
+        self.batches = 0  # timed so far, in the first epoch
+        self.seconds_per_image: float | None = None
+
+    def batch_begins(self, batch: int) -> None:
+        if self.epoch or self.seconds_per_image is not None:
+            return
+        now = time.perf_counter()
+        if batch == self.WARM:
+            self.timed_from = now
+        elif self.timed_from is not None:
+            self.batches = batch - self.WARM
+            if self.batches >= self.ENOUGH:
+                self.seconds_per_image = (now - self.timed_from) / (self.batches * self.batch_size)
+
+    def epoch_ends(self, epoch_seconds: float, images: int) -> None:
+        """After the first epoch: a short one is timed as a whole (tracing included)."""
+        if self.epoch == 0 and self.seconds_per_image is None:
+            self.seconds_per_image = epoch_seconds / max(1, images)
+        self.epoch += 1
+
+    @property
+    def measured(self) -> bool:
+        return self.seconds_per_image is not None
+
+
+def too_costly(seconds_per_image: float, limit: float) -> str:
+    """Why a trial is cut ("" if it is not): its measured cost against the most that leaves
+    its final training the epochs it needs (CostModel.max_seconds_per_image)."""
+    if seconds_per_image <= limit:
+        return ""
+    return f"too costly here: {seconds_per_image * 1e6:.0f} us per training image, the final training allows {limit * 1e6:.0f}"
+
+
+def duration(seconds: float) -> str:
+    """12s, 3m05s."""
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
