@@ -3,11 +3,11 @@
 The clock starts with the process (Python's start-up and imports count). The
 trials may spend `search_share` of the budget; what is left goes to the final
 training and to the evaluation and registry after it. Costs are measured, never
-assumed: each trial's seconds per training image (`TrainingClock`), and in the
-final training's first epoch its own epoch and inference times. Two ratios are
-planning estimates only, corrected by those measurements before anything is
-settled: what a final-training epoch costs against a trial's images, and
-inference against training per image.
+assumed: each trial's seconds per training image (`TrainingClock`), the final
+training's augmentation per image (timed at the start), and in the final
+training's first epoch its own epoch and inference times. One ratio is a
+planning estimate only, corrected by that first epoch before anything is
+settled: inference against training per image.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# A final-training image costs more than a trial's: the augmentation shares the cores.
-FINAL_IMAGE_COST = 1.5
 # Inference of an image against one training step of it (forward only, large batches).
 INFERENCE_SHARE = 0.35
 # Kept back from the budget: the process's exit, and `mlflow run` around it.
@@ -81,10 +79,14 @@ class CostModel:
     train_images: int  # of the final training, each epoch
     validation_images: int  # scored after each epoch
     evaluated_images: int  # after the training: test split, robustness suite, the champion's too
+    augment_seconds_per_image: float = 0.0  # the final training's augmentation, on the same cores
 
     def epoch_seconds(self, seconds_per_image: float) -> float:
-        """A final-training epoch: its images (augmented) and the validation pass."""
-        return seconds_per_image * (self.train_images * FINAL_IMAGE_COST + self.validation_images * INFERENCE_SHARE)
+        """A final-training epoch: its images, their augmentation and the validation pass."""
+        return (
+            self.train_images * (seconds_per_image + self.augment_seconds_per_image)
+            + self.validation_images * seconds_per_image * INFERENCE_SHARE
+        )
 
     def evaluation_seconds(self, inference_seconds_per_image: float) -> float:
         return inference_seconds_per_image * self.evaluated_images
@@ -100,8 +102,9 @@ class CostModel:
     def max_seconds_per_image(self, seconds_left: float, min_epochs: int) -> float:
         """The costliest configuration (seconds per trial image) whose final training still
         gets `min_epochs` epochs in `seconds_left`."""
-        per_image = self.epoch_seconds(1.0) * min_epochs + self.evaluation_seconds(INFERENCE_SHARE)
-        return seconds_left / per_image if seconds_left > 0 else 0.0
+        fixed = self.train_images * self.augment_seconds_per_image * min_epochs
+        per_image = (self.train_images + self.validation_images * INFERENCE_SHARE) * min_epochs + self.evaluation_seconds(INFERENCE_SHARE)
+        return max(0.0, seconds_left - fixed) / per_image
 
 
 class TrainingClock:

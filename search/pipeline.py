@@ -26,7 +26,7 @@ from search.outputs import check_writable, naming_a_full_disk
 from search.precision import Precision, choose_precision
 from search.reporting import eda, report
 from search.reporting.progress import top_table
-from search.train import retrain_winner
+from search.train import augmentation_seconds_per_image, retrain_winner
 from search.tuner import (
     SearchStopped,
     Winner,
@@ -46,6 +46,9 @@ class Resume:
     run_id: str  # the search's parent run
     data_sha256: str  # the data it started with
     precision: str  # the dtype policy it started with: a resumed search never re-measures it
+
+
+SUITE_PROBE_DIGITS = 200  # corrupted at the start to time the robustness suite
 
 
 class SearchFailed(RuntimeError):
@@ -176,9 +179,16 @@ def plan(
     champion = tracker.alias_version(config.model_name, config.champion_alias)
     suite_images = len(robustness.CORRUPTIONS) * min(config.robust_size or len(data.test), len(data.test))
     evaluated = (len(data.test) + suite_images) * (2 if champion else 1)  # a champion is evaluated on the same digits
-    cost = CostModel(len(data.train), len(data.validation), evaluated)
-    after_training_s = AFTER_TRAINING_PER_SETUP * setup_s
-    tracker.log_metrics({"setup_seconds": budget.elapsed(), "after_training_reserve_seconds": after_training_s})
+    augment_s = augmentation_seconds_per_image(data.train, config.batch_size, config.augment, config.seed) if config.final_epochs else 0.0
+    cost = CostModel(len(data.train), len(data.validation), evaluated, augment_s)
+    # Making the robustness suite (numpy and scipy, after the training) timed on training digits: the test split is not read yet.
+    started = time.monotonic()
+    robustness.suite(data_module.subset(data.train, SUITE_PROBE_DIGITS), config.seed)
+    suite_s = (time.monotonic() - started) * min(config.robust_size or len(data.test), len(data.test)) / SUITE_PROBE_DIGITS
+    after_training_s = suite_s + AFTER_TRAINING_PER_SETUP * setup_s
+    tracker.log_metrics(
+        {"setup_seconds": budget.elapsed(), "after_training_reserve_seconds": after_training_s, "augment_seconds_per_image": augment_s}
+    )
     if not budget.limited:
         print(f"no time budget: {config.max_trials} trials, then up to {config.final_epochs} final epochs", flush=True)
     else:

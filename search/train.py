@@ -40,6 +40,21 @@ def training_dataset(split: Split, batch_size: int, seed: int, augment: str = "n
     return _fixed(dataset.prefetch(PREFETCH_BATCHES))
 
 
+def augmentation_seconds_per_image(split: Split, batch_size: int, augment: str, seed: int, batches: int = 16) -> float:
+    """What `augment` costs per image on this machine, timed through the training dataset
+    (its parallel map, as in training) over `batches` batches after a first one that traces it."""
+    if not augmenter(augment, seed):
+        return 0.0
+    images = min(len(split), batch_size * (batches + 1))
+    dataset = training_dataset(Split(split.x[:images], split.y[:images]), batch_size, seed, augment)
+    iterator = iter(dataset)
+    next(iterator)
+    started, timed = time.perf_counter(), 0
+    for x, _ in iterator:
+        timed += len(x)
+    return (time.perf_counter() - started) / max(1, timed)
+
+
 def _while_on(switch: tf.Variable, change: Callable, x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return tf.cond(switch, lambda: change(x, seed), lambda: x)
 
@@ -58,10 +73,9 @@ def _fixed(dataset: tf.data.Dataset) -> tf.data.Dataset:
     return dataset.with_options(options)
 
 
-# A budgeted training stops before its planned epochs only if the next epoch
-# would end more than this far past the budget: timing noise must not cut the
-# cosine short of its end.
-OVERRUN = 1.1
+# A budgeted training's last epoch may end this far past its budget: timing noise
+# must not cut the cosine short of its end.
+OVERRUN = 1.03
 
 
 class WarmupCosine(keras.callbacks.Callback):
@@ -74,8 +88,8 @@ class WarmupCosine(keras.callbacks.Callback):
     the first one it runs (a Hyperband round that continues a trial runs a
     schedule of its own). With `budget_s`, the epochs are settled once the first
     is timed: as many as fit in the budget (at most `epochs`), so the cosine
-    still ends at zero; should later epochs run slower, training stops when the
-    next one would overrun the budget. `seconds_left(validation_s)` instead of
+    still ends at zero; should later epochs run slower, the schedule shrinks to the epochs that still
+    fit. `seconds_left(validation_s)` instead of
     `budget_s`: the seconds left for training once the first epoch is done, told
     what one validation pass took then (so that the caller can keep time for
     inference it measures that way).
@@ -156,12 +170,19 @@ class WarmupCosine(keras.callbacks.Callback):
                 self.budget_s = now - self.started + max(0.0, self.seconds_left_after_first(self.validation_s))
             # The first epoch (tracing included) is spent; the rest run at the estimate.
             self.epochs = max(1, min(self.epochs, 1 + int((self.budget_s - self.epoch_seconds[0]) / self.estimate_s)))
-        if len(self.epoch_seconds) >= self.epochs:
+        done = len(self.epoch_seconds)
+        if self.budget_s and done > 1:
+            # Later epochs run at their own pace: the schedule shrinks to the epochs that still
+            # fit, so that its cosine still ends at zero in time; a last epoch that would end just
+            # past the budget (timing noise) still runs, rather than cut the cosine short.
+            next_s = statistics.median(self.epoch_seconds[1:])
+            elapsed = now - self.started
+            fit = done + int((self.budget_s - elapsed) / next_s)
+            if fit <= done and elapsed + next_s <= OVERRUN * self.budget_s:
+                fit = done + 1
+            self.epochs = min(self.epochs, max(fit, done))
+        if done >= self.epochs:
             self.model.stop_training = True
-        elif self.budget_s:
-            next_s = statistics.median(self.epoch_seconds[1:]) if len(self.epoch_seconds) > 1 else self.estimate_s
-            if now - self.started + next_s > OVERRUN * self.budget_s:
-                self.model.stop_training = True  # later epochs ran slower than the first: the budget holds
 
     def seconds_left(self) -> float:
         """The epochs still planned, at the median epoch time so far."""

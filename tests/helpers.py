@@ -35,6 +35,15 @@ def write_npz(path: Path, n_train: int = 120, n_test: int = 40, seed: int = 0, *
     return path
 
 
+def mnist_subset(path: Path, source: Path, n_train: int, n_test: int) -> Path:
+    """The first `n_train` training and `n_test` test digits of the real MNIST file, as an .npz of MNIST's layout."""
+    with np.load(source) as d:
+        np.savez(
+            path, x_train=d["x_train"][:n_train], y_train=d["y_train"][:n_train], x_test=d["x_test"][:n_test], y_test=d["y_test"][:n_test]
+        )
+    return path
+
+
 MLFLOW_RUN_ENV = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 
 

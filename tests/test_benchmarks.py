@@ -49,6 +49,13 @@ def test_table_marks_each_target_met_or_not():
                     "epochs_saved": 0,
                     "winner": "dropout=0.2",
                     **ROBUST,
+                    "budget_s": 60.0,
+                    "search_s": 12.6,
+                    "precision": "float32",
+                    "cut": 0,
+                    "winner_multiply_adds": 1.2e6,
+                    "final_epochs": 4.0,
+                    "decision": "registered mnist-cnn version 1 as @champion",
                 }
             ],
             "default": [
@@ -60,7 +67,8 @@ def test_table_marks_each_target_met_or_not():
                     "trials": 16,
                     "architectures": 16,
                     "pruned": 6,
-                    "epochs_saved": 6,
+                    "cut": 1,
+                    "epochs_saved": 7,
                     "winner": "family=residual",
                     **ROBUST,
                 },
@@ -89,17 +97,34 @@ def test_table_marks_each_target_met_or_not():
     assert row["tracking overhead, fastest search of each"].endswith("| 0.990x |  |  |")
     assert row["inference: registered model via pyfunc"].endswith("| 25,000 digits/s | >= 10,000 | yes |")
     assert row["inference: the same, served in float32 (serve_int8 off)"].endswith("| 7,000 digits/s |  |  |")
-    assert row["profile fast, seed 42: mlflow run"].endswith("| 0.8 min, test 99.40% | <= 1 min | yes |")
-    assert row["profile default, seed 42: mlflow run"].endswith("| yes |")
-    assert row["profile default, seed 43: mlflow run"].endswith("| no |")  # 13.3 min > 12, and 99.49% < 99.50%
+    assert row["profile fast, seed 42: mlflow run"].endswith("| 0.83 min, test 99.40% | <= 1.05 min | yes |")
+    assert row["profile fast, seed 42: plan"].endswith(
+        "| budget 1 min, float32: 2 trials in 13 s; winner, 1.2 M multiply-adds, 4 final epochs; registered mnist-cnn version 1 as @champion |  |  |"
+    )
+    assert row["profile default, seed 42: mlflow run"].endswith("| no |")  # 11.7 min > 10.5
+    assert row["profile default, seed 43: mlflow run"].endswith("| no |")  # 13.3 min > 10.5
+    assert row["profile default, seed 42: search"].endswith(
+        "| 16 distinct architectures in 16 trials, 6 pruned, 1 cut as too costly (7 epochs saved) | >= 14 architectures | yes |"
+    )
     assert row["profile default, seed 43: search"].endswith(
-        "| 14 distinct architectures in 16 trials, 5 pruned (5 epochs saved) | >= 15 architectures | no |"
+        "| 14 distinct architectures in 16 trials, 5 pruned, 0 cut as too costly (5 epochs saved) | >= 14 architectures | yes |"
     )
     assert row["profile default, seed 42: winner"].endswith("| family=residual |  |  |")
     assert row["profile default, seed 42: robustness suite"].endswith("| mean 95.00%, worst line 89.00% | >= 97%, each >= 90% | no |")
     assert row["profile default, seed 43: robustness suite"].endswith("| mean 97.50%, worst line 96.00% | >= 97%, each >= 90% | yes |")
     assert row["profile default, seed 42: each corruption"].endswith("| rotation 99.00% line 89.00% scale 97.00% |  |  |")
-    assert row["profile default: mean test accuracy of 2 seed(s)"].endswith("| 99.57% | >= 99.60% | no |")
+    assert row["profile default: mean test accuracy of 2 seed(s)"].endswith("| 99.57% | >= 99.65% | no |")
+
+
+def test_a_slowed_profile_has_targets_of_its_own():
+    run = {"seed": 42, "exit": 0, "wall_s": 61.0, "test_accuracy": 0.9905, "trials": 1, "architectures": 1, "pruned": 0, "epochs_saved": 0}
+    results = {
+        "machine": {"cpu": "Test CPU", "cores": 2, "date": "2026-12-03 00:00 UTC"},
+        "profiles": {"fast (slowed)": [{**run, "winner": "", **ROBUST}]},
+    }
+    row = {line.split(" | ")[0].strip("| "): line for line in table(results).splitlines() if line.startswith("| ")}
+    assert row["profile fast (slowed), seed 42: mlflow run"].endswith("| 1.02 min, test 99.05% | <= 1.05 min | yes |")
+    assert row["profile fast (slowed): mean test accuracy of 1 seed(s)"].endswith("| 99.05% | >= 99.00% | yes |")
 
 
 def test_the_scale_out_rows_give_the_trials_wall_and_cpu_time():

@@ -321,3 +321,26 @@ def test_a_model_below_the_robustness_gate_is_not_registered(tmp_path, mnist_npz
     # Nothing will serve it: no int8 form was made.
     assert "int8_test_accuracy" not in parent.data.metrics and "served_form" not in parent.data.tags
     assert "served with int8 weights" not in result.stdout and "served in float32" not in result.stdout
+
+
+def test_the_fast_profile_registers_a_champion_that_loads_by_name(tmp_path, mnist_npz):
+    """A new user's one-minute try (`mlflow run . -P profile=fast`, its real budget and data)
+    leaves a model that clears both gates and loads by name from a process without this project."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = mlflow_run(fresh_project(tmp_path), store, mnist_npz, "profile=fast")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (parent,) = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags]
+    metrics = parent.data.metrics
+    assert metrics["test_accuracy"] >= 0.9 and metrics["robust_accuracy_mean"] >= 0.9, metrics
+    assert parent.data.tags["registry_decision"].startswith("registered mnist-cnn version 1 as @champion")
+    script = (
+        "import sys, numpy as np, mlflow\n"
+        "model = mlflow.pyfunc.load_model('models:/mnist-cnn@champion')\n"
+        f"d = np.load({str(mnist_npz)!r})\n"
+        "print(f\"accuracy={(model.predict(d['x_test'][:1000])['digit'] == d['y_test'][:1000]).mean():.4f}\")\n"
+        "assert not {'search', 'model_zoo', 'experiments'} & set(sys.modules)\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    loaded = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd="/")
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert float(loaded.stdout.strip().rsplit("accuracy=", 1)[1]) >= 0.9

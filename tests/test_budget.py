@@ -1,0 +1,186 @@
+"""search/budget.py and the budget in the tuner: the clock, the cost model, trials cut as too
+costly for the final training, the search stopped at its share, and the winner chosen
+for what this machine can train (real trials, real costs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import keras
+import keras_tuner as kt
+import mlflow
+import pytest
+
+from experiments import resolve
+from model_zoo import make_cnn
+from search import tracking
+from search.budget import INFERENCE_SHARE, CostModel, RunBudget, TrainingClock, duration, process_started, too_costly
+from search.data import Split
+from search.tuner import make_tuner, pick_winner, run_trials
+from tests.helpers import MLFLOW_RUN_ENV, REPO, mnist_subset
+
+
+def test_the_budget_counts_from_its_start_and_keeps_the_searchs_share():
+    budget = RunBudget(minutes=2, search_share=0.25, started=time.monotonic() - 30)
+    assert budget.limited and 29 < budget.elapsed() < 40
+    assert budget.search_left() == pytest.approx(120 * 0.25 - budget.elapsed(), abs=0.5)  # spent, about
+    assert 120 * 0.97 - 40 < budget.left() < 120 * 0.97 - 29
+    assert budget.status().startswith("run 3") and budget.status().endswith("left") and "of 2m00s" in budget.status()
+    unlimited = RunBudget(minutes=0, search_share=0.3)
+    assert not unlimited.limited and unlimited.left() == unlimited.search_left() == float("inf")
+    assert unlimited.status().startswith("run ") and "left" not in unlimited.status()
+    assert (duration(7.4), duration(185)) == ("7s", "3m05s")
+
+
+def test_the_process_clock_counts_start_up_and_imports():
+    """A fresh Python that imports TensorFlow before asking: the clock already holds that time."""
+    script = (
+        "import time; t = time.monotonic()\n"
+        "import tensorflow\n"
+        "from search.budget import process_started\n"
+        "print(time.monotonic() - process_started(), time.monotonic() - t)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300, check=True)
+    since_start, since_script = map(float, done.stdout.split())
+    assert since_start >= since_script > 0 and since_start < since_script + 60
+    assert process_started() <= time.monotonic()
+
+
+def test_the_cost_models_limit_is_where_exactly_the_needed_epochs_fit():
+    cost = CostModel(train_images=54_000, validation_images=6_000, evaluated_images=40_000, augment_seconds_per_image=2e-5)
+    limit = cost.max_seconds_per_image(seconds_left=300, min_epochs=8)
+    assert cost.epochs_that_fit(300, limit) == pytest.approx(8)
+    assert cost.epoch_seconds(1e-4) == pytest.approx(54_000 * 1.2e-4 + 6_000 * 1e-4 * INFERENCE_SHARE)
+    assert cost.epochs_that_fit(300, limit * 2) < 8 < cost.epochs_that_fit(300, limit / 2)
+    assert cost.evaluation_seconds(1e-4) == pytest.approx(4.0)
+    assert cost.max_seconds_per_image(seconds_left=-5, min_epochs=8) == 0.0 and cost.epochs_that_fit(-5, limit) == 0.0
+    assert (
+        too_costly(limit / 2, limit) == ""
+        and too_costly(2e-4, 1e-4) == "too costly here: 200 us per training image, the final training allows 100"
+    )
+
+
+def test_the_training_clock_times_batches_after_the_warm_up():
+    clock = TrainingClock(batch_size=100)
+    for batch in range(TrainingClock.WARM + TrainingClock.ENOUGH + 1):
+        clock.batch_begins(batch)
+        time.sleep(0.002)
+    assert clock.measured and 0.002 / 100 <= clock.seconds_per_image < 0.05 / 100
+    measured = clock.seconds_per_image
+    clock.epoch_ends(epoch_seconds=100.0, images=10)
+    assert clock.seconds_per_image == measured  # the batches' timing, not the epoch's
+    short = TrainingClock(batch_size=100)
+    short.batch_begins(0)
+    short.epoch_ends(epoch_seconds=2.0, images=400)  # too few batches: the epoch as a whole
+    assert short.seconds_per_image == pytest.approx(0.005)
+
+
+class TwoSizes(kt.HyperModel):
+    """A small and a large real network: the large costs many times more per image."""
+
+    def build(self, hp: kt.HyperParameters) -> keras.Model:
+        if hp.Choice("size", ["small", "large"]) == "small":
+            return make_cnn(conv_filters=(4,), learning_rate=3e-3)
+        return make_cnn(conv_filters=(64, 128), convs_per_block=2, dense_units=256, learning_rate=3e-3)
+
+
+def digits(mnist_npz, n: int, offset: int = 0) -> Split:
+    import numpy as np
+
+    with np.load(mnist_npz) as d:
+        return Split(d["x_train"][offset : offset + n, :, :, None].astype("float32") / 255, d["y_train"][offset : offset + n])
+
+
+def small_and_large_trials(tracking_store, tmp_path, mnist_npz, budget=None, cost=None, max_trials=2):
+    config = resolve("smoke", fixed=(), max_trials=max_trials, max_epochs=2, early_stopping_patience=0, prune=False)
+    with tracking.tracked_run("budget") as tracker:
+        tuner = make_tuner(config, tracker, tmp_path, "tuner", hypermodel=TwoSizes(), budget=budget, cost=cost)
+        run_trials(tuner, config, digits(mnist_npz, 2_560), digits(mnist_npz, 512, offset=50_000))
+    return tuner, tracker.run_id
+
+
+def test_the_cheaper_candidate_wins_where_the_costlier_cannot_train_enough_epochs(tracking_store, tmp_path, mnist_npz):
+    tuner, _ = small_and_large_trials(tracking_store, tmp_path, mnist_npz)
+    trials = {t.hyperparameters.values["size"]: t for t in tuner.oracle.trials.values()}
+    small, large = trials["small"], trials["large"]
+    costs = tuner.costs.seconds_per_image
+    assert costs[large.trial_id] > 2 * costs[small.trial_id] > 0  # measured, not assumed
+    large.score = max(large.score, small.score + 0.01)  # the costlier network scored better in its trial
+
+    # With time for any final training, the better score wins.
+    assert pick_winner(tuner, 512, within_se=0).trial is large
+    # With time for 8 final epochs of the small network but not of the large one, the small one wins.
+    cost = CostModel(train_images=54_000, validation_images=6_000, evaluated_images=40_000)
+
+    def seconds_for_8_epochs(seconds_per_image: float) -> float:
+        return 8 * cost.epoch_seconds(seconds_per_image) + cost.evaluation_seconds(seconds_per_image * INFERENCE_SHARE)
+
+    seconds_left = (seconds_for_8_epochs(costs[small.trial_id]) * seconds_for_8_epochs(costs[large.trial_id])) ** 0.5
+    winner = pick_winner(tuner, 512, within_se=0, epochs_that_fit=lambda s: cost.epochs_that_fit(seconds_left, s), min_epochs=8)
+    assert winner.trial is small and winner.final_epochs_fit >= 8
+    assert [trial_id for trial_id, _, fit in winner.left_out] == [large.trial_id] and winner.left_out[0][2] < 8
+    assert f"trial {large.trial_id} ({large.score:.4f}) left out" in winner.describe()
+
+
+def test_a_trial_too_costly_for_the_time_left_is_cut_in_its_first_epoch_and_the_search_stops_at_its_share(
+    tracking_store, tmp_path, mnist_npz
+):
+    """Started 55 s into a one-minute budget: the first trial runs (it measures the machine),
+    is cut (no final training could follow it), and no second trial starts."""
+    budget = RunBudget(minutes=1, search_share=0.5, started=time.monotonic() - 55)
+    cost = CostModel(train_images=54_000, validation_images=6_000, evaluated_images=40_000)
+    tuner, run_id = small_and_large_trials(tracking_store, tmp_path, mnist_npz, budget, cost, max_trials=3)
+    (trial,) = tuner.oracle.trials.values()
+    client = mlflow.MlflowClient()
+    (child,) = client.search_runs([client.get_run(run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    assert child.data.tags["cut"].startswith("too costly here: ") and child.info.status == "FINISHED"
+    assert len(client.get_metric_history(child.info.run_id, "val_accuracy")) == 1  # of its 2 epochs
+    assert child.data.metrics["train_seconds_per_image"] > 0 and child.data.metrics["epochs_saved"] == 1
+    assert tuner.costs.cut == {trial.trial_id: child.data.tags["cut"]}
+    # Every trial cut: the winner is still one of them (the cheapest), not an error.
+    assert pick_winner(tuner, 512, within_se=1.0).trial is trial
+
+
+# As on a slower CPU: one core, oneDNN held to AVX2 (no AVX-512, bf16 or AMX kernels), float32.
+SLOWED = {"env": {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "prefix": ["taskset", "-c", "0"], "settings": ["precision=float32"]}
+BUDGET_TOLERANCE = 1.10  # the run's wall time against its budget: the last epoch's timing noise
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("slowed", [False, True], ids=["this-cpu", "slowed"])
+def test_a_budgeted_search_ends_within_its_budget_whatever_the_cpu(tmp_path, mnist_npz, slowed):
+    """A real default search of real digits given 1.5 minutes, from process start to exit, as
+    it is here and as on a slower CPU: it plans against what it measures and ends in time."""
+    data = mnist_subset(tmp_path / "mnist-part.npz", mnist_npz, n_train=14_000, n_test=2_000)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(REPO), **(SLOWED["env"] if slowed else {})}
+    for var in MLFLOW_RUN_ENV:
+        env.pop(var, None)
+    settings = [f"data={data}", "budget_minutes=1.5", "validation_size=2000", "train_subset=3000", "max_epochs=1", "robust_size=300"]
+    command = [
+        *(SLOWED["prefix"] if slowed else []),
+        sys.executable,
+        "-m",
+        "search",
+        "run",
+        *settings,
+        *(SLOWED["settings"] if slowed else []),
+    ]
+    started = time.monotonic()
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    wall_s = time.monotonic() - started
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert wall_s <= 90 * BUDGET_TOLERANCE, f"{wall_s:.1f} s for a 90 s budget\n" + done.stdout[-3000:]
+    client = mlflow.MlflowClient(store)
+    (parent,) = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.command = 'search'")
+    metrics = parent.data.metrics
+    assert metrics["run_seconds"] <= 90 and metrics["final_epochs_run"] >= 1 and "test_accuracy" in metrics
+    assert "budget 1m30s on " in done.stdout and "done: run " in done.stdout and "of 1m30s" in done.stdout
+    # No trial started that was expected to end past the search's share (27 s): the share is
+    # passed by at most the last trial's overshoot of the median trial.
+    trials = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    longest = max(t.data.metrics["wall_time_s"] for t in trials)
+    assert metrics["search_seconds"] <= 90 * 0.3 + longest, (metrics["search_seconds"], longest)
