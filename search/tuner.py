@@ -89,7 +89,7 @@ class TrackedTuner:
 
     def pre_create_trial(self) -> None:
         super().pre_create_trial()
-        if self.costs.out_of_search_time(self.budget):
+        if len(self.oracle.trials) < (self.oracle.max_trials or math.inf) and self.costs.out_of_search_time(self.budget):
             # Keras Tuner's own way to end a search: the next trial it creates is STOPPED.
             self.oracle.max_trials = len(self.oracle.trials)
             print(
