@@ -107,6 +107,40 @@ class CostModel:
         return max(0.0, seconds_left - fixed) / per_image
 
 
+@dataclass(frozen=True)
+class Plan:
+    """The run's plan of its budget: what the final training and evaluation cost here, and
+    the seconds kept after the final training (the suite made, figures, registry, report)."""
+
+    budget: RunBudget
+    cost: CostModel
+    after_training_s: float
+    min_final_epochs: int  # a configuration whose final training gets fewer cannot win
+
+    @property
+    def limited(self) -> bool:
+        return self.budget.limited
+
+    def final_seconds(self) -> float:
+        """Seconds left now for the final training and the evaluation's inference."""
+        return self.budget.left() - self.after_training_s
+
+    def max_seconds_per_image(self) -> float:
+        """The costliest trial (seconds per training image) whose final training still gets
+        `min_final_epochs`, in the time the budget leaves once the search's share is spent."""
+        if not self.limited:
+            return math.inf
+        return self.cost.max_seconds_per_image(self.final_seconds() - max(0.0, self.budget.search_left()), self.min_final_epochs)
+
+    def epochs_that_fit(self, seconds_per_image: float) -> float:
+        """Final-training epochs, in the time left now, of a configuration costing `seconds_per_image` in its trial."""
+        return self.cost.epochs_that_fit(self.final_seconds(), seconds_per_image) if self.limited else math.inf
+
+    def training_seconds_left(self, validation_s: float) -> float:
+        """Told what one validation pass took: the seconds left to train, the evaluation's inference kept out."""
+        return self.final_seconds() - self.cost.evaluation_seconds(validation_s / self.cost.validation_images)
+
+
 class TrainingClock:
     """Seconds per training image of one training, timed over its first epoch's batches after
     the first `WARM` (tracing and warm-up); `batch_begins(batch)` is told of every batch."""

@@ -20,7 +20,7 @@ from model_zoo import CNNZoo, precision_policy
 from search import assessment, evaluate, locking, registry, robustness, tracking
 from search import data as data_module
 from search.assessment import Evaluation, evaluate_once, keras_predict, write_model_card
-from search.budget import AFTER_TRAINING_PER_SETUP, CostModel, RunBudget, duration
+from search.budget import AFTER_TRAINING_PER_SETUP, CostModel, Plan, RunBudget, duration
 from search.data import DataError
 from search.outputs import check_writable, naming_a_full_disk
 from search.precision import Precision, choose_precision
@@ -104,12 +104,11 @@ def run_search(
         keras.utils.set_random_seed(config.seed)
         setup_started = time.monotonic()
         record_setup(tracker, config, data, precision, resume, out)
-        cost, after_training_s = plan(tracker, config, data, budget, time.monotonic() - setup_started, precision)
-        tuner, records = search(tracker, config, data, precision.policy, resume, hypermodel, verbose, out, budget, cost)
-        final_s = lambda: budget.left() - after_training_s  # noqa: E731 - the final training's time, when asked
-        winner = pick(tracker, tuner, config, len(data.validation), budget, cost, final_s)
+        planned = plan(tracker, config, data, budget, time.monotonic() - setup_started, precision)
+        tuner, records = search(tracker, config, data, precision.policy, resume, hypermodel, verbose, out, planned)
+        winner = pick(tracker, tuner, config, len(data.validation), planned)
         registered = tracker.registered_version(config.model_name) if resume else None  # stopped after registering
-        model = build_model(tracker, tuner, winner, data, config, registered, budget, cost, final_s)
+        model = build_model(tracker, tuner, winner, data, config, registered, planned)
         evaluation = evaluate_once(tracker, model, data, config, out)
         decision = promote(tracker, model, evaluation, winner, data, config, registered)
         write_search_report(tracker, config, decision, records, out)
@@ -171,11 +170,12 @@ def plan(
     budget: RunBudget,
     setup_s: float,
     precision: Precision,
-) -> tuple[CostModel, float]:
+) -> Plan:
     """What the run will cost here, and the plan it makes of its budget, printed and logged:
-    the cost model of the final training and evaluation, and the seconds kept after the
-    final training for the figures, the registry and the report (measured as a multiple of
-    the set-up's own figures and logging, which are the same kind of work)."""
+    the cost model of the final training and evaluation (the augmentation timed here), and
+    the seconds kept after the final training: making the robustness suite (timed on a few
+    training digits), and the figures, registry and report (a multiple of the set-up's own
+    figures and logging, `setup_s`, which are the same kind of work)."""
     champion = tracker.alias_version(config.model_name, config.champion_alias)
     suite_images = len(robustness.CORRUPTIONS) * min(config.robust_size or len(data.test), len(data.test))
     evaluated = (len(data.test) + suite_images) * (2 if champion else 1)  # a champion is evaluated on the same digits
@@ -199,7 +199,7 @@ def plan(
             f"{config.final_epochs} epochs as fit, keeping time to evaluate {evaluated:,} digits and register",
             flush=True,
         )
-    return cost, after_training_s
+    return Plan(budget, cost, after_training_s, config.min_final_epochs)
 
 
 def search(
@@ -211,8 +211,7 @@ def search(
     hypermodel: kt.HyperModel | None,
     verbose: int,
     out: Path,
-    budget: RunBudget | None = None,
-    cost: CostModel | None = None,
+    planned: Plan | None = None,
 ) -> tuple[kt.Tuner, list[dict]]:
     """The Keras Tuner search, scored on the validation split, within the budget's share;
     trials.csv and the top trials table. Returns the tuner and the trial records the tracker logged."""
@@ -224,8 +223,7 @@ def search(
         hypermodel=hypermodel,
         resume=resume is not None,
         dtype_policy=dtype_policy,
-        budget=budget,
-        cost=cost,
+        plan=planned,
     )
     if resume:
         # Trials the oracle had not seen end run again: a run one of them finished in the
@@ -261,8 +259,8 @@ def search(
         raise
     records = tracker.trial_records()
     tracker.log_artifact(report.write_trials_csv(records, out / "trials.csv"))
-    if budget:
-        tracker.log_metrics({"search_seconds": budget.elapsed()})
+    if planned:
+        tracker.log_metrics({"search_seconds": planned.budget.elapsed()})
     print(top_table(records))
     return tuner, records
 
@@ -272,18 +270,14 @@ def pick(
     tuner: kt.Tuner,
     config: SearchConfig,
     validation_images: int,
-    budget: RunBudget,
-    cost: CostModel,
-    final_s,
+    planned: Plan,
 ) -> Winner:
     """The trial whose configuration becomes the model: judged by what its final training
     can reach in the time left here (see tuner.pick_winner)."""
     trials = list(tuner.oracle.trials.values())
     if not any(t.status == "COMPLETED" for t in trials):
         raise SearchFailed(f"all {len(trials)} trials failed; see the failure_reason tags of the trial runs")
-    fits = (
-        (lambda seconds_per_image: cost.epochs_that_fit(final_s(), seconds_per_image)) if budget.limited and config.final_epochs else None
-    )
+    fits = planned.epochs_that_fit if planned.limited and config.final_epochs else None
     winner = pick_winner(tuner, validation_images, config.winner_within_se, fits, config.min_final_epochs)
     metrics = {
         "best_val_accuracy": winner.best.score,
@@ -292,7 +286,7 @@ def pick(
     }
     if winner.seconds_per_image is not None:
         metrics["winner_train_seconds_per_image"] = winner.seconds_per_image
-        metrics["final_epoch_seconds_predicted"] = cost.epoch_seconds(winner.seconds_per_image)
+        metrics["final_epoch_seconds_predicted"] = planned.cost.epoch_seconds(winner.seconds_per_image)
     tracker.log_metrics(metrics)
     tracker.set_tag("best_trial_id", winner.best.trial_id)
     tracker.set_tag("winner_trial_id", winner.trial.trial_id)
@@ -307,9 +301,7 @@ def build_model(
     data: data_module.MnistData,
     config: SearchConfig,
     registered: str | None,
-    budget: RunBudget,
-    cost: CostModel,
-    final_s,
+    planned: Plan,
 ) -> keras.Model:
     """The winner's checkpoint, or its configuration retrained longer (`final_models` times: their average)
     in the time the budget leaves before the evaluation; for a search stopped after it registered its model, that model."""
@@ -317,13 +309,12 @@ def build_model(
         print(f"this search registered {config.model_name} version {registered} before it stopped: completing that version", flush=True)
         return tracking.load_keras_model(f"models:/{config.model_name}/{registered}")
     if config.final_epochs:
-        seconds_left = None
-        if budget.limited:
-            # After the first epoch, which times the validation pass: the evaluation's inference is kept out of it.
-            def seconds_left(validation_s: float) -> float:
-                return final_s() - cost.evaluation_seconds(validation_s / len(data.validation))
-
-            print(f"final training: {duration(max(0.0, final_s()))} until the evaluation; {budget.status()}", flush=True)
+        if planned.limited:
+            print(
+                f"final training: {duration(max(0.0, planned.final_seconds()))} until the evaluation; {planned.budget.status()}", flush=True
+            )
+        # Asked after the first epoch, which times the validation pass: the evaluation's inference is kept out.
+        seconds_left = planned.training_seconds_left if planned.limited else None
         return retrain_winner(tuner.hypermodel, winner.trial.hyperparameters, data, config, tracker.log_metrics, seconds_left)
     with warnings.catch_warnings():  # checkpoints hold weights only, not the optimizer state
         warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")

@@ -25,7 +25,7 @@ import numpy as np
 from experiments import ConfigError, SearchConfig
 from model_zoo import CNNZoo, multiply_adds
 from search import interrupts
-from search.budget import CostModel, RunBudget, TrainingClock, too_costly
+from search.budget import Plan, RunBudget, TrainingClock, too_costly
 from search.data import Split
 from search.pruning import MedianStopping
 from search.reporting.progress import Progress
@@ -63,10 +63,10 @@ class TrackedTuner:
     stops the trials `pruner` finds hopeless. `trial_epochs`: a trial's epochs where
     Hyperband does not set them.
 
-    With a limited `budget`, no trial starts that would end past the search's share
-    of it, and a trial whose measured cost per image would leave its final training
-    (`cost`) fewer than `min_final_epochs` in the time after the search is cut in its
-    first epoch: it cannot win (`pick_winner`)."""
+    With a `plan` of a limited budget, no trial starts that would end past the
+    search's share of it, and a trial whose measured cost per image would leave its
+    final training fewer than the plan's `min_final_epochs` in the time after the
+    search is cut in its first epoch: it cannot win (`pick_winner`)."""
 
     def __init__(
         self,
@@ -76,34 +76,25 @@ class TrackedTuner:
         trial_epochs: int,
         trials: int,
         batch_size: int,
-        budget: RunBudget | None = None,
-        cost: CostModel | None = None,
-        min_final_epochs: int = 1,
+        plan: Plan | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.tracker, self.pruner, self.max_epochs = tracker, pruner, trial_epochs
-        self.batch_size, self.budget, self.cost, self.min_final_epochs = batch_size, budget, cost, min_final_epochs
-        self.progress = Progress(planned_trials(self.oracle, trials), budget=budget)
+        self.tracker, self.pruner, self.max_epochs, self.batch_size, self.plan = tracker, pruner, trial_epochs, batch_size, plan
+        self.progress = Progress(planned_trials(self.oracle, trials), budget=plan.budget if plan else None)
         self.costs = TrialCosts()
 
     def pre_create_trial(self) -> None:
         super().pre_create_trial()
-        if len(self.oracle.trials) < (self.oracle.max_trials or math.inf) and self.costs.out_of_search_time(self.budget):
+        budget = self.plan.budget if self.plan else None
+        if len(self.oracle.trials) < (self.oracle.max_trials or math.inf) and self.costs.out_of_search_time(budget):
             # Keras Tuner's own way to end a search: the next trial it creates is STOPPED.
             self.oracle.max_trials = len(self.oracle.trials)
-            print(
-                f"search: stopping after {len(self.oracle.trials)} trials, its share of the budget spent; {self.budget.status()}",
-                flush=True,
-            )
+            print(f"search: stopping after {len(self.oracle.trials)} trials, its share of the budget spent; {budget.status()}", flush=True)
 
     def max_seconds_per_image(self) -> float:
-        """The costliest trial (seconds per training image) whose final training still gets
-        `min_final_epochs` in the time the budget leaves after the search."""
-        if not (self.budget and self.budget.limited and self.cost):
-            return math.inf
-        after_search = self.budget.left() - max(0.0, self.budget.search_left())
-        return self.cost.max_seconds_per_image(after_search, self.min_final_epochs)
+        """The costliest trial that can still win here (Plan.max_seconds_per_image); inf without a plan."""
+        return self.plan.max_seconds_per_image() if self.plan else math.inf
 
     def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
         interrupts.raise_if_requested()
@@ -270,8 +261,7 @@ def make_tuner(
     resume: bool = False,
     dtype_policy: str | None = None,
     pruner: MedianStopping | None = None,
-    budget: RunBudget | None = None,
-    cost: CostModel | None = None,
+    plan: Plan | None = None,
 ) -> kt.Tuner:
     """The configured tuner over `hypermodel` (default: the model zoo's families,
     built under `dtype_policy`), scored on `val_accuracy`; hopeless trials are stopped
@@ -279,8 +269,7 @@ def make_tuner(
 
     With `resume`, Keras Tuner reloads the oracle from `directory`: completed
     trials are kept and the interrupted one runs again. With no `tracker`,
-    Keras Tuner's own tuner runs the same search untracked. `budget` and `cost`:
-    see `TrackedTuner`.
+    Keras Tuner's own tuner runs the same search untracked. `plan`: see `TrackedTuner`.
     """
     hypermodel = hypermodel or CNNZoo(config.families, dtype_policy=dtype_policy)
     common = dict(
@@ -303,9 +292,7 @@ def make_tuner(
             trial_epochs=config.max_epochs,
             trials=config.max_trials,
             batch_size=config.batch_size,
-            budget=budget,
-            cost=cost,
-            min_final_epochs=config.min_final_epochs,
+            plan=plan,
         )
     classes = TUNER_CLASSES if tracker else UNTRACKED_CLASSES
     if config.tuner == "hyperband":
