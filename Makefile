@@ -9,13 +9,21 @@ MNIST_NPZ ?= $(wildcard $(abspath ../shared/data/mnist.npz))
 export MNIST_NPZ
 VENV := .venv/bin
 
-.PHONY: search test test-fast lint system-packages
+.PHONY: search test test-fast lint system-packages notebook
 
 search: .venv/installed
 	PATH="$(CURDIR)/$(VENV):$$PATH" mlflow run . --env-manager local -P profile=$(PROFILE)
 
 test: .venv/installed system-packages lint
 	$(VENV)/python -m pytest
+
+# The notebook, run top to bottom (a smoke search) into outputs/notebook/, outputs and figures kept;
+# to work in it instead: pip install jupyterlab, then jupyter lab notebooks/mnist_pipeline.ipynb
+notebook: .venv/installed
+	mkdir -p outputs/notebook
+	cp notebooks/mnist_pipeline.ipynb outputs/notebook/
+	$(VENV)/jupyter-execute --inplace --timeout=-1 outputs/notebook/mnist_pipeline.ipynb
+	@echo "executed: outputs/notebook/mnist_pipeline.ipynb"
 
 # The fast tier: code, data and model tests, no browser, no database, no `mlflow run`.
 test-fast: .venv/installed

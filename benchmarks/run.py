@@ -539,11 +539,10 @@ def machine() -> dict:
     import tensorflow as tf  # noqa: PLC0415
 
     from search.precision import cpu_has_bf16  # noqa: PLC0415
+    from search.reporting.model_card import cpu_model  # noqa: PLC0415
 
-    cpuinfo = _read("/proc/cpuinfo")
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), platform.processor())
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "bf16": cpu_has_bf16(),
         "python": platform.python_version(),

@@ -41,7 +41,7 @@ class SearchConfig:
     families: tuple[str, ...] = FAMILIES  # CNN families the search chooses among
     # Hyperparameters pinned to one value, as "name=value"; the search tunes the
     # rest. The default pins nothing: family, blocks, convolutions per block,
-    # filters per block, kernel size, head, dropout, dense units and learning rate are searched.
+    # filters per block, kernel size, dropout, dense units and learning rate are searched.
     fixed: tuple[str, ...] = ()
     objective: str = "val_accuracy"  # scored on the validation split, maximised
     max_trials: int = 16  # most trials run (hyperband: a cap on its own schedule)
@@ -179,10 +179,11 @@ class SearchConfig:
 # Each profile overrides only what it changes. Measured costs and accuracies are in
 # benchmarks/RESULTS.md; `python -m benchmarks --profiles ...` measures them again.
 PROFILES: dict[str, dict] = {
-    # What a plain `mlflow run .` runs: 16 random architectures of all three
-    # families, two epochs each on a 10,000-image subset, stopped after one if
-    # below the median; then the winner retrained with augmentation and a
-    # warm-up + cosine schedule on all 54,000 training images.
+    # What a plain `mlflow run .` runs, in 10 minutes: up to 16 random
+    # architectures of all three families, two epochs each on a 10,000-image
+    # subset, stopped after one if below the median; then the winner retrained
+    # with augmentation and a warm-up + cosine schedule on all 54,000 training
+    # images for the epochs that fit.
     "default": {},
     # A one-minute budget: two one-epoch trials of a pinned small two-block
     # batch-norm network (16 and 32 filters, dense 128) that differ in dropout,

@@ -25,6 +25,7 @@ from search.data import DataError
 from search.outputs import check_writable, naming_a_full_disk
 from search.precision import Precision, choose_precision
 from search.reporting import eda, report
+from search.reporting.model_card import machine
 from search.reporting.progress import top_table
 from search.train import augmentation_seconds_per_image, retrain_winner
 from search.tuner import (
@@ -111,7 +112,7 @@ def run_search(
         model = build_model(tracker, tuner, winner, data, config, registered, planned)
         evaluation = evaluate_once(tracker, model, data, config, out)
         decision = promote(tracker, model, evaluation, winner, data, config, registered)
-        write_search_report(tracker, config, decision, records, out)
+        write_search_report(tracker, config, decision, records, out, winner, evaluation, planned, precision)
         tracker.log_metrics({"run_seconds": budget.elapsed()})
         print(f"done: {budget.status()}", flush=True)
 
@@ -359,8 +360,30 @@ def promote(
 
 
 def write_search_report(
-    tracker: tracking.SearchTracker, config: SearchConfig, decision: registry.RegistryDecision, records: list[dict], out: Path
+    tracker: tracking.SearchTracker,
+    config: SearchConfig,
+    decision: registry.RegistryDecision,
+    records: list[dict],
+    out: Path,
+    winner: Winner,
+    evaluation: Evaluation,
+    planned: Plan,
+    precision: Precision,
 ) -> None:
-    """Figures comparing the trials and report.html, under `report/`."""
-    tracker.log_artifacts(report.write_report(records, config, decision.reason, out), "report")
+    """report.html under `report/`, leading with the decision, the winner and why, its accuracy,
+    the final training's curve, and the time the run took on this machine; then the trials."""
+    worst, worst_accuracy = evaluation.robust.worst
+    headline = {
+        "Registry decision": decision.reason,
+        "Winner": winner.describe().removeprefix("winner: "),
+        "Test accuracy": f"{evaluation.test.accuracy:.2%} of {len(evaluation.test.predicted):,} test digits, read once",
+        "Robustness suite": f"mean {evaluation.robust.mean:.2%} over {len(evaluation.corrupted)} corruptions, the worst {worst} {worst_accuracy:.2%}",
+        "Time": planned.budget.status(),
+        "Machine": f"{machine()}, {precision.policy}",
+    }
+    prefix = "final_" if config.final_models == 1 else "final_0_"
+    curves = {
+        f"{what} accuracy": tracker.history(f"{prefix}{key}") for what, key in (("training", "accuracy"), ("validation", "val_accuracy"))
+    }
+    tracker.log_artifacts(report.write_report(records, config, headline, out, curves if config.final_epochs else None), "report")
     print(f"report: {tracker.artifact_uri('report/report.html')}")

@@ -97,6 +97,18 @@ def test_report_is_logged_and_linked(smoke_search):
     page = Path(client.download_artifacts(parent.info.run_id, "report/report.html")).read_text()
     assert page.count("src='data:image/png;base64,") == 6 and "registered mnist-cnn version 1 as @champion" in page
     assert f"report: {parent.info.artifact_uri}/report/report.html" in result.stdout
+    # It leads with what its reader came for: the decision, the winner, its accuracy, time and machine; the settings last.
+    text = re.sub(r"<img[^>]*>", "", page)
+    order = [
+        text.index(s)
+        for s in ("Registry decision", "Winner", "Test accuracy", "Robustness suite", "Time", "Machine", "Top trials", "Settings")
+    ]
+    assert order == sorted(order) and "<th>Time</th><td>run " in text
+    # Numbers as people read them: no hyperparameter or setting value with more than 4 significant digits.
+    values = re.findall(r"[\w/]+=(-?[0-9][0-9.eE+-]*)", text) + re.findall(
+        r"<td>(-?\d+\.\d+(?:e-?\d+)?)</td>", text.split("<h2>Settings")[1]
+    )
+    assert values and all(len(re.sub(r"e.*|[-.]", "", v).strip("0")) <= 4 for v in values), values
     # Progress: a line per trial start and end, and the top trials table.
     assert len(re.findall(r"\] trial \d/3 \(id \d\): family=plain", result.stdout)) == 3
     assert len(re.findall(r"\] trial \d/3 \(id \d\) val_accuracy 0\.\d{4} in \d+s; best so far", result.stdout)) == 3

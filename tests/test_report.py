@@ -47,13 +47,29 @@ def test_figures_and_html(tmp_path):
     }
     for path in figures.values():
         assert_png(path, min_bytes=10_000)
-    page = report.write_html(tmp_path / "report.html", "A search", {"tuner": "random"}, rows, figures, "registered x version 1").read_text()
+    final = report.final_training({"validation accuracy": [(0, 0.97), (1, 0.99)]}, tmp_path / "final_training.png")
+    assert_png(final, min_bytes=10_000)
+    headline = {"Registry decision": "registered x version 1", "Winner": "trial 1"}
+    page = report.write_html(
+        tmp_path / "report.html", "A search", headline, {"tuner": "random"}, rows, {"final": final}, figures
+    ).read_text()
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
-    assert len(re.findall(r"<img alt='[^']+' src='data:image/png;base64,", page)) == 3
+    assert len(re.findall(r"<img alt='[^']+' src='data:image/png;base64,", page)) == 4
+    # What the reader came for first: the decision, the winner's figures, then the trials, the settings last.
+    assert page.index("registered x version 1") < page.index("alt='final'") < page.index("Top trials") < page.index("<h2>Settings")
     assert "registered x version 1" in page and "4 trial runs: 3 completed (1 of them pruned), 1 failed, 0 interrupted." in page
     assert "1 trials stopped below the median of the finished trials, saving 1 epochs." in page
     assert "<tr><td>2</td><td>1</td><td>1</td><td>0.9500</td>" in page  # trial, stopped after epoch, epochs saved, score
     assert page.index(">1</td><td>0.9800") < page.index(">0</td><td>0.9700")  # best first
+
+
+def test_values_are_printed_as_people_read_them():
+    from search.reporting.progress import readable
+
+    assert [readable(v) for v in ("0.30000000000000004", "0.0058113637263627485", 0.1 + 0.2, "128", 64, True, "plain", "1e-05")] == [
+        "0.3", "0.00581", "0.3", "128", "64", "True", "plain", "1e-05",
+    ]  # fmt: skip
+    assert describe({"dropout": "0.30000000000000004", "learning_rate": "0.0058113637263627485"}) == "dropout=0.3 learning_rate=0.00581"
 
 
 def test_progress_lines_give_trial_count_best_so_far_and_time_left():

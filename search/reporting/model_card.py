@@ -32,17 +32,21 @@ class Speed:
     digits_per_second: float  # batches of the served form's size
 
 
-def machine() -> str:
-    """The CPU model and core count, e.g. "AMD EPYC, 2 cores"."""
+def cpu_model() -> str:
+    """The CPU's model name, e.g. "AMD EPYC"."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         cpuinfo = ""
-    cpu = next(
+    return next(
         (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
         platform.processor() or "unknown CPU",
     )
-    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def machine() -> str:
+    """The CPU model and core count, e.g. "AMD EPYC, 2 cores"."""
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def measure_speed(predict: Callable[[np.ndarray], object], digits: np.ndarray, single_calls: int = 50) -> Speed:

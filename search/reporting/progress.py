@@ -14,11 +14,7 @@ class Clock(Protocol):
 
 def describe(hyperparameters: Mapping[str, object]) -> str:
     """The trial's choices in one line; Hyperband's bookkeeping shown as bracket/round."""
-    parts = []
-    for name, value in hyperparameters.items():
-        if name.startswith("tuner/"):
-            continue
-        parts.append(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}")
+    parts = [f"{name}={readable(value)}" for name, value in hyperparameters.items() if not name.startswith("tuner/")]
     if "tuner/bracket" in hyperparameters:
         parts.append(
             f"(bracket {hyperparameters['tuner/bracket']} round {hyperparameters['tuner/round']}, {hyperparameters['tuner/epochs']} epochs)"
@@ -60,6 +56,22 @@ class Progress:
 
     def _print(self, line: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {line}", file=self.out, flush=True)
+
+
+def readable(value: object) -> str:
+    """A value as people read it: floats (also as MLflow's param text) to 3 significant
+    digits (0.3, 0.00581), anything else as it is."""
+    if isinstance(value, bool) or isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        if "." not in value and "e" not in value.lower():
+            return value  # a whole number as logged
+        value = number
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def completed(records: list[Mapping[str, object]]) -> list[Mapping[str, object]]:

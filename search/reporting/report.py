@@ -19,25 +19,54 @@ from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from experiments import SearchConfig, to_params
 from search.reporting.plots import save, subplots
-from search.reporting.progress import completed, describe
+from search.reporting.progress import completed, describe, readable
 
 
-def write_report(records: list[dict], config: SearchConfig, decision: str, out: Path) -> Path:
-    """`out/report/`: the trials' figures, the winner's evaluation figures (drawn under
-    `out/evaluation/`) and report.html, which shows them with the settings and the registry's `decision`."""
+def write_report(
+    records: list[dict],
+    config: SearchConfig,
+    headline: Mapping[str, str],
+    out: Path,
+    final_curves: Mapping[str, list[tuple[int, float]]] | None = None,
+) -> Path:
+    """`out/report/`: report.html and its figures. It leads with what its reader came for:
+    `headline` (the registry decision first, then the winner and why, its accuracy, the time
+    and the machine), the final training's `final_curves` (metric -> [(epoch, value)]) and the
+    winner's evaluation figures (drawn under `out/evaluation/`); then the trials; the settings last."""
     folder = out / "report"
     folder.mkdir(parents=True, exist_ok=True)
-    figures = {
+    winner = {}
+    if final_curves and any(final_curves.values()):
+        winner["The final training of the winner"] = final_training(final_curves, folder / "final_training.png")
+    winner |= {
+        "The winner: test confusion matrix": Path(shutil.copy(out / "evaluation" / "confusion_matrix.png", folder)),
+        "The winner: misclassified test digits": Path(shutil.copy(out / "evaluation" / "misclassified.png", folder)),
+        "The winner: the robustness suite": Path(shutil.copy(out / "evaluation" / "robustness.png", folder)),
+    }
+    trials = {
         "Learning curves of the top trials": learning_curves(records, folder / "learning_curves.png"),
         "Hyperparameters against validation accuracy": hyperparameter_effects(records, folder / "hyperparameters.png"),
         "Accuracy against model cost": accuracy_vs_cost(records, folder / "accuracy_vs_cost.png"),
-        "Winner: test confusion matrix": Path(shutil.copy(out / "evaluation" / "confusion_matrix.png", folder)),
-        "Winner: misclassified test digits": Path(shutil.copy(out / "evaluation" / "misclassified.png", folder)),
-        "Winner: the robustness suite": Path(shutil.copy(out / "evaluation" / "robustness.png", folder)),
     }
-    settings = {k.removeprefix("config."): v for k, v in to_params(config).items()}
-    write_html(folder / "report.html", f"MNIST CNN search ({config.profile} profile)", settings, records, figures, decision)
+    settings = {k.removeprefix("config."): readable(v) for k, v in to_params(config).items()}
+    write_html(folder / "report.html", f"MNIST CNN search ({config.profile} profile)", headline, settings, records, winner, trials)
     return folder
+
+
+def final_training(curves: Mapping[str, list[tuple[int, float]]], path: Path) -> Path:
+    """Accuracy per epoch of the final training: each metric's curve (training and validation)."""
+    fig, ax = subplots(figsize=(7, 4.5))
+    for name, curve in curves.items():
+        if curve:
+            steps, values = zip(*curve)
+            ax.plot([s + 1 for s in steps], values, marker="o", markersize=3, label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Final training of the winner (training digits augmented, validation digits clean)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save(fig, path)
 
 
 def learning_curves(records: list[dict], path: Path, top: int = 5) -> Path:
@@ -117,24 +146,34 @@ def pareto_front(sizes: np.ndarray, accuracies: np.ndarray) -> np.ndarray:
 
 
 def write_html(
-    path: Path, title: str, settings: Mapping[str, object], records: list[dict], figures: Mapping[str, Path], decision: str
+    path: Path,
+    title: str,
+    headline: Mapping[str, str],
+    settings: Mapping[str, object],
+    records: list[dict],
+    winner_figures: Mapping[str, Path],
+    trial_figures: Mapping[str, Path],
 ) -> Path:
-    """One page, images embedded, so it can be mailed or opened from the MLflow UI."""
+    """One page, images embedded, so it can be mailed or opened from the MLflow UI: the
+    `headline` rows, the winner's figures, the trials and their figures, the settings."""
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(Path(__file__).parent), autoescape=True, undefined=jinja2.StrictUndefined
     )
     environment.filters["describe"] = describe
     pruned = [{**r, "epochs_saved": r.get("epochs_saved") or 0} for r in records if r.get("pruned")]
+    embed = lambda figures: {caption: base64.b64encode(p.read_bytes()).decode() for caption, p in figures.items()}  # noqa: E731
     page = environment.get_template("report.html.j2").render(
         title=title,
-        decision=decision,
+        headline=headline,
         settings=settings,
         records=records,
         completed=completed(records),
         pruned=pruned,
+        cut=[r for r in records if r.get("cut")],
         failed=sum(r["status"] == "FAILED" for r in records),
         killed=sum(r["status"] == "KILLED" for r in records),  # interrupted, then run again on resume
-        images={caption: base64.b64encode(p.read_bytes()).decode() for caption, p in figures.items()},
+        winner_images=embed(winner_figures),
+        trial_images=embed(trial_figures),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page)

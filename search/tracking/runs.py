@@ -62,6 +62,10 @@ class SearchTracker:
         """The parent run's latest value of metric `key`, or None."""
         return self.client.get_run(self.run_id).data.metrics.get(key)
 
+    def history(self, key: str) -> list[tuple[int, float]]:
+        """The parent run's metric `key` as [(step, value)], by step."""
+        return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
+
     def log_artifact(self, path: Path, artifact_dir: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_dir)
 
