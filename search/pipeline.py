@@ -31,6 +31,7 @@ from search.train import augmentation_seconds_per_image, retrain_winner
 from search.tuner import (
     SearchStopped,
     Winner,
+    failed_in_a_row,
     failure_reason,
     fixed_hyperparameters,
     make_tuner,
@@ -247,8 +248,8 @@ def search(
             if isinstance(err.error, (tracking.TrackingUnavailable, OSError)):
                 raise err.error from None
             raise
-        except RuntimeError as err:
-            if "consecutive failures" not in str(err):
+        except RuntimeError:
+            if not failed_in_a_row(tuner.oracle):
                 raise
             last = tuner.oracle.trials[tuner.oracle.end_order[-1]]
             raise SearchFailed(

@@ -466,6 +466,15 @@ def active_values(hp: kt.HyperParameters) -> dict[str, object]:
     return {name: value for name, value in hp.values.items() if hp.is_active(name)}
 
 
+def failed_in_a_row(oracle: kt.Oracle) -> bool:
+    """Whether the oracle's last `max_consecutive_failed_trials` trials all failed: the state in
+    which Keras Tuner stops a search (with a plain RuntimeError, so it is told by the state)."""
+    last = oracle.end_order[-oracle.max_consecutive_failed_trials :]
+    return len(last) == oracle.max_consecutive_failed_trials and all(
+        oracle.trials[t].status == kt.engine.trial.TrialStatus.FAILED for t in last
+    )
+
+
 def failure_reason(trial: kt.engine.trial.Trial) -> str:
     """The last line of the trial's traceback: the error itself."""
     lines = [line for line in (trial.message or "").splitlines() if line.strip()]

@@ -85,3 +85,41 @@ def test_only_the_tracking_adapter_imports_mlflow_and_it_imports_nothing_else_of
     project = {"experiments", "model_zoo", "search", "benchmarks", "tests"}
     adapter = (REPO / "search" / "tracking").glob("*.py")
     assert not [m for p in adapter for m in imported_modules(p) if m.split(".")[0] in project]  # its own modules are imported relatively
+
+
+def project_graph() -> dict[str, set[str]]:
+    """The project's modules and the project modules each imports (`from search import x` is search.x)."""
+    import ast
+
+    def name(path):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    files = {name(p): p for folder in ("experiments", "model_zoo", "search") for p in (REPO / folder).rglob("*.py")}
+    graph = {}
+    for module, path in files.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found |= {n for n in (*(f"{node.module}.{a.name}" for a in node.names), node.module) if n in files}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name in files}
+        graph[module] = found - {module, module.rpartition(".")[0]}  # a package's __init__ is not a dependency
+    return graph
+
+
+def test_the_import_graph_has_no_cycles_and_reporting_imports_only_downwards():
+    graph = project_graph()
+    # A cycle: a module that reaches itself through what it imports.
+    for start in graph:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            module = todo.pop()
+            assert module != start, f"{start} imports itself through {sorted(seen)}"
+            if module not in seen:
+                seen.add(module)
+                todo.extend(graph[module])
+    # Figures, pages and progress lines sit below what evaluates, trains and searches.
+    for module, imports in graph.items():
+        if module.startswith("search.reporting"):
+            assert imports <= {"experiments", "search.data"} | {m for m in graph if m.startswith("search.reporting")}, (module, imports)

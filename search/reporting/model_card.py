@@ -10,15 +10,30 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Protocol
 
 import jinja2
 import numpy as np
 from scipy.stats import binomtest
 
 from search.data import MnistData
-from search.evaluate import TestReport
-from search.robustness import RobustnessReport
+
+
+class TestFigures(Protocol):
+    """What the card reads of the test split's evaluation (search/evaluate.py's TestReport)."""
+
+    accuracy: float
+    loss: float
+    confusion: np.ndarray
+    recall: np.ndarray
+
+
+class RobustnessFigures(Protocol):
+    """What the card reads of the robustness suite's (search/robustness.py's RobustnessReport)."""
+
+    mean: float
+    accuracy: Mapping[str, float]
+
 
 TEMPLATE = Path(__file__).with_name("model_card.md.j2")
 
@@ -68,8 +83,8 @@ def write(
     hyperparameters: Mapping[str, object],
     param_count: int,
     multiply_adds: float,
-    test: TestReport,
-    robustness: RobustnessReport,
+    test: TestFigures,
+    robustness: RobustnessFigures,
     robust_size: int,
     int8_accuracy: float | None,
     served_form: str,
