@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("SEARCH_DEBUG") == "1"
     if not debug:
-        _start_tensorflow_quietly()
+        start_tensorflow_quietly()
     # Ctrl-C and SIGTERM (a scheduler, `kill`, `mlflow run` cancelling): open runs
     # are marked KILLED and the search can be resumed.
     interrupts.install()
@@ -142,7 +142,7 @@ def _report(result) -> int:
     return 0
 
 
-def _start_tensorflow_quietly() -> None:
+def start_tensorflow_quietly() -> None:
     """Import TensorFlow and place its first op with file descriptor 2 closed off.
 
     TensorFlow 2.21 writes start-up notices (oneDNN, CUDA not found) to fd 2
