@@ -84,7 +84,7 @@ class TwoSizes(kt.HyperModel):
     def build(self, hp: kt.HyperParameters) -> keras.Model:
         if hp.Choice("size", ["small", "large"]) == "small":
             return make_cnn(conv_filters=(4,), learning_rate=3e-3)
-        return make_cnn(conv_filters=(64, 128), convs_per_block=2, dense_units=256, learning_rate=3e-3)
+        return make_cnn(conv_filters=(32, 64), convs_per_block=2, learning_rate=3e-3)
 
 
 def digits(mnist_npz, n: int, offset: int = 0) -> Split:
@@ -94,8 +94,8 @@ def digits(mnist_npz, n: int, offset: int = 0) -> Split:
         return Split(d["x_train"][offset : offset + n, :, :, None].astype("float32") / 255, d["y_train"][offset : offset + n])
 
 
-def small_and_large_trials(tracking_store, tmp_path, mnist_npz, plan=None, max_trials=2):
-    config = resolve("smoke", fixed=(), max_trials=max_trials, max_epochs=2, early_stopping_patience=0, prune=False)
+def small_and_large_trials(tracking_store, tmp_path, mnist_npz, plan=None, max_trials=2, max_epochs=1):
+    config = resolve("smoke", fixed=(), max_trials=max_trials, max_epochs=max_epochs, early_stopping_patience=0, prune=False)
     with tracking.tracked_run("budget") as tracker:
         tuner = make_tuner(config, tracker, tmp_path, "tuner", hypermodel=TwoSizes(), plan=plan)
         run_trials(tuner, config, digits(mnist_npz, 2_560), digits(mnist_npz, 512, offset=50_000))
@@ -132,7 +132,8 @@ def test_a_trial_too_costly_for_the_time_left_is_cut_in_its_first_epoch_and_the_
     is cut (no final training could follow it), and no second trial starts."""
     budget = RunBudget(minutes=1, search_share=0.5, started=time.monotonic() - 55)
     cost = CostModel(train_images=54_000, validation_images=6_000, evaluated_images=40_000)
-    tuner, run_id = small_and_large_trials(tracking_store, tmp_path, mnist_npz, Plan(budget, cost, 1.0, min_final_epochs=8), max_trials=3)
+    plan = Plan(budget, cost, 1.0, min_final_epochs=8)
+    tuner, run_id = small_and_large_trials(tracking_store, tmp_path, mnist_npz, plan, max_trials=3, max_epochs=2)
     (trial,) = tuner.oracle.trials.values()
     client = mlflow.MlflowClient()
     (child,) = client.search_runs([client.get_run(run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
