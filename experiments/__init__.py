@@ -102,6 +102,7 @@ class SearchConfig:
     # The schedule's last epochs train on unchanged digits: at its lowest rates they
     # win back the clean accuracy the augmentation costs, and keep most of its
     # robustness (benchmarks/RESULTS.md compares 0, 1 and 2 on the same networks).
+    # At most half the epochs the budget allows: one epoch is augmented.
     clean_final_epochs: int = 2
     # The registered model's pyfunc serves it with int8 weights (TFLite run by
     # XNNPACK), several times the digits/s of float32 on a CPU; not where that

@@ -172,15 +172,17 @@ class WarmupCosine(keras.callbacks.Callback):
             self.epochs = max(1, min(self.epochs, 1 + int((self.budget_s - self.epoch_seconds[0]) / self.estimate_s)))
         done = len(self.epoch_seconds)
         if self.budget_s and done > 1:
-            # Later epochs run at their own pace: the schedule shrinks to the epochs that still
-            # fit, so that its cosine still ends at zero in time; a last epoch that would end just
-            # past the budget (timing noise) still runs, rather than cut the cosine short.
+            # Later epochs run at their own pace (the first one's warm-up can mislead): the
+            # second epoch settles the schedule again, either way; after it, the schedule only
+            # shrinks to the epochs that still fit, so that its cosine still ends at zero in
+            # time. A last epoch that would end just past the budget (timing noise) still runs.
             next_s = statistics.median(self.epoch_seconds[1:])
             elapsed = now - self.started
             fit = done + int((self.budget_s - elapsed) / next_s)
             if fit <= done and elapsed + next_s <= OVERRUN * self.budget_s:
                 fit = done + 1
-            self.epochs = min(self.epochs, max(fit, done))
+            most = (self.most or self.epochs) if done == 2 else self.epochs
+            self.epochs = min(most, max(fit, done))
         if done >= self.epochs:
             self.model.stop_training = True
 
@@ -218,7 +220,8 @@ def train_final(
     (0: the configuration's searched learning rate), over as many epochs as
     fit in `budget_s` seconds (0: no limit; or as `seconds_left` says after the
     first epoch: see `WarmupCosine`); the training digits are augmented
-    as `augment` says (search/augment.py), except in the last `clean_epochs` epochs of
+    as `augment` says (search/augment.py), except in the last `clean_epochs` epochs (at most
+    half of them: a schedule the budget cut to one epoch is augmented) of
     the schedule. The weights of the best validation epoch are kept.
     `on_epoch_end(epoch, logs)` sees every epoch, for tracking.
     """
@@ -229,7 +232,9 @@ def train_final(
     callbacks = [
         schedule,
         # After the schedule's hook: the first epoch settles how many epochs there are.
-        keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: augmenting.assign(epoch < schedule.epochs - clean_epochs)),
+        keras.callbacks.LambdaCallback(
+            on_epoch_begin=lambda epoch, logs: augmenting.assign(epoch < augmented_epochs(schedule.epochs, clean_epochs))
+        ),
         keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end),
         # After the schedule's own hook, which settles how many epochs fit the budget.
         keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: print(final_progress(schedule, epoch, logs), flush=True)),
@@ -246,6 +251,12 @@ def train_final(
         verbose=2,
     )
     return FinalTraining(model, len(schedule.epoch_seconds), schedule.estimate_s, tuple(schedule.epoch_seconds))
+
+
+def augmented_epochs(epochs: int, clean_epochs: int) -> int:
+    """The first epochs of a schedule of `epochs` that train on augmented digits: all but the last
+    `clean_epochs`, and at least half of them (a schedule the budget cut to one epoch is augmented)."""
+    return epochs - min(clean_epochs, epochs // 2)
 
 
 def final_progress(schedule: WarmupCosine, epoch: int, logs: dict) -> str:

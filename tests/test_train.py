@@ -220,3 +220,10 @@ def test_the_augmentations_cost_per_image_is_measured_here(mnist_npz):
     robust = augmentation_seconds_per_image(split, batch_size=64, augment="robust", seed=0, batches=4)
     assert 0 < robust < 0.01  # per image: measured, and not the whole run
     assert augmentation_seconds_per_image(split, batch_size=64, augment="none", seed=0) == 0.0
+
+
+def test_the_clean_epochs_are_the_schedules_last_and_at_most_half_of_it():
+    from search.train import augmented_epochs
+
+    assert [augmented_epochs(epochs, clean_epochs=2) for epochs in (1, 2, 3, 4, 11)] == [1, 1, 2, 2, 9]
+    assert augmented_epochs(5, clean_epochs=0) == 5
