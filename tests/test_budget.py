@@ -151,25 +151,17 @@ BUDGET_TOLERANCE = 1.10  # the run's wall time against its budget: the last epoc
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("slowed", [False, True], ids=["this-cpu", "slowed"])
-def test_a_budgeted_search_ends_within_its_budget_whatever_the_cpu(tmp_path, mnist_npz, slowed):
-    """A real default search of real digits given 1.5 minutes, from process start to exit, as
-    it is here and as on a slower CPU: it plans against what it measures and ends in time."""
+def test_a_budgeted_search_ends_within_its_budget_on_a_slower_cpu(tmp_path, mnist_npz):
+    """A real default search of real digits given 1.5 minutes, from process start to exit, as on a
+    slower CPU (this CPU's own speed: the fast profile's test in test_pipeline.py): it plans
+    against what it measures and ends in time."""
     data = mnist_subset(tmp_path / "mnist-part.npz", mnist_npz, n_train=14_000, n_test=2_000)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(REPO), **(SLOWED["env"] if slowed else {})}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(REPO), **SLOWED["env"]}
     for var in MLFLOW_RUN_ENV:
         env.pop(var, None)
     settings = [f"data={data}", "budget_minutes=1.5", "validation_size=2000", "train_subset=3000", "max_epochs=1", "robust_size=300"]
-    command = [
-        *(SLOWED["prefix"] if slowed else []),
-        sys.executable,
-        "-m",
-        "search",
-        "run",
-        *settings,
-        *(SLOWED["settings"] if slowed else []),
-    ]
+    command = [*SLOWED["prefix"], sys.executable, "-m", "search", "run", *settings, *SLOWED["settings"]]
     started = time.monotonic()
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     wall_s = time.monotonic() - started

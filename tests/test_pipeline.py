@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -337,12 +338,17 @@ def test_a_model_below_the_robustness_gate_is_not_registered(tmp_path, mnist_npz
 
 def test_the_fast_profile_registers_a_champion_that_loads_by_name(tmp_path, mnist_npz):
     """A new user's one-minute try (`mlflow run . -P profile=fast`, its real budget and data)
-    leaves a model that clears both gates and loads by name from a process without this project."""
+    ends within its minute on this CPU (test_budget.py: on a slower one) and leaves a model that
+    clears both gates and loads by name from a process without this project."""
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    started = time.monotonic()
     result = mlflow_run(fresh_project(tmp_path), store, mnist_npz, "profile=fast")
+    wall_s = time.monotonic() - started
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (parent,) = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags]
     metrics = parent.data.metrics
+    # The budget counts from the search's process; `mlflow run` around it adds its own start.
+    assert metrics["run_seconds"] <= 60 * 1.1 and wall_s <= 60 * 1.2, (metrics["run_seconds"], wall_s)
     assert metrics["test_accuracy"] >= 0.9 and metrics["robust_accuracy_mean"] >= 0.9, metrics
     assert parent.data.tags["registry_decision"].startswith("registered mnist-cnn version 1 as @champion")
     script = (

@@ -71,7 +71,7 @@ def test_search_run_trials_and_report_are_in_the_ui(ui, smoke_search):
         folder.click()
         page.get_by_text("report.html", exact=True).click()
         # The UI previews the page itself, in an iframe.
-        page.frame_locator("iframe").get_by_text("Registry decision:").wait_for(timeout=30_000)
+        page.frame_locator("iframe").get_by_text("Registry decision", exact=True).wait_for(timeout=30_000)
         page.screenshot(path=str(SCREENSHOTS / "mlflow-ui-report.png"))
 
         # The compare view of the trial runs: their parameters against val_accuracy.
