@@ -376,6 +376,7 @@ def search_summary(run_id: str) -> dict:
     pruned and cut trials, the winner (hyperparameters, multiply-adds, final epochs), the test
     accuracy, the robustness suite (the mean and each corruption's) and the registry decision."""
     from search import tracking  # noqa: PLC0415
+    from search.reporting.progress import describe  # noqa: PLC0415
 
     client = tracking.PatientClient()
     parent = client.get_run(run_id)
@@ -400,7 +401,7 @@ def search_summary(run_id: str) -> dict:
         "pruned": sum(bool(r["pruned"]) for r in records),
         "cut": sum(bool(r["cut"]) for r in records),
         "epochs_saved": int(sum(r["epochs_saved"] or 0 for r in records)),
-        "winner": " ".join(f"{k}={v}" for k, v in winner.items() if not k.startswith("tuner/")),
+        "winner": describe(winner),
         "winner_multiply_adds": metrics.get("winner_multiply_adds"),
         "final_epochs": metrics.get("final_epochs_run", metrics.get("final_0_epochs_run", 0)),
         "test_accuracy": metrics["test_accuracy"],
