@@ -305,9 +305,10 @@ class _Watch(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
         self.epoch_started, self.batches = time.perf_counter(), 0
 
-    def on_train_batch_end(self, batch: int, logs=None) -> None:
+    # A begin hook: a batch-end hook turns off Keras' asynchronous dispatch of each batch's logs.
+    def on_train_batch_begin(self, batch: int, logs=None) -> None:
         self.batches = batch + 1
-        self.clock.batch_begins(batch + 1)
+        self.clock.batch_begins(batch)
         self._judge_cost()
 
     def _judge_cost(self) -> None:

@@ -61,7 +61,7 @@ class Progress:
 def readable(value: object) -> str:
     """A value as people read it: floats (also as MLflow's param text) to 3 significant
     digits (0.3, 0.00581), anything else as it is."""
-    if isinstance(value, bool) or isinstance(value, int):
+    if isinstance(value, int):  # bool too
         return str(value)
     if isinstance(value, str):
         try:
