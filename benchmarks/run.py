@@ -213,7 +213,8 @@ def tracking_overhead(data, pairs: int, tmp: Path) -> dict:
     from experiments import resolve  # noqa: PLC0415
     from search import tracking  # noqa: PLC0415
     from search.data import subset  # noqa: PLC0415
-    from search.tuner import make_tuner, run_trials  # noqa: PLC0415
+    from search.executors import InProcess  # noqa: PLC0415
+    from search.tuner import make_tuner  # noqa: PLC0415
 
     config = resolve("smoke", precision="float32")
     train = subset(data.train, config.train_subset)
@@ -224,9 +225,9 @@ def tracking_overhead(data, pairs: int, tmp: Path) -> dict:
         with contextlib.redirect_stdout(io.StringIO()):
             if tracked:
                 with tracking.tracked_run("benchmark-tracking") as tracker:
-                    run_trials(make_tuner(config, tracker, folder, "tuner"), config, train, data.validation)
+                    InProcess(config).run(make_tuner(config, tracker, folder, "tuner"), train, data.validation)
             else:
-                run_trials(make_tuner(config, None, folder, "tuner"), config, train, data.validation)
+                InProcess(config).run(make_tuner(config, None, folder, "tuner"), train, data.validation)
 
     search(False)  # warm-up: TensorFlow's first graphs, MLflow's store creation
     search(True)

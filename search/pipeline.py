@@ -22,21 +22,20 @@ from search import data as data_module
 from search.assessment import Evaluation, evaluate_once, keras_predict, write_model_card
 from search.budget import AFTER_TRAINING_PER_SETUP, CostModel, Plan, RunBudget, duration
 from search.data import DataError
+from search.executors import executor_for
 from search.outputs import check_writable, naming_a_full_disk
 from search.precision import Precision, choose_precision
 from search.reporting import eda, report
 from search.reporting.model_card import machine
 from search.reporting.progress import top_table
 from search.train import augmentation_seconds_per_image, retrain_winner
+from search.trial import SearchStopped, failure_reason
 from search.tuner import (
-    SearchStopped,
     Winner,
     failed_in_a_row,
-    failure_reason,
     fixed_hyperparameters,
     make_tuner,
     pick_winner,
-    run_trials,
     seed_from_records,
 )
 
@@ -238,12 +237,7 @@ def search(
     train = data_module.subset(data.train, config.train_subset)
     try:
         try:
-            if config.ray:
-                from search.scaleout import RayTrials  # Ray loads only when it is used
-
-                RayTrials(config).search(tuner, tracker, train, data.validation)
-            else:
-                run_trials(tuner, config, train, data.validation, verbose)
+            executor_for(config, verbose).run(tuner, train, data.validation)
         except SearchStopped as err:
             if isinstance(err.error, (tracking.TrackingUnavailable, OSError)):
                 raise err.error from None
@@ -253,7 +247,7 @@ def search(
                 raise
             last = tuner.oracle.trials[tuner.oracle.end_order[-1]]
             raise SearchFailed(
-                f"{tuner.oracle.max_consecutive_failed_trials} trials failed in a row, the last with: {failure_reason(last)}"
+                f"{tuner.oracle.max_consecutive_failed_trials} trials failed in a row, the last with: {failure_reason(last.message)}"
             ) from None
     except BaseException:
         with contextlib.suppress(Exception):  # the table of what ran, if the store still answers

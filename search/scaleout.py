@@ -17,10 +17,12 @@ a run of its own.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import socket
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,17 +32,26 @@ import numpy as np
 import ray
 
 from experiments import ConfigError, SearchConfig
-from model_zoo import multiply_adds
 from search import interrupts, tracking
-from search.budget import TrainingClock, too_costly
 from search.data import Split
-from search.pruning import MedianStopping
 from search.train import evaluation_dataset, training_dataset
-from search.tuner import active_values, check_room, checkpoint_bytes, epochs_saved, planned_epochs, trial_callbacks
+from search.trial import (
+    LifecycleCallback,
+    SearchStopped,
+    TrialLifecycle,
+    TrialResult,
+    TrialSpec,
+    check_room,
+    checkpoint_bytes,
+    failure_reason,
+    weight_bytes,
+)
+from search.tuner import trial_callbacks
 
 PACKAGES = ("experiments", "model_zoo", "search")  # shipped to every worker: no shared file system
 CONNECT_TIMEOUT_S = 10  # an address that does not answer fails within this
 WAIT_S = 1.0  # how often the driver looks up from waiting, to act on Ctrl-C
+PING_S = 5.0  # how often it asks the tracking server whether it still answers
 # Keras Tuner's names for a trial's best weights and its model's build config (tests/test_scaleout.py).
 CHECKPOINT, BUILD_CONFIG = "checkpoint.weights.h5", "build_config.json"
 THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
@@ -55,29 +66,24 @@ class ClusterError(ConfigError):
 class TrialJob:
     """What one trial's task needs besides the data."""
 
-    trial_id: str
+    spec: TrialSpec  # what its lifecycle needs (search/trial.py)
     hyperparameters: kt.HyperParameters
     hypermodel: kt.HyperModel
     parent_run_id: str
     config: SearchConfig
-    finished_curves: dict[str, dict[int, float]]  # the median rule's reference, when the trial starts
     weights: list[np.ndarray] | None = None  # Hyperband: the earlier round's weights it continues
-    max_seconds_per_image: float = float("inf")  # costlier, and the trial is cut in its first epoch (TrackedTuner)
 
 
 @dataclass
 class TrialOutcome:
-    trial_id: str
-    completed: bool
+    """What the task returns: how the trial ended, its best epoch and that epoch's weights,
+    or the fault that must stop the search (`stopped`)."""
+
+    result: TrialResult
     metrics: dict[str, float] = field(default_factory=dict)  # at the best val_accuracy epoch
     best_epoch: int = 0
-    curve: dict[int, float] = field(default_factory=dict)  # val_accuracy per epoch
-    pruned: int | None = None  # epochs trained when the median rule stopped it
     weights: list[np.ndarray] | None = None  # of the best epoch
-    reason: str = ""  # why it failed
-    seconds: float = 0.0
-    seconds_per_image: float | None = None  # training, measured in its first epoch
-    cut: str = ""  # why it was cut as too costly to win
+    stopped: Exception | None = None  # a fault that stops the search (SearchStopped.error)
 
 
 def connect(address: str, cpus_per_trial: int = 1) -> float:
@@ -115,32 +121,40 @@ def check_address(address: str) -> None:
 
 
 class RayTrials:
-    """Runs a tuner's trials as Ray tasks, up to `parallel_trials` at once."""
+    """An executor of a tuner's trials: Ray tasks, up to `parallel_trials` at once.
+
+    The loop is Keras Tuner's own (`pre_create_trial`, `oracle.create_trial`, the trial,
+    `oracle.end_trial`, `save`) with one slot per trial that may run at once. Each trial
+    goes through the same lifecycle as in-process (search/trial.py), booked by the
+    tuner (`trial_spec`, `trial_ended`). Faults that stop an in-process search stop
+    this one the same way: a tracking server gone past `tracking_wait_s` (the worker
+    waits for it as the driver does), a disk without room for the running trials'
+    checkpoints (checked here, where they are written)."""
 
     def __init__(self, config: SearchConfig):
         self.config = config
 
-    def search(self, tuner: kt.Tuner, tracker: tracking.SearchTracker, train: Split, validation: Split) -> None:
+    def run(self, tuner: kt.Tuner, train: Split, validation: Split) -> None:
         """Every trial the oracle hands out, run on the cluster; returns once all have ended."""
         startup_s = connect(self.config.ray, self.config.cpus_per_trial)
         try:
             slots = self.config.parallel_trials or max(1, int(ray.cluster_resources().get("CPU", 1)) // self.config.cpus_per_trial)
-            tracker.log_metrics({"ray_startup_s": startup_s})
+            tuner.tracker.log_metrics({"ray_startup_s": startup_s})
             print(
                 f"Ray {ray.__version__}: joined in {startup_s:.1f} s; up to {slots} trial(s) at once, {self.config.cpus_per_trial} CPU(s) each"
             )
-            self._run(tuner, tracker, ray.put((train.x, train.y, validation.x, validation.y)), slots)
+            self._loop(tuner, ray.put((train.x, train.y, validation.x, validation.y)), slots)
         finally:
             ray.shutdown()
 
-    def _run(self, tuner: kt.Tuner, tracker: tracking.SearchTracker, data: ray.ObjectRef, slots: int) -> None:
+    def _loop(self, tuner: kt.Tuner, data: ray.ObjectRef, slots: int) -> None:
         oracle, cpus = tuner.oracle, self.config.cpus_per_trial
         oracle.verbose = 0  # Keras Tuner's own tables: the progress lines say it
         task = ray.remote(run_trial).options(num_cpus=cpus, max_retries=self.config.trial_retries)
         tuner.save()  # a resume reloads the oracle only where the tuner was saved
-        running: dict[ray.ObjectRef, tuple[kt.engine.trial.Trial, str]] = {}
+        running: dict[ray.ObjectRef, _Running] = {}
         free = [f"ray-{i}" for i in range(slots)]
-        stopped = False
+        stopped, pinged = False, time.monotonic()
         try:
             while True:
                 interrupts.raise_if_requested()
@@ -150,60 +164,84 @@ class RayTrials:
                     if trial.status == STOPPED:
                         stopped = True
                     elif trial.status == RUNNING:
-                        running[task.remote(self._job(tuner, tracker, trial), data)] = (trial, free.pop(0))
-                        tuner.progress.trial_started(trial.trial_id, active_values(trial.hyperparameters))
+                        job, room = self._job(tuner, trial)
+                        self._check_room(tuner, [*running.values(), _Running(trial, free[0], room)])
+                        running[task.remote(job, data)] = _Running(trial, free.pop(0), room)
                     else:
                         break  # Hyperband waits for the round's running trials
                 if not running:
                     break
                 done, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_S)
                 for ref in done:
-                    trial, tuner_id = running.pop(ref)
-                    free.append(tuner_id)
-                    self._end(tuner, tracker, trial, ref)
-        except BaseException:
-            for ref, (trial, _) in running.items():
+                    ended = running.pop(ref)
+                    free.append(ended.tuner_id)
+                    self._end(tuner, ended.trial, ref)
+                self._check_room(tuner, running.values())
+                if time.monotonic() - pinged > PING_S:
+                    # The workers wait for a tracking server that stopped answering; so does this
+                    # process, saying so, and it stops the search past the same limit.
+                    tuner.tracker.metric("ray_startup_s")
+                    pinged = time.monotonic()
+        except BaseException as err:
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"  # as tracking.tracked_run ends in-process trials
+            for ref, each in running.items():
                 ray.cancel(ref, force=True)
                 with contextlib.suppress(Exception):  # the store may be what failed
-                    tracker.end_trial_runs(trial.trial_id, "KILLED", "the search was interrupted")
+                    tuner.tracker.end_trial_runs(each.trial.trial_id, status, "the search stopped")
             raise
 
-    def _job(self, tuner: kt.Tuner, tracker: tracking.SearchTracker, trial: kt.engine.trial.Trial) -> TrialJob:
+    def _job(self, tuner: kt.Tuner, trial: kt.engine.trial.Trial) -> tuple[TrialJob, float]:
+        """The trial's task, and the room its checkpoint will need here."""
         earlier = trial.hyperparameters.values.get("tuner/trial_id")
-        pruner = tuner.pruner
-        return TrialJob(
-            trial_id=trial.trial_id,
+        spec = tuner.trial_spec(trial, copy.deepcopy(tuner.pruner))  # the worker's own copy of the median rule
+        job = TrialJob(
+            spec=spec,
             hyperparameters=trial.hyperparameters.copy(),
             hypermodel=tuner.hypermodel,
-            parent_run_id=tracker.run_id,
+            parent_run_id=tuner.tracker.run_id,
             config=self.config,
-            finished_curves=dict(pruner.finished) if pruner else {},
             weights=tuner.load_model(tuner.oracle.get_trial(earlier)).get_weights() if earlier else None,
-            max_seconds_per_image=tuner.max_seconds_per_image(),
         )
+        return job, checkpoint_bytes(weight_bytes(tuner.hypermodel.build(trial.hyperparameters.copy())))
 
-    def _end(self, tuner: kt.Tuner, tracker: tracking.SearchTracker, trial: kt.engine.trial.Trial, ref: ray.ObjectRef) -> None:
+    @staticmethod
+    def _check_room(tuner: kt.Tuner, running) -> None:
+        """A disk without room for the running trials' checkpoints stops the search, as in-process."""
+        running = list(running)
+        if running:
+            try:
+                check_room(Path(tuner.project_dir), sum(each.checkpoint_bytes for each in running))
+            except OSError as full:
+                raise SearchStopped(running[-1].trial.trial_id, full, "no space left on device") from full
+
+    def _end(self, tuner: kt.Tuner, trial: kt.engine.trial.Trial, ref: ray.ObjectRef) -> None:
         """Tell the oracle how the trial ended; keep its weights as Keras Tuner's checkpoint."""
         try:
             outcome: TrialOutcome = ray.get(ref)
         except ray.exceptions.RayError as err:  # lost more often than trial_retries, or could not run
             reason = f"Ray could not finish the trial: {_reason(err)}"
-            tracker.end_trial_runs(trial.trial_id, "KILLED", reason)
-            outcome = TrialOutcome(trial.trial_id, completed=False, reason=reason)
-        if outcome.completed:
+            tuner.tracker.end_trial_runs(trial.trial_id, "KILLED", reason)
+            outcome = TrialOutcome(TrialResult(trial.trial_id, True, reason))
+        if outcome.stopped is not None:
+            raise SearchStopped(trial.trial_id, outcome.stopped, "a fault that stops the search")
+        result = outcome.result
+        if not result.failed:
             tuner.oracle.update_trial(trial.trial_id, outcome.metrics, step=outcome.best_epoch)
             save_checkpoint(tuner, trial, outcome.weights)
-        trial.status = kt.engine.trial.TrialStatus.COMPLETED if outcome.completed else kt.engine.trial.TrialStatus.FAILED
-        trial.message = outcome.reason
-        if tuner.pruner and outcome.completed and not outcome.cut:
-            tuner.pruner.seed(trial.trial_id, outcome.curve, outcome.pruned)
-        if outcome.cut:
-            tuner.costs.cut[trial.trial_id] = outcome.cut
-        tuner.costs.trial_ended(trial.trial_id, outcome.seconds, outcome.seconds_per_image)
+        trial.status = kt.engine.trial.TrialStatus.FAILED if result.failed else kt.engine.trial.TrialStatus.COMPLETED
+        trial.message = result.reason
         tuner.oracle.end_trial(trial)
         tuner.save()  # as Keras Tuner's own loop does after each trial: what a resume reloads
-        score = tuner.oracle.get_trial(trial.trial_id).score if outcome.completed else None
-        tuner.progress.trial_ended(trial.trial_id, score, outcome.seconds, outcome.reason, outcome.pruned, outcome.cut)
+        if not result.failed:
+            result.score = tuner.oracle.get_trial(trial.trial_id).score
+        tuner.trial_ended(result)
+
+
+@dataclass(frozen=True)
+class _Running:
+    trial: kt.engine.trial.Trial
+    tuner_id: str  # the slot it holds
+    checkpoint_bytes: float  # the room its checkpoint will need
 
 
 def worker_environment(cpus: int) -> dict[str, str]:
@@ -228,110 +266,44 @@ def save_checkpoint(tuner: kt.Tuner, trial: kt.engine.trial.Trial, weights: list
 
 
 def run_trial(job: TrialJob, data: tuple[np.ndarray, ...]) -> TrialOutcome:
-    """One trial, in a Ray worker: train, log every epoch to its own nested run, return the outcome."""
-    started, cpu_started = time.perf_counter(), time.process_time()
-    settings = job.config
+    """One trial, in a Ray worker: the trial's lifecycle (search/trial.py) around its training."""
     keras.backend.clear_session()  # a worker process runs many trials: free the last one's graph
-    tracker = tracking.attach(job.parent_run_id, {"ray_node": ray.util.get_node_ip_address()})
-    watch = None
+    settings, spec = job.config, job.spec
+    try:
+        tracker = tracking.attach(job.parent_run_id, {"ray_node": ray.util.get_node_ip_address()}, settings.tracking_wait_s)
+    except Exception as err:  # the server gone past the wait, as for any tracking call in a trial
+        return TrialOutcome(TrialResult(spec.trial_id, True, str(err)), stopped=err)
+    lifecycle = TrialLifecycle(tracker, spec)  # checkpoints are written by the driver, which checks their room
     try:
         # An earlier attempt whose worker died left its run RUNNING: this attempt replaces it.
-        tracker.end_trial_runs(job.trial_id, "KILLED", "its Ray worker or node died; Ray ran the trial again")
-        hp = job.hyperparameters
-        tracker.start_trial(job.trial_id, active_values(hp))
-        train, validation = Split(data[0], data[1]), Split(data[2], data[3])
-        trial = kt.engine.trial.Trial(hp, job.trial_id)
-        keras.utils.set_random_seed(settings.seed)
-        model = job.hypermodel.build(hp.copy())
-        if job.weights is not None:
-            model.set_weights(job.weights)
-        pruner = MedianStopping(settings.prune_min_trials, settings.prune_grace_epochs) if settings.prune else None
-        if pruner:
-            pruner.finished = dict(job.finished_curves)
-        watch = _Watch(
-            tracker, job.trial_id, pruner, planned_epochs(trial, settings.max_epochs), settings.batch_size, job.max_seconds_per_image
-        )
-        history = model.fit(
-            training_dataset(train, settings.batch_size, settings.seed),
-            validation_data=evaluation_dataset(validation, settings.batch_size),
-            initial_epoch=int(hp.values.get("tuner/initial_epoch", 0)),
-            epochs=planned_epochs(trial, settings.max_epochs),
-            callbacks=[*trial_callbacks(settings), watch],
-            verbose=0,
-        )
-        losses = history.history.get("loss", [])
-        if not watch.curve or any(np.isnan(losses)):
-            raise ValueError(f"loss became NaN after {len(losses)} epoch(s)")
-        pruned = pruner.pruned.get(job.trial_id) if pruner else None
-        outcome = TrialOutcome(job.trial_id, True, watch.best_logs, watch.best_epoch, watch.curve, pruned, watch.best_weights)
-        outcome.cut = watch.cut
-        summary = {
-            "best_val_accuracy": watch.best_logs["val_accuracy"],
-            "param_count": model.count_params(),
-            "multiply_adds": multiply_adds(model),
-            "epochs_saved": epochs_saved(trial, settings.max_epochs, pruned or (1 if watch.cut else None)),
-        }
-    except Exception as err:
-        outcome, summary = TrialOutcome(job.trial_id, False, reason=_reason(err)), {}
-    outcome.seconds = time.perf_counter() - started
-    outcome.seconds_per_image = watch.clock.seconds_per_image if watch else None
-    summary |= {"wall_time_s": outcome.seconds, "cpu_seconds": time.process_time() - cpu_started}
-    summary["train_seconds_per_image"] = outcome.seconds_per_image
-    tracker.end_trial(job.trial_id, not outcome.completed, summary, outcome.reason, pruned=outcome.pruned, cut=outcome.cut)
-    return outcome
-
-
-class _Watch(keras.callbacks.Callback):
-    """Logs each epoch, keeps the best epoch's weights, cuts a trial too costly to win (as
-    TrackedTuner does), and asks the median rule whether to go on."""
-
-    def __init__(
-        self,
-        tracker: tracking.SearchTracker,
-        trial_id: str,
-        pruner: MedianStopping | None,
-        planned: int,
-        batch_size: int,
-        max_seconds_per_image: float,
-    ):
-        super().__init__()
-        self.tracker, self.trial_id, self.pruner, self.planned = tracker, trial_id, pruner, planned
-        self.clock, self.batch_size, self.max_seconds_per_image = TrainingClock(batch_size), batch_size, max_seconds_per_image
-        self.curve: dict[int, float] = {}
-        self.best_logs: dict[str, float] = {}
-        self.best_epoch, self.best_weights = 0, None
-        self.cut, self.judged, self.batches = "", False, 0
-
-    def on_epoch_begin(self, epoch: int, logs=None) -> None:
-        self.epoch_started, self.batches = time.perf_counter(), 0
-
-    # A begin hook: a batch-end hook turns off Keras' asynchronous dispatch of each batch's logs.
-    def on_train_batch_begin(self, batch: int, logs=None) -> None:
-        self.batches = batch + 1
-        self.clock.batch_begins(batch)
-        self._judge_cost()
-
-    def _judge_cost(self) -> None:
-        if self.judged or not self.clock.measured:
-            return
-        self.judged = True
-        self.cut = too_costly(self.clock.seconds_per_image, self.max_seconds_per_image)
-        if self.cut:
-            self.model.stop_training = True
-
-    def on_epoch_end(self, epoch: int, logs=None) -> None:
-        self.clock.epoch_ends(time.perf_counter() - self.epoch_started, self.batches * self.batch_size)
-        self._judge_cost()
-        logs = {k: float(v) for k, v in (logs or {}).items()}
-        self.tracker.log_epoch(self.trial_id, epoch, logs)
-        value = logs.get("val_accuracy", float("nan"))
-        if np.isnan(value):
-            return
-        self.curve[epoch] = value
-        if not self.best_logs or value > self.best_logs["val_accuracy"]:
-            self.best_logs, self.best_epoch, self.best_weights = logs, epoch, self.model.get_weights()
-        if self.pruner and not self.cut and self.pruner.report(self.trial_id, epoch, value, last=epoch + 1 >= self.planned):
-            self.model.stop_training = True
+        lifecycle.replaces_earlier_attempt("its Ray worker or node died; Ray ran the trial again")
+        lifecycle.begin()
+        failed, reason, watch = True, "", LifecycleCallback(lifecycle)
+        try:
+            train, validation = Split(data[0], data[1]), Split(data[2], data[3])
+            keras.utils.set_random_seed(settings.seed)
+            model = job.hypermodel.build(job.hyperparameters.copy())
+            if job.weights is not None:
+                model.set_weights(job.weights)
+            history = model.fit(
+                training_dataset(train, settings.batch_size, settings.seed),
+                validation_data=evaluation_dataset(validation, settings.batch_size),
+                initial_epoch=int(job.hyperparameters.values.get("tuner/initial_epoch", 0)),
+                epochs=spec.planned_epochs,
+                callbacks=[*trial_callbacks(settings), watch],
+                verbose=0,
+            )
+            lifecycle.check_losses(history.history.get("loss", []))
+            failed = False
+        except SearchStopped:
+            raise
+        except Exception:
+            reason = failure_reason(traceback.format_exc())
+        score = None if failed else lifecycle.best_logs["val_accuracy"]
+        result = lifecycle.end(failed, reason, score)
+    except SearchStopped as stop:  # the run stays open: the resume ends it and runs the trial again
+        return TrialOutcome(TrialResult(spec.trial_id, True, str(stop)), stopped=stop.error)
+    return TrialOutcome(result, lifecycle.best_logs, lifecycle.best_epoch, watch.best_weights)
 
 
 def _package_dir(name: str) -> str:
@@ -340,5 +312,4 @@ def _package_dir(name: str) -> str:
 
 def _reason(err: BaseException) -> str:
     """The error's last line: Ray's errors carry the remote traceback before it."""
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    return lines[-1].strip()[:300] if lines else type(err).__name__
+    return failure_reason(str(err)) if str(err).strip() else type(err).__name__

@@ -11,62 +11,38 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
-import shutil
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import keras
 import keras_tuner as kt
-import numpy as np
 
 from experiments import ConfigError, SearchConfig
 from model_zoo import CNNZoo, multiply_adds
 from search import interrupts
-from search.budget import Plan, RunBudget, TrainingClock, too_costly
-from search.data import Split
+from search.budget import Plan, RunBudget
 from search.pruning import MedianStopping
 from search.reporting.progress import Progress
 from search.tracking import SearchTracker
-from search.train import WarmupCosine, evaluation_dataset, training_dataset
-
-CHECKPOINT_HEADROOM_BYTES = 1 << 20  # beyond the weights: HDF5's own structures, the tuner's JSON files
-
-
-def checkpoint_bytes(weight_bytes: int) -> float:
-    """The room a checkpoint of `weight_bytes` of weights needs on disk."""
-    return weight_bytes * 1.1 + CHECKPOINT_HEADROOM_BYTES
-
-
-def check_room(folder: Path, needed: float) -> None:
-    """ENOSPC before a checkpoint is written to a disk without room for it: an HDF5 write
-    that fails on a full disk leaves a file the process cannot even exit cleanly from."""
-    if shutil.disk_usage(folder).free < needed:
-        raise OSError(errno.ENOSPC, f"no room for a {needed / 1e6:.1f} MB checkpoint", str(folder))
-
-
-class SearchStopped(kt.errors.FatalError):
-    """An error inside a trial that must stop the search, not just fail the trial (Keras
-    Tuner lets only a FatalError through): a tracking call that failed, a full disk.
-    `error` is the original (Keras drops the exception's cause)."""
-
-    def __init__(self, trial_id: str, error: Exception, what: str):
-        super().__init__(f"{what} in trial {trial_id}: {error}")
-        self.error = error
+from search.train import WarmupCosine
+from search.trial import SearchStopped, TrialLifecycle, TrialResult, TrialSpec, failure_reason
 
 
 class TrackedTuner:
-    """Mixin: logs each trial as a nested MLflow run through `tracker`, prints a line per
-    trial (its `progress`, counting down `trials` or Hyperband's own schedule), and
-    stops the trials `pruner` finds hopeless. `trial_epochs`: a trial's epochs where
-    Hyperband does not set them.
+    """Mixin: each trial's lifecycle (search/trial.py) in the tuner's hooks: a nested MLflow
+    run through `tracker`, a line per trial (its `progress`, counting down `trials` or
+    Hyperband's own schedule), hopeless trials stopped by `pruner`. `trial_epochs`: a
+    trial's epochs where Hyperband does not set them.
 
     With a `plan` of a limited budget, no trial starts that would end past the
     search's share of it, and a trial whose measured cost per image would leave its
     final training fewer than the plan's `min_final_epochs` in the time after the
-    search is cut in its first epoch: it cannot win (`pick_winner`)."""
+    search is cut in its first epoch: it cannot win (`pick_winner`).
+
+    Trials that run elsewhere (search/scaleout.py) go through the same lifecycle and are
+    booked here the same way: `trial_spec` before, `trial_ended` after."""
 
     def __init__(
         self,
@@ -92,18 +68,29 @@ class TrackedTuner:
             self.oracle.max_trials = len(self.oracle.trials)
             print(f"search: stopping after {len(self.oracle.trials)} trials, its share of the budget spent; {budget.status()}", flush=True)
 
-    def max_seconds_per_image(self) -> float:
-        """The costliest trial that can still win here (Plan.max_seconds_per_image); inf without a plan."""
-        return self.plan.max_seconds_per_image() if self.plan else math.inf
+    def trial_spec(self, trial: kt.engine.trial.Trial, pruner: MedianStopping | None = None) -> TrialSpec:
+        """What the trial's lifecycle needs, the progress line said; `pruner`: the median rule
+        it reports to (default: this tuner's own)."""
+        values = active_values(trial.hyperparameters)
+        self.progress.trial_started(trial.trial_id, values)
+        max_cost = self.plan.max_seconds_per_image() if self.plan else math.inf
+        return TrialSpec(trial.trial_id, values, planned_epochs(trial, self.max_epochs), self.batch_size, max_cost, pruner or self.pruner)
 
+    def trial_ended(self, result: TrialResult) -> None:
+        """Book how a trial ended: its cost, its curve as the median rule's reference, the progress line."""
+        if result.cut:
+            self.costs.cut[result.trial_id] = result.cut
+        self.costs.trial_ended(result.trial_id, result.seconds, result.seconds_per_image)
+        if self.pruner and not result.failed and not result.cut and result.curve:
+            self.pruner.seed(result.trial_id, result.curve, result.pruned)
+        self.progress.trial_ended(result.trial_id, result.score, result.seconds, result.reason, result.pruned, result.cut)
+
+    # --- the lifecycle of a trial run in this process, in Keras Tuner's hooks ---
     def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
         interrupts.raise_if_requested()
         super().on_trial_begin(trial)
-        self._trial_started, self._cpu_started = time.perf_counter(), time.process_time()
-        self._param_count = self._multiply_adds = self._checkpoint_bytes = None
-        self._clock, self._cost_limit, self._judged = TrainingClock(self.batch_size), self.max_seconds_per_image(), False
-        self.tracker.start_trial(trial.trial_id, active_values(trial.hyperparameters))
-        self.progress.trial_started(trial.trial_id, active_values(trial.hyperparameters))
+        self.lifecycle = TrialLifecycle(self.tracker, self.trial_spec(trial), Path(self.project_dir))
+        self.lifecycle.begin()
 
     def run_trial(self, trial, *args, **kwargs):
         try:
@@ -113,65 +100,20 @@ class TrackedTuner:
                 raise SearchStopped(trial.trial_id, err, "no space left on device") from err
             raise
         for history in histories:
-            losses = getattr(history, "history", {}).get("loss", [])
-            if any(math.isnan(loss) for loss in losses):
-                # Accuracy stays a number when the loss diverges: fail the trial explicitly.
-                raise kt.errors.FailedTrialError(f"loss became NaN after {len(losses)} epoch(s)")
+            self.lifecycle.check_losses(getattr(history, "history", {}).get("loss", []))
         return histories
 
     def on_epoch_begin(self, trial, model, epoch, logs=None) -> None:
         super().on_epoch_begin(trial, model, epoch, logs)
-        self._epoch_started, self._batches = time.perf_counter(), 0
+        self.lifecycle.epoch_begins()
 
-    def on_batch_end(self, trial, model, batch, logs=None) -> None:
+    def on_batch_begin(self, trial, model, batch, logs=None) -> None:
         interrupts.raise_if_requested()
-        self._batches = batch + 1
-        self._clock.batch_begins(batch + 1)  # timed between batch ends: the same intervals
-        self._judge_cost(trial, model)
-
-    def _judge_cost(self, trial, model) -> None:
-        """Once the trial's cost is measured: cut it if its final training could not get enough epochs."""
-        if self._judged or not self._clock.measured:
-            return
-        self._judged = True
-        cut = too_costly(self._clock.seconds_per_image, self._cost_limit)
-        if cut:
-            self.costs.cut[trial.trial_id] = cut
-            model.stop_training = True  # Keras ends the epoch after this batch
+        self.lifecycle.batch_begins(batch, model)
 
     def on_epoch_end(self, trial, model, epoch, logs=None) -> None:
         super().on_epoch_end(trial, model, epoch, logs)
-        logs = logs or {}
-        self._clock.epoch_ends(time.perf_counter() - self._epoch_started, self._batches * self.batch_size)
-        self._judge_cost(trial, model)
-        if self._param_count is None:  # once per trial, after its first epoch
-            self._param_count = model.count_params()
-            self._multiply_adds = multiply_adds(model)
-            self._checkpoint_bytes = checkpoint_bytes(sum(math.prod(w.shape) * np.dtype(w.dtype).itemsize for w in model.weights))
-        try:
-            self.tracker.log_epoch(trial.trial_id, epoch, logs)
-        except Exception as err:
-            # Keras Tuner would swallow an ordinary exception here and mark the
-            # trial failed; a tracking failure must stop the search instead.
-            raise SearchStopped(trial.trial_id, err, "MLflow logging failed") from err
-        self._check_room_for_checkpoint(trial)
-        last = epoch + 1 >= planned_epochs(trial, self.max_epochs)
-        cut = trial.trial_id in self.costs.cut
-        if (
-            self.pruner
-            and not cut
-            and "val_accuracy" in logs
-            and self.pruner.report(trial.trial_id, epoch, float(logs["val_accuracy"]), last)
-        ):
-            model.stop_training = True  # Keras ends the fit after this epoch
-
-    def _check_room_for_checkpoint(self, trial) -> None:
-        """Stop the search before Keras Tuner writes this epoch's checkpoint (it runs after
-        this hook) to a disk without room for it."""
-        try:
-            check_room(Path(self.project_dir), self._checkpoint_bytes)
-        except OSError as full:
-            raise SearchStopped(trial.trial_id, full, "no space left on device") from full
+        self.lifecycle.epoch_ends(epoch, logs, model)
 
     def on_trial_end(self, trial: kt.engine.trial.Trial) -> None:
         # A Ctrl-C that lands inside TensorFlow can come out as another exception
@@ -184,24 +126,8 @@ class TrackedTuner:
         finally:
             ended = self.oracle.get_trial(trial.trial_id)
             failed = ended.status != kt.engine.trial.TrialStatus.COMPLETED
-            cut = self.costs.cut.get(trial.trial_id, "")
-            pruned = None
-            if self.pruner:
-                self.pruner.end(trial.trial_id, failed or bool(cut))  # a cut trial's partial epoch is no reference
-                pruned = self.pruner.pruned.get(trial.trial_id)
-            summary = {
-                "best_val_accuracy": None if failed else ended.score,
-                "param_count": self._param_count,
-                "multiply_adds": self._multiply_adds,
-                "train_seconds_per_image": self._clock.seconds_per_image,
-                "wall_time_s": time.perf_counter() - self._trial_started,
-                "cpu_seconds": time.process_time() - self._cpu_started,  # every thread of the process
-                "epochs_saved": epochs_saved(trial, self.max_epochs, pruned or (1 if cut else None)),
-            }
-            reason = failure_reason(ended) if failed else ""
-            self.costs.trial_ended(trial.trial_id, summary["wall_time_s"], self._clock.seconds_per_image)
-            self.tracker.end_trial(trial.trial_id, failed, summary, reason, pruned=pruned, cut=cut)
-            self.progress.trial_ended(trial.trial_id, summary["best_val_accuracy"], summary["wall_time_s"], reason, pruned, cut)
+            reason = failure_reason(ended.message) if failed else ""
+            self.trial_ended(self.lifecycle.end(failed, reason, None if failed else ended.score))
 
 
 class TrialCosts:
@@ -347,19 +273,6 @@ def _value(text: str) -> object:
     return text
 
 
-def run_trials(tuner: kt.Tuner, config: SearchConfig, train: Split, validation: Split, verbose: int = 0) -> None:
-    """Keras Tuner's search loop: trials train on `train` (from memory, via tf.data)
-    and are scored on `validation`."""
-    tuner.search(
-        training_dataset(train, config.batch_size, config.seed),
-        validation_data=evaluation_dataset(validation, config.batch_size),
-        epochs=config.max_epochs,
-        callbacks=trial_callbacks(config),
-        shuffle=False,  # the dataset shuffles
-        verbose=verbose,
-    )
-
-
 def trial_callbacks(config: SearchConfig) -> list[keras.callbacks.Callback]:
     """Per-trial callbacks (Keras Tuner deep-copies them for every trial): the trial's own
     learning-rate schedule, stop on NaN, stop early."""
@@ -456,11 +369,6 @@ def planned_epochs(trial: kt.engine.trial.Trial, max_epochs: int) -> int:
     return int(trial.hyperparameters.values.get("tuner/epochs", max_epochs))
 
 
-def epochs_saved(trial: kt.engine.trial.Trial, max_epochs: int, pruned_after: int | None) -> int | None:
-    """The epochs a pruned trial did not train (None: it was not pruned)."""
-    return planned_epochs(trial, max_epochs) - pruned_after if pruned_after else None
-
-
 def active_values(hp: kt.HyperParameters) -> dict[str, object]:
     """The trial's hyperparameter values, without those its choices switched off."""
     return {name: value for name, value in hp.values.items() if hp.is_active(name)}
@@ -473,12 +381,6 @@ def failed_in_a_row(oracle: kt.Oracle) -> bool:
     return len(last) == oracle.max_consecutive_failed_trials and all(
         oracle.trials[t].status == kt.engine.trial.TrialStatus.FAILED for t in last
     )
-
-
-def failure_reason(trial: kt.engine.trial.Trial) -> str:
-    """The last line of the trial's traceback: the error itself."""
-    lines = [line for line in (trial.message or "").splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "the trial failed without a message"
 
 
 def planned_trials(oracle: kt.Oracle, max_trials: int) -> int:

@@ -19,7 +19,8 @@ from model_zoo import make_cnn
 from search import tracking
 from search.budget import INFERENCE_SHARE, CostModel, Plan, RunBudget, TrainingClock, duration, process_started, too_costly
 from search.data import Split
-from search.tuner import make_tuner, pick_winner, run_trials
+from search.executors import InProcess
+from search.tuner import make_tuner, pick_winner
 from tests.helpers import MLFLOW_RUN_ENV, REPO, mnist_subset
 
 
@@ -99,7 +100,7 @@ def small_and_large_trials(tracking_store, tmp_path, mnist_npz, plan=None, max_t
     config = resolve("smoke", fixed=(), max_trials=max_trials, max_epochs=max_epochs, early_stopping_patience=0, prune=False)
     with tracking.tracked_run("budget") as tracker:
         tuner = make_tuner(config, tracker, tmp_path, "tuner", hypermodel=TwoSizes(), plan=plan)
-        run_trials(tuner, config, digits(mnist_npz, 2_560), digits(mnist_npz, 512, offset=50_000))
+        InProcess(config).run(tuner, digits(mnist_npz, 2_560), digits(mnist_npz, 512, offset=50_000))
     return tuner, tracker.run_id
 
 

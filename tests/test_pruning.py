@@ -10,9 +10,10 @@ import numpy as np
 from experiments import resolve
 from search import tracking
 from search.data import Split
+from search.executors import InProcess
 from search.pruning import MedianStopping
 from search.reporting.report import write_trials_csv
-from search.tuner import make_tuner, run_trials
+from search.tuner import make_tuner
 
 
 def test_a_trial_below_the_median_of_finished_trials_stops():
@@ -62,7 +63,7 @@ def test_a_real_trial_that_is_clearly_worse_is_stopped_and_logged_as_pruned(trac
                 "smoke", max_trials=trials, max_epochs=3, early_stopping_patience=0, fixed=(*pins, f"learning_rate={learning_rate}")
             )
             tuner = make_tuner(config, tracker, tmp_path / name, "tuner", pruner=rule)
-            run_trials(tuner, config, train, validation)
+            InProcess(config).run(tuner, train, validation)
         records = tracker.trial_records()
     (hopeless,) = [r for r in records if r["pruned"]]
     assert rule.pruned == {hopeless["trial_id"]: 1}

@@ -10,7 +10,8 @@ import pytest
 
 from experiments import resolve
 from model_zoo import BatchNormCNN, make_cnn, multiply_adds
-from search.tuner import check_room, checkpoint_bytes, make_tuner, pick_winner, planned_trials
+from search.trial import check_room, checkpoint_bytes
+from search.tuner import make_tuner, pick_winner, planned_trials
 
 
 def test_multiply_adds_counts_convolutions_and_dense_layers():

@@ -236,10 +236,11 @@ def tracked_run(
     end_run()
 
 
-def attach(parent_run_id: str, trial_tags: Mapping[str, str]) -> SearchTracker:
+def attach(parent_run_id: str, trial_tags: Mapping[str, str], server_wait_s: float = DEFAULT_SERVER_WAIT_S) -> SearchTracker:
     """Another process's tracker of search run `parent_run_id` (a Ray task): it logs
-    trial runs under it, tagged `trial_tags`, without becoming that run's owner."""
-    check_reachable()
+    trial runs under it, tagged `trial_tags`, without becoming that run's owner, and
+    waits for a server that stops answering as the search's own process does."""
+    wait_for_server(server_wait_s)
     return SearchTracker(PatientClient().get_run(parent_run_id), trial_tags)
 
 
