@@ -1,15 +1,20 @@
 """Fixtures: the real MNIST file, a private tracking store per test, the Keras dtype
-policy, and one smoke search shared by the end-to-end tests. Helpers are in tests/helpers.py."""
+policy, one smoke search shared by the end-to-end tests, and a Ray head node per test module that asks for one. Helpers are in tests/helpers.py."""
 
 from __future__ import annotations
 
 import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import MLFLOW_RUN_ENV, REPO, fresh_project, mlflow_run
+from tests.helpers import MLFLOW_RUN_ENV, REPO, free_port, fresh_project, mlflow_run
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of test logs
 
@@ -68,3 +73,31 @@ def smoke_search(tmp_path_factory, mnist_npz):
     result = mlflow_run(fresh_project(tmp), store, mnist_npz, "profile=smoke")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return store, result
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory) -> dict[str, str]:
+    """A Ray head node of 2 CPUs on 127.0.0.1 (`ray start --head --block`), its files in a
+    temporary directory, with token authentication and a token of its own: the
+    environment that joins it (RAY_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN). Stopped with the test module."""
+    folder = tmp_path_factory.mktemp("ray")
+    port = free_port()
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {**os.environ, **auth}
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1"]
+    command += ["--port", str(port), "--num-cpus", "2", "--include-dashboard", "false", "--temp-dir", str(folder)]
+    log = (folder / "ray.log").open("w")
+    head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    status = [str(Path(sys.executable).parent / "ray"), "status", "--address", address]
+    while subprocess.run(status, capture_output=True, env=env).returncode:
+        assert head.poll() is None and time.monotonic() < deadline, (folder / "ray.log").read_text()[-3000:]
+        time.sleep(1)
+    yield {"RAY_ADDRESS": address, **auth}
+    os.killpg(head.pid, signal.SIGTERM)  # --block: the head and the processes it started stop together
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+    log.close()

@@ -5,7 +5,6 @@ searches on a real Ray cluster (`ray start --head` on 127.0.0.1) logging to a re
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -140,34 +139,6 @@ def tracking_server(postgres, tmp_path_factory) -> str:
         yield url
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory) -> dict[str, str]:
-    """A Ray head node of 2 CPUs on 127.0.0.1 (`ray start --head --block`), its files in a
-    temporary directory, with token authentication and a token of its own: the
-    environment that joins it (RAY_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN). Stopped with the test module."""
-    folder = tmp_path_factory.mktemp("ray")
-    port = free_port()
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    env = {**os.environ, **auth}
-    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1"]
-    command += ["--port", str(port), "--num-cpus", "2", "--include-dashboard", "false", "--temp-dir", str(folder)]
-    log = (folder / "ray.log").open("w")
-    head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    status = [str(Path(sys.executable).parent / "ray"), "status", "--address", address]
-    while subprocess.run(status, capture_output=True, env=env).returncode:
-        assert head.poll() is None and time.monotonic() < deadline, (folder / "ray.log").read_text()[-3000:]
-        time.sleep(1)
-    yield {"RAY_ADDRESS": address, **auth}
-    os.killpg(head.pid, signal.SIGTERM)  # --block: the head and the processes it started stop together
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-    log.close()
-
-
 def ray_search(tmp_path: Path, server: str, cluster: dict, mnist_npz: Path, experiment: str, *settings: str) -> subprocess.Popen:
     """`python -m search run --profile smoke --ray auto parallel_trials=2 <settings>` on `cluster`."""
     env = {**os.environ, **cluster, "MLFLOW_TRACKING_URI": server, "MLFLOW_EXPERIMENT_NAME": experiment, "MNIST_NPZ": str(mnist_npz)}
@@ -269,47 +240,3 @@ def _pids_of(title: str) -> list[int]:
         except OSError:
             continue
     return found
-
-
-@pytest.mark.e2e
-def test_a_ray_search_whose_driver_is_killed_resumes_without_repeating_trials(tmp_path, ray_cluster, tracking_server, mnist_npz):
-    search = ray_search(tmp_path, tracking_server, ray_cluster, mnist_npz, "ray-resumed", "max_trials=4", "model_name=mnist-cnn-resumed")
-    try:
-        deadline = time.monotonic() + 300
-        while not any(t.info.status == "FINISHED" for t in search_runs(tracking_server, "ray-resumed")[1]):
-            assert search.poll() is None and time.monotonic() < deadline, (tmp_path / "search.log").read_text()[-3000:]
-            time.sleep(0.5)
-        search.send_signal(signal.SIGKILL)
-    finally:
-        finished(search, tmp_path)
-    [parent], before = search_runs(tracking_server, "ray-resumed")
-    done_before = {t.data.tags["trial_id"] for t in before if t.info.status == "FINISHED"}
-
-    env = {**os.environ, **ray_cluster, "MLFLOW_TRACKING_URI": tracking_server}
-    for var in MLFLOW_RUN_ENV:
-        env.pop(var, None)
-    resumed = subprocess.run(
-        [sys.executable, "-m", "search", "resume", parent.info.run_id],
-        cwd=tmp_path / "project",
-        env={**env, "MNIST_NPZ": str(mnist_npz)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    [parent], trials = search_runs(tracking_server, "ray-resumed")
-    assert parent.info.status == "FINISHED"
-    finished_runs = [t for t in trials if t.info.status == "FINISHED"]
-    described = [
-        (t.data.tags["trial_id"], t.info.status, t.info.start_time, t.info.end_time, t.data.tags.get("failure_reason")) for t in trials
-    ]
-    assert sorted(t.data.tags["trial_id"] for t in finished_runs) == ["0", "1", "2", "3"], (
-        "\n".join(map(str, sorted(described))) + resumed.stdout[-3000:]
-    )
-    assert "RUNNING" not in {t.info.status for t in trials} and any(t.info.status == "KILLED" for t in trials)
-    assert len(mlflow.MlflowClient(tracking_server).search_model_versions("name = 'mnist-cnn-resumed'")) == 1
-    superseded = [t for t in trials if t.data.tags.get("failure_reason", "").startswith("the search stopped before it recorded")]
-    print(
-        f"driver killed after trial(s) {sorted(done_before)} FINISHED; resumed: {len(trials)} trial runs,"
-        f" {len(finished_runs)} FINISHED, {len(superseded)} FINISHED-but-unrecorded runs marked KILLED"
-    )

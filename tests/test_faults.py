@@ -1,0 +1,286 @@
+"""Faults a real deployment meets, each met the same way whichever executor runs the trials
+(search/executors.py): in the search's own process, or as tasks on a real Ray cluster
+(`ray start --head`). The store is a real `mlflow server`, stopped and started at will.
+
+- the tracking server down mid-trial: waited for, saying so, nothing lost; past
+  `tracking_wait_s` the search stops, naming the resume command, and the resume finishes it;
+- a loss that goes NaN: the trial fails, with the same reason;
+- no room on disk: one line naming the resume command, and the resume finishes it;
+- the search's process killed (SIGKILL): the resume runs every trial once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tests.helpers import MLFLOW_RUN_ENV, REPO, free_port
+
+pytestmark = pytest.mark.e2e
+
+TRIALS = 3  # the smoke profile's
+# A trial run FINISHED this long ago has been recorded by the search too (on Ray the driver
+# books a trial within a second of its end): one that finished since may run again on resume.
+RECORDED_S = 3
+
+
+@dataclass(frozen=True)
+class Executor:
+    name: str
+    args: tuple[str, ...] = ()  # what the command line adds
+    env: dict[str, str] = field(default_factory=dict)  # what the environment adds
+
+
+@pytest.fixture(params=["in-process", "ray"])
+def executor(request) -> Executor:
+    if request.param == "in-process":
+        return Executor("in-process")
+    cluster = request.getfixturevalue("ray_cluster")  # one 2-CPU head node for the module
+    return Executor("ray", ("--ray", "auto", "parallel_trials=2", "cpus_per_trial=1"), cluster)
+
+
+class Server:
+    """`mlflow server` on a sqlite store in `folder`, on one port across stops and starts."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port = folder, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        args = ["server", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}", "--workers", "1"]
+        args += ["--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port)]
+        log = (self.folder / "server.log").open("a")
+        self.process = subprocess.Popen([sys.executable, "-m", "mlflow", *args], cwd=self.folder, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.process.poll() is None, (self.folder / "server.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=2)
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow server did not answer in 120 s"
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = Server(tmp_path)
+    server.start()
+    yield server
+    if server.process.poll() is None:
+        server.stop()
+
+
+class Search:
+    """`python -m search <args>` in `tmp_path/work`, on `executor`, logging to `server`; its
+    stdout and stderr in files (a full pipe would block it)."""
+
+    def __init__(self, tmp_path: Path, server: Server, executor: Executor, mnist_npz: Path, *args: str):
+        self.work, self.log = tmp_path / "work", tmp_path / f"search-{time.monotonic_ns()}"
+        self.work.mkdir(exist_ok=True)
+        env = {**os.environ, **executor.env, "MLFLOW_TRACKING_URI": server.url, "MNIST_NPZ": str(mnist_npz), "PYTHONPATH": str(REPO)}
+        for var in MLFLOW_RUN_ENV:
+            env.pop(var, None)
+        extra = executor.args if args[0] == "run" else ()  # a resume reads them from the run
+        with open(f"{self.log}.out", "w") as out, open(f"{self.log}.err", "w") as err:
+            self.process = subprocess.Popen([sys.executable, "-m", "search", *args, *extra], cwd=self.work, env=env, stdout=out, stderr=err)
+
+    def wait(self, timeout: float = 600) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+
+    @property
+    def stderr(self) -> str:
+        return Path(f"{self.log}.err").read_text()
+
+    def output(self) -> str:
+        return Path(f"{self.log}.out").read_text()[-3000:] + self.stderr[-3000:]
+
+
+def trial_runs(client: mlflow.MlflowClient) -> list:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return [r for r in client.search_runs(experiments, max_results=1000) if "trial_id" in r.data.tags] if experiments else []
+
+
+def wait_for(search: Search, condition, what: str, timeout_s: float = 300):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert search.process.poll() is None, search.output()
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
+
+
+def wait_for_epoch(client: mlflow.MlflowClient, search: Search, trial_id: str) -> str:
+    """Once trial `trial_id` has logged an epoch: the search run's id."""
+    logged = lambda: [r for r in trial_runs(client) if r.data.tags["trial_id"] == trial_id and "val_accuracy" in r.data.metrics]  # noqa: E731
+    return wait_for(search, logged, f"an epoch of trial {trial_id}")[0].data.tags["mlflow.parentRunId"]
+
+
+def wait_until_mid_trial(client: mlflow.MlflowClient, search: Search) -> str:
+    """Once a trial has finished and another is running: the search run's id."""
+
+    def mid_trial():
+        runs = trial_runs(client)
+        statuses = Counter(r.info.status for r in runs)
+        return statuses["FINISHED"] >= 1 and statuses["RUNNING"] >= 1 and runs
+
+    return wait_for(search, mid_trial, "a trial finished and another running")[0].data.tags["mlflow.parentRunId"]
+
+
+def assert_each_trial_finished_once_with_every_epoch(client: mlflow.MlflowClient, search_run_id: str, model_versions: int = 1) -> None:
+    search_run = client.get_run(search_run_id)
+    assert search_run.info.status == "FINISHED"
+    runs = [r for r in trial_runs(client) if r.data.tags["mlflow.parentRunId"] == search_run_id]
+    finished = [run for run in runs if run.info.status == "FINISHED"]
+    assert sorted(run.data.tags["trial_id"] for run in finished) == [f"{i}" for i in range(TRIALS)]  # each trial exactly once
+    assert all(run.info.status in ("FINISHED", "KILLED", "FAILED") for run in runs)
+    for run in finished:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+        assert steps == list(range(len(steps))) and steps, f"trial {run.data.tags['trial_id']}: epochs logged {steps}"
+    assert len(client.search_model_versions("name = 'mnist-cnn'")) == model_versions
+
+
+def test_a_server_down_mid_trial_is_waited_for_and_past_the_limit_the_search_stops_and_resumes(tmp_path, server, executor, mnist_npz):
+    """Down 30 s in trial 0: waited for, saying so, nothing lost or logged twice. Down for good
+    later: past tracking_wait_s the search stops (exit 1) naming the resume command, and
+    the resume, once the server is back, finishes every trial exactly once."""
+    client = mlflow.MlflowClient(server.url)
+    search = Search(tmp_path, server, executor, mnist_npz, "run", "--profile", "smoke", "tracking_wait_s=50")
+    search_run_id = wait_for_epoch(client, search, "0")
+    server.stop()
+    time.sleep(30)
+    server.start()
+    wait_for_epoch(client, search, "1")
+    server.stop()
+    stopped = time.monotonic()
+    assert search.wait(timeout=300) == 1, search.output()
+    waited = time.monotonic() - stopped
+    lines = search.stderr.strip().splitlines()
+    assert lines.count(f"tracking server {server.url} does not answer: waiting up to 50 s for it") == 2, search.output()
+    back = [line for line in lines if line.startswith("tracking server answers again after ")]
+    assert len(back) == 1, search.output()
+    assert lines[-1] == (
+        f"error: tracking server {server.url} did not answer for 50 s: the search stopped; "
+        f"once it is back, continue with `python -m search resume {search_run_id}`"
+    ), search.output()
+    assert waited < 150
+    server.start()
+    resumed = Search(tmp_path, server, executor, mnist_npz, "resume", search_run_id)
+    assert resumed.wait() == 0, resumed.output()
+    assert_each_trial_finished_once_with_every_epoch(client, search_run_id)
+    print(f"{executor.name}: {back[0]}; stopped {waited:.0f} s after the server went for good: {lines[-1]}")
+
+
+def test_a_trial_whose_loss_goes_nan_fails_with_the_same_reason(tmp_path, server, executor, mnist_npz):
+    """A learning rate of 1e12 on three convolution blocks: the loss is NaN within the first epoch."""
+    search = Search(
+        tmp_path,
+        server,
+        executor,
+        mnist_npz,
+        "run",
+        "--profile",
+        "smoke",
+        "max_trials=2",
+        "fixed=head=flatten,conv_blocks=3,learning_rate=1e12",
+    )
+    assert search.wait() == 1, search.output()
+    assert search.stderr.strip().splitlines()[-1] == "error: all 2 trials failed; see the failure_reason tags of the trial runs", (
+        search.output()
+    )
+    runs = trial_runs(mlflow.MlflowClient(server.url))
+    assert sorted(r.data.tags["trial_id"] for r in runs) == ["0", "1"] and {r.info.status for r in runs} == {"FAILED"}
+    for run in runs:
+        assert re.fullmatch(r"FailedTrialError: loss became NaN after \d+ epoch\(s\)", run.data.tags["failure_reason"]), run.data.tags
+    print(f"{executor.name}: {sorted(r.data.tags['failure_reason'] for r in runs)}")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`tmp_path/work/outputs` on a tmpfs of 64 MB (mounting needs root)."""
+    outputs = tmp_path / "work" / "outputs"
+    outputs.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(outputs)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill here: {(mounted.stderr or mounted.stdout).strip()[:200]}")
+    yield outputs
+    subprocess.run(["umount", "-l", str(outputs)], check=True)
+
+
+def fill(folder: Path, leave_bytes: int) -> Path:
+    """A file that takes all but `leave_bytes` of `folder`'s file system: room for the tuner's
+    small JSON files, none for a checkpoint."""
+    ballast = folder / "ballast"
+    stat = os.statvfs(folder)
+    with ballast.open("wb") as file:
+        file.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave_bytes))
+    return ballast
+
+
+def test_a_full_disk_stops_the_search_with_one_line_and_resume_finishes_it_once_space_is_freed(
+    tmp_path, server, executor, mnist_npz, small_disk
+):
+    client = mlflow.MlflowClient(server.url)  # the store and its artifacts stay on the roomy disk
+    search = Search(tmp_path, server, executor, mnist_npz, "run", "--profile", "smoke")
+    parent_id = wait_until_mid_trial(client, search)
+    finished_before = {r.data.tags["trial_id"]: r.info.run_id for r in trial_runs(client) if r.info.status == "FINISHED"}
+    time.sleep(RECORDED_S)
+    ballast = fill(small_disk, leave_bytes=256 * 1024)
+    assert search.wait(timeout=300) == 1, search.output()
+    message = search.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"error: {Path('outputs') / parent_id}") and message.endswith(
+        f": no space left on device; free some, then continue with `python -m search resume {parent_id}`"
+    ), search.output()
+    assert "Traceback" not in search.stderr
+    assert client.get_run(parent_id).info.status == "FAILED"
+    assert "RUNNING" not in {r.info.status for r in trial_runs(client)}
+
+    ballast.unlink()
+    resumed = Search(tmp_path, server, executor, mnist_npz, "resume", parent_id)
+    assert resumed.wait() == 0, resumed.output()
+    assert_each_trial_finished_once_with_every_epoch(client, parent_id)
+    finished_after = {r.data.tags["trial_id"]: r.info.run_id for r in trial_runs(client) if r.info.status == "FINISHED"}
+    assert finished_before.items() <= finished_after.items()  # the trials finished before were not run again
+    print(f"{executor.name}: {message} | trials finished before: {len(finished_before)}, after resume: {len(finished_after)}")
+
+
+def test_a_killed_search_resumes_without_repeating_trials(tmp_path, server, executor, mnist_npz):
+    """SIGKILL mid-trial, no chance to clean up: the resume marks the runs it left RUNNING
+    KILLED and runs every trial once, under the same search run."""
+    client = mlflow.MlflowClient(server.url)
+    search = Search(tmp_path, server, executor, mnist_npz, "run", "--profile", "smoke")
+    parent_id = wait_until_mid_trial(client, search)
+    finished_before = {r.data.tags["trial_id"]: r.info.run_id for r in trial_runs(client) if r.info.status == "FINISHED"}
+    time.sleep(RECORDED_S)
+    search.process.send_signal(signal.SIGKILL)
+    assert search.wait(timeout=60) == -signal.SIGKILL
+    resumed = Search(tmp_path, server, executor, mnist_npz, "resume", parent_id)
+    assert resumed.wait() == 0, resumed.output()
+    assert_each_trial_finished_once_with_every_epoch(client, parent_id)
+    statuses = Counter(r.info.status for r in trial_runs(client))
+    assert 1 <= statuses["KILLED"] <= 2 and set(statuses) <= {"FINISHED", "KILLED"}, statuses  # one per trial running then
+    finished_after = {r.data.tags["trial_id"]: r.info.run_id for r in trial_runs(client) if r.info.status == "FINISHED"}
+    assert finished_before.items() <= finished_after.items()
+    print(f"{executor.name}: killed with {len(finished_before)} trial(s) finished; after resume {dict(statuses)}")
