@@ -256,13 +256,13 @@ def inference_throughput(data, batch_size: int = 1_000, passes: int = 3) -> dict
 
     from model_zoo import BatchNormCNN  # noqa: PLC0415
     from search import registry, tracking  # noqa: PLC0415
-    from search.serving import pyfunc_model  # noqa: PLC0415
+    from search.assessment import int8_tflite  # noqa: PLC0415
 
     model = BatchNormCNN().build(kt.HyperParameters())
     # 300 steps: enough for batch norm's moving statistics to settle.
     model.fit(data.train.x[:19_200], data.train.y[:19_200], batch_size=128, epochs=2, verbose=0)
     served = {}
-    for form, int8_model in (("int8", pyfunc_model.int8_tflite(model)), ("float32", None)):
+    for form, int8_model in (("int8", int8_tflite(model)), ("float32", None)):
         with contextlib.redirect_stdout(io.StringIO()), tracking.tracked_run("benchmark-inference") as tracker:
             registry.register_if_better(
                 tracker, model, {"test_accuracy": 1.0}, {"test_accuracy": 0.5}, f"benchmark-cnn-{form}", "champion", None, int8_model

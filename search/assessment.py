@@ -1,5 +1,5 @@
 """The test split, read once, after the search: the model on clean digits, on the
-robustness suite and in its int8 form, logged to the search run; the model card of
+robustness suite and in its int8 form (made here: `int8_tflite`), logged to the search run; the model card of
 what the registry will serve; and `evaluate`, the same for any logged model."""
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def int8_form(tracker: tracking.SearchTracker, model, test_report: evaluate.Test
     """The model with int8 weights for the registry to serve, or None (served in float32):
     switched off, a model TensorFlow Lite cannot convert, or more than
     `int8_max_accuracy_drop` below the model's test accuracy."""
-    int8 = pyfunc_model.DigitClassifier.int8(model) if config.serve_int8 else None
+    tflite = int8_tflite(model) if config.serve_int8 else None
+    int8 = pyfunc_model.DigitClassifier.from_tflite(tflite) if tflite is not None else None
     if config.serve_int8 and int8 is None:
         print("served in float32: TensorFlow Lite could not convert the model to int8")
     if int8 is not None:
@@ -150,3 +151,21 @@ def log_evaluation(run: tracking.SearchTracker, report: evaluate.TestReport, tes
     run.log_metrics(report.metrics())
     run.log_artifact(evaluate.plot_confusion_matrix(report, out / "confusion_matrix.png"), "evaluation")
     run.log_artifact(evaluate.plot_misclassified(test, report, out / "misclassified.png"), "evaluation")
+
+
+def int8_tflite(keras_model: keras.Model) -> bytes | None:
+    """The model (batch norms folded) as TFLite with int8 weights, its activations
+    quantized batch by batch as it runs (dynamic-range quantization); a
+    mixed-precision model is converted from its `float32_copy`. None for a graph
+    the converter refuses. Run by XNNPACK; benchmarks/RESULTS.md has its digits/s
+    against float32's.
+    """
+    import tensorflow as tf
+
+    forward = pyfunc_model.traced_forward(pyfunc_model.float32_copy(keras_model))
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([forward.get_concrete_function()], forward)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no representative data: dynamic-range int8
+    try:
+        return converter.convert()
+    except Exception:  # TensorFlow's ConverterError, not public: a graph it cannot convert is served in float32
+        return None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from search.serving.pyfunc_model import InputError, as_digits
+from search.digits import InputError, as_digits
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 KERAS_SOURCE = "keras.datasets.mnist"

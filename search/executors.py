@@ -37,7 +37,8 @@ class InProcess:
 
 
 def executor_for(config: SearchConfig, verbose: int = 0) -> Executor:
-    """Ray's where `config.ray` names a cluster, else this process."""
+    """Ray's where `config.ray` names a cluster (checked now: one that does not answer is a
+    ClusterError), else this process."""
     if config.ray:
         from search.scaleout import RayTrials  # Ray loads only when it is used
 

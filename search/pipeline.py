@@ -22,7 +22,7 @@ from search import data as data_module
 from search.assessment import Evaluation, evaluate_once, keras_predict, write_model_card
 from search.budget import AFTER_TRAINING_PER_SETUP, CostModel, Plan, RunBudget, duration
 from search.data import DataError
-from search.executors import executor_for
+from search.executors import Executor, executor_for
 from search.outputs import check_writable, naming_a_full_disk
 from search.precision import Precision, choose_precision
 from search.reporting import eda, report
@@ -77,8 +77,8 @@ def run_search(
     """Run the whole search described by `config` (or continue one) and return what it found,
     within `config.budget_minutes` counted from `started` (a `time.monotonic()`; default: now).
 
-    With `config.ray`, the trials run as Ray tasks (search/scaleout.py);
-    everything else still happens here, once.
+    The trials run where `executor_for(config)` runs them (here, or as Ray tasks);
+    everything else happens here, once.
     """
     budget = RunBudget(config.budget_minutes, config.search_share, time.monotonic() if started is None else started)
     # Keras' progress bars and Keras Tuner's tables in a terminal; in logs, our lines only.
@@ -86,10 +86,7 @@ def run_search(
     data = prepare_data(config, resume)
     check_writable(Path(config.output_dir))
     fixed_hyperparameters(hypermodel or CNNZoo(config.families), config.fixed)  # a pin outside the space: before a run opens
-    if config.ray:  # before a run opens: a wrong address is one line
-        from search.scaleout import check_address  # Ray loads only when it is used
-
-        check_address(config.ray)
+    executor = executor_for(config, verbose)  # before a run opens: a Ray address that does not answer is one line
 
     # Models are built under the search's policy (make_tuner), never Keras' global
     # one, which Keras Tuner resets before each build: the caller's is put back after.
@@ -106,7 +103,7 @@ def run_search(
         setup_started = time.monotonic()
         record_setup(tracker, config, data, precision, resume, out)
         planned = plan(tracker, config, data, budget, time.monotonic() - setup_started, precision)
-        tuner, records = search(tracker, config, data, precision.policy, resume, hypermodel, verbose, out, planned)
+        tuner, records = search(tracker, config, data, precision.policy, resume, hypermodel, executor, out, planned)
         winner = pick(tracker, tuner, config, len(data.validation), planned)
         registered = tracker.registered_version(config.model_name) if resume else None  # stopped after registering
         model = build_model(tracker, tuner, winner, data, config, registered, planned)
@@ -210,7 +207,7 @@ def search(
     dtype_policy: str,
     resume: Resume | None,
     hypermodel: kt.HyperModel | None,
-    verbose: int,
+    executor: Executor,
     out: Path,
     planned: Plan | None = None,
 ) -> tuple[kt.Tuner, list[dict]]:
@@ -237,7 +234,7 @@ def search(
     train = data_module.subset(data.train, config.train_subset)
     try:
         try:
-            executor_for(config, verbose).run(tuner, train, data.validation)
+            executor.run(tuner, train, data.validation)
         except SearchStopped as err:
             if isinstance(err.error, (tracking.TrackingUnavailable, OSError)):
                 raise err.error from None

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Mapping
 
 from model_zoo import with_keras_layers
+from search import digits
 from search.evaluate import Comparison
 from search.serving import pyfunc_model
 from search.tracking import SearchTracker
@@ -62,7 +63,11 @@ def register_if_better(
     else:
         files = {pyfunc_model.TFLITE_FILE: int8_model} if int8_model else {}
         loader_config = {"output": "table"}  # load_model(..., model_config={"output": "digit"}) for the digits alone
-        model_uri = tracker.log_model(with_keras_layers(model), Path(pyfunc_model.__file__), PYFUNC_MODULE, files, card, loader_config)
+        code = {
+            PYFUNC_MODULE: Path(pyfunc_model.__file__),
+            pyfunc_model.CHECK_MODULE: Path(digits.__file__),
+        }  # the pyfunc and its check of digits
+        model_uri = tracker.log_model(with_keras_layers(model), code, PYFUNC_MODULE, files, card, loader_config)
         version = tracker.register(model_uri, model_name)
     tags = {
         **{name: f"{value:.6f}" for name, value in scores.items()},

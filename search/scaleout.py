@@ -132,6 +132,7 @@ class RayTrials:
     checkpoints (checked here, where they are written)."""
 
     def __init__(self, config: SearchConfig):
+        check_address(config.ray)
         self.config = config
 
     def run(self, tuner: kt.Tuner, train: Split, validation: Split) -> None:

@@ -114,6 +114,7 @@ def test_make_cnn_defaults_follow_mnist_convnet():
 def test_an_average_of_models_is_one_model_that_saves_and_serves(tmp_path, dtype_policy):
     import keras
 
+    from search.assessment import int8_tflite
     from search.serving.pyfunc_model import DigitClassifier
 
     members = [make_cnn(conv_filters=(4,), batch_norm=True, dense_units=8) for _ in range(2)]
@@ -126,7 +127,7 @@ def test_an_average_of_models_is_one_model_that_saves_and_serves(tmp_path, dtype
     with_keras_layers(ensemble).save(tmp_path / "ensemble.keras")
     loaded = keras.saving.load_model(tmp_path / "ensemble.keras", safe_mode=True)
     np.testing.assert_allclose(loaded.predict(digits, verbose=0), expected, atol=1e-6)
-    for classifier in (DigitClassifier.float32(loaded), DigitClassifier.int8(loaded)):
+    for classifier in (DigitClassifier.float32(loaded), DigitClassifier.from_tflite(int8_tflite(loaded))):
         np.testing.assert_allclose(classifier.probabilities(digits), expected, atol=0.02)
 
 

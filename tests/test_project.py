@@ -123,3 +123,15 @@ def test_the_import_graph_has_no_cycles_and_reporting_imports_only_downwards():
     for module, imports in graph.items():
         if module.startswith("search.reporting"):
             assert imports <= {"experiments", "search.data"} | {m for m in graph if m.startswith("search.reporting")}, (module, imports)
+
+
+def test_the_served_pyfunc_does_one_job_and_the_check_of_digits_sits_below_data_and_serving():
+    graph = project_graph()
+    # What a registered model ships: the pyfunc and the check of digits; nothing else of the project.
+    assert graph["search.serving.pyfunc_model"] == {"search.digits"}
+    assert graph["search.digits"] == set()
+    # The data loader reads digits through that check, not through the serving code.
+    assert "search.digits" in graph["search.data"] and not [m for m in graph["search.data"] if m.startswith("search.serving")]
+    # Trials run the same lifecycle on either executor; the pipeline gets its executor and names neither.
+    assert "search.trial" in graph["search.tuner"] and "search.trial" in graph["search.scaleout"]
+    assert "search.scaleout" not in graph["search.pipeline"] and "search.executors" in graph["search.pipeline"]

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from model_zoo import average_of, make_cnn, precision_policy
+from search.assessment import int8_tflite
 from search.serving.pyfunc_model import PROBABILITY_COLUMNS, DigitClassifier, InputError, float32_copy, folded_forward, probabilities_of
 
 rng = np.random.default_rng(0)
@@ -48,7 +49,7 @@ def test_a_mixed_precision_model_is_served_from_a_float32_copy_of_its_weights():
     np.testing.assert_allclose(np.asarray(copy(DIGITS)), np.asarray(model(DIGITS, training=False)), atol=1e-2)
     # The int8 form is made from that copy, for a single model and for averaged bf16 members.
     for served in (model, average_of([model, model])):
-        int8 = DigitClassifier.int8(served)
+        int8 = DigitClassifier.from_tflite(int8_tflite(served))
         assert int8 is not None
         predicted = int8.probabilities(np.round(DIGITS[..., 0] * 255).astype(np.uint8))
         assert predicted.dtype == np.float32
@@ -57,7 +58,7 @@ def test_a_mixed_precision_model_is_served_from_a_float32_copy_of_its_weights():
 
 def test_the_int8_form_holds_int8_weights_and_nearly_the_float32_probabilities():
     model = batch_norm_cnn()
-    int8, float32 = DigitClassifier.int8(model), DigitClassifier.float32(model)
+    int8, float32 = DigitClassifier.from_tflite(int8_tflite(model)), DigitClassifier.float32(model)
     assert len(int8.tflite) < 1.5 * model.count_params()  # one byte a weight, not four
     predicted, expected = int8.probabilities(DIGITS), float32.probabilities(DIGITS)
     np.testing.assert_allclose(predicted, expected, atol=0.02)

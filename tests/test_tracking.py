@@ -19,6 +19,7 @@ import pytest
 from experiments import resolve
 from model_zoo import PlainCNN, make_cnn
 from search import interrupts, registry, tracking
+from search.assessment import int8_tflite
 from search.data import load_mnist
 from search.evaluate import Comparison
 from search.pipeline import SearchFailed, run_search
@@ -214,7 +215,7 @@ def test_registry_gates_champion_and_previous_champion(tracking_store):
 
 def test_a_model_registered_with_its_int8_form_serves_that_form(tracking_store):
     model = make_cnn(conv_filters=(4,), batch_norm=True)
-    int8_model = pyfunc_model.int8_tflite(model)
+    int8_model = int8_tflite(model)
     with tracking.tracked_run("registry") as tracker:
         registry.register_if_better(
             tracker, model, {"test_accuracy": 0.95}, {"test_accuracy": 0.90}, "digits", "champion", None, int8_model

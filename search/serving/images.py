@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from search.serving.pyfunc_model import SIZE, InputError, as_digits
+from search.digits import SIZE, InputError, as_digits
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # A digit needs no more: larger inputs are refused before they are decoded.

@@ -2,7 +2,8 @@
 
 This file is shipped inside every registered model (as `code/mnist_digits_pyfunc.py`)
 and is what `mlflow.pyfunc.load_model` and `mlflow models serve` run, so it imports
-nothing of this project. It serves the model's int8 form, `data/model.tflite`,
+nothing of this project but the check of digits shipped beside it. The int8 form is
+made by the assessment (search/assessment.py); this file only runs it. It serves the model's int8 form, `data/model.tflite`,
 where the model was logged with one, else the float32 Keras model. The same
 model keeps its `keras` flavor (float32) for `mlflow.keras.load_model`.
 
@@ -29,31 +30,13 @@ import numpy as np
 
 KERAS_FILE = "model.keras"  # where mlflow.keras.save_model puts the model, under data/
 TFLITE_FILE = "model.tflite"  # the int8 form beside it, when the model was logged with one
-SIZE = 28
+# Digits are checked by the project's one check (search/digits.py), shipped beside this file.
+try:  # inside a registered model
+    from mnist_digits_check import SIZE, InputError, as_digits
+except ImportError:  # in the project
+    from search.digits import SIZE, InputError, as_digits
 
-
-class InputError(ValueError):
-    """Input that is not a batch of 28x28 digits: the message names it and the problem."""
-
-
-def as_digits(array: np.ndarray, where: str = "input") -> np.ndarray:
-    """(N, 28, 28) or (N, 28, 28, 1) digits, integers 0..255 or floats 0..1, as float32 (N, 28, 28, 1).
-    The one check of digits in this project: the training data is read through it too."""
-    if array.ndim not in (3, 4) or array.shape[1:3] != (SIZE, SIZE) or (array.ndim == 4 and array.shape[3] != 1):
-        raise InputError(f"{where} must have shape (N, 28, 28) or (N, 28, 28, 1), got {array.shape}")
-    if len(array) == 0:
-        raise InputError(f"{where} is empty")
-    if np.issubdtype(array.dtype, np.integer):
-        if array.min() < 0 or array.max() > 255:
-            raise InputError(f"{where} has integer pixels outside 0..255 (min {array.min()}, max {array.max()})")
-        return (array.reshape(-1, SIZE, SIZE, 1) / 255.0).astype(np.float32)
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all():
-            raise InputError(f"{where} has {int((~np.isfinite(array)).sum())} NaN or infinite pixel(s)")
-        if array.min() < 0 or array.max() > 1:
-            raise InputError(f"{where} has float pixels outside [0, 1] (min {array.min()}, max {array.max()})")
-        return array.reshape(-1, SIZE, SIZE, 1).astype(np.float32)
-    raise InputError(f"{where} has dtype {array.dtype}: expected integers 0..255 or floats in [0, 1]")
+CHECK_MODULE = "mnist_digits_check"  # the name search/digits.py is shipped under, beside this file
 
 
 BATCH = 1024  # digits per forward pass
@@ -64,8 +47,8 @@ SPEC_SHAPE = [None, SIZE, SIZE, 1]
 class DigitClassifier:
     """What `mlflow.pyfunc.load_model` returns for a registered model.
 
-    It serves the model's int8 form (`int8`, `from_tflite`) where the model was
-    logged with one, else its float32 Keras form (`float32`).
+    It serves the model's int8 form (`from_tflite`) where the model was logged with
+    one, else its float32 Keras form (`float32`).
     """
 
     def __init__(self, forward: Callable[[np.ndarray], np.ndarray], tflite: bytes | None = None, output: str = "table"):
@@ -84,12 +67,6 @@ class DigitClassifier:
     @classmethod
     def from_tflite(cls, tflite: bytes) -> "DigitClassifier":
         return cls(TFLiteForward(tflite), tflite)
-
-    @classmethod
-    def int8(cls, keras_model) -> "DigitClassifier | None":
-        """The model with int8 weights, or None where it cannot be converted."""
-        tflite = int8_tflite(keras_model)
-        return cls.from_tflite(tflite) if tflite is not None else None
 
     def predict(self, data, params=None):
         """The pyfunc's answer: a DataFrame, `digit` and `probability_<d>` per input digit."""
@@ -155,24 +132,6 @@ def pixel_rows_as_images(data) -> np.ndarray:
             raise InputError(f"input must have shape (N, 28, 28), (N, 28, 28, 1) or (N, 784), got {array.shape}")
         array = array.reshape(-1, SIZE, SIZE)
     return array
-
-
-def int8_tflite(keras_model) -> bytes | None:
-    """The model (batch norms folded) as TFLite with int8 weights, its activations
-    quantized batch by batch as it runs (dynamic-range quantization); a
-    mixed-precision model is converted from its `float32_copy`. None for a graph
-    the converter refuses. Run by XNNPACK; benchmarks/RESULTS.md has its digits/s
-    against float32's.
-    """
-    import tensorflow as tf
-
-    forward = traced_forward(float32_copy(keras_model))
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([forward.get_concrete_function()], forward)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no representative data: dynamic-range int8
-    try:
-        return converter.convert()
-    except Exception:  # TensorFlow's ConverterError, not public: a graph it cannot convert is served in float32
-        return None
 
 
 def float32_copy(keras_model):

@@ -32,11 +32,17 @@ MODEL_SIGNATURE = ModelSignature(
 
 
 def log_keras_with_pyfunc(
-    run_id: str, keras_model, loader: Path, loader_module: str, files: Mapping[str, bytes], card: str, loader_config: Mapping[str, str]
+    run_id: str,
+    keras_model,
+    code: Mapping[str, Path],
+    loader_module: str,
+    files: Mapping[str, bytes],
+    card: str,
+    loader_config: Mapping[str, str],
 ) -> str:
     """Log `keras_model` as an MLflow logged model of run `run_id`, named `model`: MLflow's
-    keras flavor, and a pyfunc flavor served by `loader` (a module shipped with the
-    model as `code/<loader_module>.py`, reading `files` under `data/`, configured by
+    keras flavor, and a pyfunc flavor served by the module `loader_module` (`code` maps
+    module names to the files shipped with the model as `code/<name>.py`), reading `files` under `data/`, configured by
     `loader_config`, which `load_model(..., model_config=)` can override); `card`
     beside it as `model_card.md`. MLflow links the run's metrics of step 0 (the
     test and robustness metrics) to it. Returns its `models:/` URI."""
@@ -46,7 +52,7 @@ def log_keras_with_pyfunc(
         flavor=_KerasWithPyfunc,
         run_id=run_id,
         keras_model=keras_model,
-        loader=loader,
+        code=code,
         loader_module=loader_module,
         files=files,
         card=card,
@@ -64,7 +70,7 @@ class _KerasWithPyfunc:
         path,
         mlflow_model: Model,
         keras_model,
-        loader: Path,
+        code: Mapping[str, Path],
         loader_module: str,
         files: Mapping[str, bytes],
         card: str,
@@ -79,7 +85,8 @@ class _KerasWithPyfunc:
         for name, content in files.items():
             (folder / "data" / name).write_bytes(content)
         (folder / "code").mkdir()
-        shutil.copy(loader, folder / "code" / f"{loader_module}.py")
+        for module, source in code.items():
+            shutil.copy(source, folder / "code" / f"{module}.py")
         if card:
             (folder / "model_card.md").write_text(card)
         keras_env = mlflow_model.flavors["python_function"]["env"]

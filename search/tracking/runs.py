@@ -161,10 +161,16 @@ class SearchTracker:
 
     # --- models and the registry ---------------------------------------------
     def log_model(
-        self, keras_model, loader: Path, loader_module: str, files: Mapping[str, bytes], card: str, loader_config: Mapping[str, str]
+        self,
+        keras_model,
+        code: Mapping[str, Path],
+        loader_module: str,
+        files: Mapping[str, bytes],
+        card: str,
+        loader_config: Mapping[str, str],
     ) -> str:
         """`keras_model` logged as this run's model `model` (models.log_keras_with_pyfunc); its `models:/` URI."""
-        return log_keras_with_pyfunc(self.run_id, keras_model, loader, loader_module, files, card, loader_config)
+        return log_keras_with_pyfunc(self.run_id, keras_model, code, loader_module, files, card, loader_config)
 
     def register(self, model_uri: str, name: str) -> str:
         """A new version of registered model `name` from `model_uri`; its version number."""
