@@ -47,7 +47,7 @@ def executor(request) -> Executor:
     if request.param == "in-process":
         return Executor("in-process")
     cluster = request.getfixturevalue("ray_cluster")  # one 2-CPU head node for the module
-    return Executor("ray", ("--ray", "auto", "parallel_trials=2", "cpus_per_trial=1"), cluster)
+    return Executor("ray", ("ray=auto", "parallel_trials=2", "cpus_per_trial=1"), cluster)
 
 
 class Server:
