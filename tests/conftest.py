@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import MLFLOW_RUN_ENV, REPO, free_port, fresh_project, mlflow_run
+from tests.helpers import MLFLOW_RUN_ENV, REPO, free_port, fresh_project, mlflow_run, new_sqlite_store
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of test logs
 
@@ -52,11 +52,19 @@ def mnist_npz() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def mnist(mnist_npz):
+    """The real MNIST, loaded, validated and split once (54,000 / 6,000 / 10,000)."""
+    from search.data import load_mnist
+
+    return load_mnist(str(mnist_npz))
+
+
 @pytest.fixture
 def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A fresh sqlite tracking store in this test's own directory, which is also the cwd
     (so artifacts, outputs/ and tuner directories land there too)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_sqlite_store(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     yield uri
@@ -69,7 +77,7 @@ def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 def smoke_search(tmp_path_factory, mnist_npz):
     """One smoke search through `mlflow run`, shared by the end-to-end and UI tests: (store, result)."""
     tmp = tmp_path_factory.mktemp("smoke")
-    store = f"sqlite:///{tmp / 'mlflow.db'}"
+    store = new_sqlite_store(tmp)
     result = mlflow_run(fresh_project(tmp), store, mnist_npz, "profile=smoke")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return store, result

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -127,3 +128,22 @@ def rest_predictions(url: str, digits: np.ndarray) -> dict:
     records = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
     probabilities = [[record[f"probability_{d}"] for d in range(10)] for record in records]
     return {"digit": np.array([record["digit"] for record in records]), "probabilities": np.array(probabilities)}
+
+
+_STORE_TEMPLATE: list[Path] = []  # the store new_sqlite_store copies, made once per test process
+
+
+def new_sqlite_store(folder: Path) -> str:
+    """A new sqlite tracking store, `folder/mlflow.db`, as a URI: a copy of one MLflow created
+    (its schema migrated) once per test process, which costs seconds each time."""
+    if not _STORE_TEMPLATE:
+        import atexit
+
+        import mlflow
+
+        template = Path(tempfile.mkdtemp(prefix="mlflow-store-")) / "mlflow.db"
+        mlflow.MlflowClient(f"sqlite:///{template}").search_experiments()
+        atexit.register(shutil.rmtree, template.parent, True)
+        _STORE_TEMPLATE.append(template)
+    shutil.copy(_STORE_TEMPLATE[0], folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"

@@ -21,7 +21,7 @@ from search.budget import INFERENCE_SHARE, CostModel, Plan, RunBudget, TrainingC
 from search.data import Split
 from search.executors import InProcess
 from search.tuner import make_tuner, pick_winner
-from tests.helpers import MLFLOW_RUN_ENV, REPO, mnist_subset
+from tests.helpers import MLFLOW_RUN_ENV, REPO, mnist_subset, new_sqlite_store
 
 
 def test_the_budget_counts_from_its_start_and_keeps_the_searchs_share():
@@ -158,7 +158,7 @@ def test_a_budgeted_search_ends_within_its_budget_on_a_slower_cpu(tmp_path, mnis
     slower CPU (this CPU's own speed: the fast profile's test in test_pipeline.py): it plans
     against what it measures and ends in time."""
     data = mnist_subset(tmp_path / "mnist-part.npz", mnist_npz, n_train=14_000, n_test=2_000)
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_sqlite_store(tmp_path)
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(REPO), **SLOWED["env"]}
     for var in MLFLOW_RUN_ENV:
         env.pop(var, None)

@@ -80,6 +80,7 @@ def test_bad_input_is_one_line_exit_2_and_no_run_left_running(case, tmp_path, tr
         assert "RUNNING" not in {r.info.status for r in mlflow.search_runs(search_all_experiments=True, output_format="list")}
 
 
+@pytest.mark.e2e  # two fresh processes of the command line
 def test_traceback_only_when_asked(tmp_path, tracking_store):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user's shell has it

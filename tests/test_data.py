@@ -7,11 +7,6 @@ from search.data import KERAS_SOURCE, DataError, data_source, load_mnist
 from tests.helpers import write_npz
 
 
-@pytest.fixture(scope="module")
-def mnist(mnist_npz):
-    return load_mnist(str(mnist_npz))
-
-
 def test_real_mnist_splits_54000_6000_10000(mnist):
     assert (len(mnist.train), len(mnist.validation), len(mnist.test)) == (54_000, 6_000, 10_000)
     for split in (mnist.train, mnist.validation, mnist.test):

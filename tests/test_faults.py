@@ -25,7 +25,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.helpers import MLFLOW_RUN_ENV, REPO, free_port
+from tests.helpers import MLFLOW_RUN_ENV, REPO, free_port, new_sqlite_store
 
 pytestmark = pytest.mark.e2e
 
@@ -59,6 +59,8 @@ class Server:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
+        if not (self.folder / "mlflow.db").exists():
+            new_sqlite_store(self.folder)
         args = ["server", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}", "--workers", "1"]
         args += ["--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port)]
         log = (self.folder / "server.log").open("a")
@@ -138,6 +140,10 @@ def wait_for_epoch(client: mlflow.MlflowClient, search: Search, trial_id: str) -
     return wait_for(search, logged, f"an epoch of trial {trial_id}")[0].data.tags["mlflow.parentRunId"]
 
 
+def epochs_logged(client: mlflow.MlflowClient) -> int:
+    return sum(len(client.get_metric_history(r.info.run_id, "val_accuracy")) for r in trial_runs(client))
+
+
 def wait_until_mid_trial(client: mlflow.MlflowClient, search: Search) -> str:
     """Once a trial has finished and another is running: the search run's id."""
 
@@ -164,7 +170,7 @@ def assert_each_trial_finished_once_with_every_epoch(client: mlflow.MlflowClient
 
 def test_a_server_down_mid_trial_is_waited_for_and_past_the_limit_the_search_stops_and_resumes(tmp_path, server, executor, mnist_npz):
     """Down 30 s in trial 0: waited for, saying so, nothing lost or logged twice. Down for good
-    later: past tracking_wait_s the search stops (exit 1) naming the resume command, and
+    once the search has logged an epoch since: past tracking_wait_s the search stops (exit 1) naming the resume command, and
     the resume, once the server is back, finishes every trial exactly once."""
     client = mlflow.MlflowClient(server.url)
     search = Search(tmp_path, server, executor, mnist_npz, "run", "--profile", "smoke", "tracking_wait_s=50")
@@ -172,7 +178,9 @@ def test_a_server_down_mid_trial_is_waited_for_and_past_the_limit_the_search_sto
     server.stop()
     time.sleep(30)
     server.start()
-    wait_for_epoch(client, search, "1")
+    wait_for(search, lambda: "tracking server answers again" in search.stderr, "the search saying the server answers again")
+    logged = epochs_logged(client)
+    wait_for(search, lambda: epochs_logged(client) > logged, "an epoch logged after the outage")
     server.stop()
     stopped = time.monotonic()
     assert search.wait(timeout=300) == 1, search.output()

@@ -165,6 +165,7 @@ def test_fused_batch_norm_trains_exactly_as_keras_batch_norm(dtype_policy):
     np.testing.assert_allclose(np.float32(fused_inference), np.float32(keras_inference), atol=atol)
 
 
+@pytest.mark.e2e  # a fresh Python process, where this project cannot be imported
 def test_a_model_saved_with_keras_layers_loads_without_this_project(tmp_path, dtype_policy):
     import subprocess
     import sys

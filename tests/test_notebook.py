@@ -9,7 +9,7 @@ import time
 import nbformat
 import pytest
 
-from tests.helpers import REPO, fresh_project
+from tests.helpers import REPO, fresh_project, new_sqlite_store
 
 NOTEBOOK = REPO / "notebooks" / "mnist_pipeline.ipynb"
 
@@ -49,7 +49,7 @@ def test_the_notebook_runs_top_to_bottom_and_every_section_shows_its_figure_or_t
     project = fresh_project(tmp_path)  # the kernel keeps its runs, models and figures in this copy
     shutil.copytree(REPO / "tests" / "fixtures" / "digits", project / "tests" / "fixtures" / "digits")
     (project / "notebooks").mkdir()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", new_sqlite_store(project))
     monkeypatch.setenv("MNIST_NPZ", str(mnist_npz))
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)

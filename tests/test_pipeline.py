@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, SECRET, fresh_project, mlflow_run
+from tests.helpers import REPO, SECRET, fresh_project, mlflow_run, new_sqlite_store
 
 pytestmark = pytest.mark.e2e
 
@@ -153,7 +153,7 @@ def test_best_model_is_registered_as_champion_and_loads_in_a_fresh_process(smoke
 
 
 def test_below_threshold_nothing_is_registered_and_the_run_says_why(tmp_path, mnist_npz):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_sqlite_store(tmp_path)
     result = mlflow_run(fresh_project(tmp_path), store, mnist_npz, "profile=smoke", "threshold=0.999", "max_trials=1", "max_epochs=1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "not registered: test_accuracy" in result.stdout and "< 0.9990" in result.stdout
@@ -321,7 +321,7 @@ def test_the_registered_version_carries_its_model_card(smoke_search, monkeypatch
 
 def test_a_model_below_the_robustness_gate_is_not_registered(tmp_path, mnist_npz):
     """A real two-epoch model of clean digits that clears the clean gate but not a robust one of 99%."""
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_sqlite_store(tmp_path)
     result = mlflow_run(fresh_project(tmp_path), store, mnist_npz, "profile=smoke", "robust_threshold=0.99", "max_trials=1")
     assert result.returncode == 0, result.stderr[-3000:]
     (parent,) = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags]
@@ -340,7 +340,7 @@ def test_the_fast_profile_registers_a_champion_that_loads_by_name(tmp_path, mnis
     """A new user's one-minute try (`mlflow run . -P profile=fast`, its real budget and data)
     ends within its minute on this CPU (test_budget.py: on a slower one) and leaves a model that
     clears both gates and loads by name from a process without this project."""
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_sqlite_store(tmp_path)
     started = time.monotonic()
     result = mlflow_run(fresh_project(tmp_path), store, mnist_npz, "profile=fast")
     wall_s = time.monotonic() - started

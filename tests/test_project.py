@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from search.cli import build_parser
@@ -44,6 +45,7 @@ def test_run_outputs_are_ignored_by_git():
     assert {"mlflow.db", "mlruns/", "outputs/", "*.npz", "*.keras"} <= set(ignored)
 
 
+@pytest.mark.e2e  # a fresh pytest process
 def test_a_test_that_leaves_a_dtype_policy_behind_fails(tmp_path):
     """The suite's own guard (conftest's float32_policy), run on a test that leaks bf16."""
     (tmp_path / "test_leak.py").write_text(

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers import MLFLOW_RUN_ENV, REPO, mlflow_listening, rest_predictions
+from tests.helpers import MLFLOW_RUN_ENV, REPO, mlflow_listening, new_sqlite_store, rest_predictions
 
 pytestmark = pytest.mark.e2e
 
@@ -33,7 +33,7 @@ def search_command(store: str, mnist_npz: Path, cwd: Path, *args: str) -> subpro
 def registry(tmp_path_factory, mnist_npz):
     """A store in which one smoke search registered version 1 as @champion."""
     tmp = tmp_path_factory.mktemp("registry")
-    store = f"sqlite:///{tmp / 'mlflow.db'}"
+    store = new_sqlite_store(tmp)
     result = search_command(store, mnist_npz, tmp, "run", "--profile", "smoke")
     assert result.returncode == 0, result.stderr[-3000:]
     return store, tmp

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from search.precision import AUTO_PRECISION_ENV, cpu_has_bf16
-from tests.helpers import MLFLOW_RUN_ENV, REPO, mlflow_listening, rest_predictions
+from tests.helpers import MLFLOW_RUN_ENV, REPO, mlflow_listening, new_sqlite_store, rest_predictions
 
 pytestmark = pytest.mark.e2e
 
@@ -71,7 +71,7 @@ def assert_completed_once(store: str, parent_id: str, killed_children: int, tria
 # SIGKILL, on both executors: tests/test_faults.py.
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_search_resumes_without_repeating_trials(tmp_path, mnist_npz, sig):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_sqlite_store(tmp_path)
     env, log = search_env(store, mnist_npz), tmp_path / "search.log"
     search = start(["run", "--profile", "smoke", "--max-trials", str(MAX_TRIALS)], tmp_path, env, log)
     parent_id = wait_until_mid_trial(store, search)
@@ -87,7 +87,7 @@ def test_interrupted_search_resumes_without_repeating_trials(tmp_path, mnist_npz
 
 
 def test_resuming_a_finished_search_is_refused(tmp_path, mnist_npz):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_sqlite_store(tmp_path)
     env, log = search_env(store, mnist_npz), tmp_path / "search.log"
     assert start(["run", "--profile", "smoke", "--max-trials", "1", "--max-epochs", "1"], tmp_path, env, log).wait(timeout=300) == 0
     (parent,) = [r for r in all_runs(store) if "trial_id" not in r.data.tags]
@@ -99,7 +99,7 @@ def test_resuming_a_finished_search_is_refused(tmp_path, mnist_npz):
 
 
 def test_two_searches_on_one_sqlite_store_log_everything(tmp_path, mnist_npz):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_sqlite_store(tmp_path)
     env = search_env(store, mnist_npz)
     # Create the store first, as a user's earlier runs would have.
     mlflow.MlflowClient(store).search_experiments()
@@ -129,7 +129,7 @@ def test_a_bf16_search_killed_and_resumed_keeps_bf16_and_registers_a_model_that_
     """The probe chose bf16 for the search; on resume it would choose float32 (forced
     both ways here, as an AMX machine and a float32-only one would); the resumed
     search keeps bf16, and what it registers loads and serves like any other model."""
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_sqlite_store(tmp_path)
     env, log = search_env(store, mnist_npz), tmp_path / "search.log"
     search = start(["run", "--profile", "smoke", *BF16_SEARCH], tmp_path, {**env, AUTO_PRECISION_ENV: "mixed_bfloat16"}, log)
     parent_id = wait_until_mid_trial(store, search, timeout_s=900)
@@ -172,7 +172,7 @@ def test_a_bf16_search_killed_and_resumed_keeps_bf16_and_registers_a_model_that_
 def test_two_resumes_of_one_search_the_second_refused_and_a_killed_processs_lock_no_obstacle(tmp_path, mnist_npz):
     """A SIGKILL leaves the search's lock behind; the first resume takes it over, a second
     resume while the first runs is refused with one line naming the process, exit 2."""
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_sqlite_store(tmp_path)
     env, log = search_env(store, mnist_npz), tmp_path / "search.log"
     search = start(["run", "--profile", "smoke", "--max-trials", str(MAX_TRIALS)], tmp_path, env, log)
     parent_id = wait_until_mid_trial(store, search)
@@ -202,7 +202,7 @@ def test_two_resumes_of_one_search_the_second_refused_and_a_killed_processs_lock
 def test_a_search_killed_before_its_first_trial_resumes_from_the_start(tmp_path, mnist_npz):
     """SIGKILL after the search logged its settings and data, before any trial run exists
     (the EDA, the tuner's start): resume runs every trial once, under the same search run."""
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_sqlite_store(tmp_path)
     env, log = search_env(store, mnist_npz), tmp_path / "search.log"
     search = start(["run", "--profile", "smoke", "--max-trials", str(MAX_TRIALS)], tmp_path, env, log)
     deadline = time.monotonic() + 120
@@ -228,7 +228,7 @@ def test_a_search_killed_in_its_final_training_or_after_registering_resumes_to_o
     """SIGKILL while the winner is retrained: resume retrains it and registers once. Then the
     states a kill right after registering leaves (a version, no decision, the alias moved or
     not yet, the run RUNNING): resume completes that version instead of registering another."""
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_sqlite_store(tmp_path)
     env, log = search_env(store, mnist_npz), tmp_path / "search.log"
     search = start(["run", "--profile", "smoke", "--max-trials", str(MAX_TRIALS), "final_epochs=1"], tmp_path, env, log)
     deadline = time.monotonic() + 300

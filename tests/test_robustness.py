@@ -10,8 +10,8 @@ from tests.test_evaluate import assert_png
 
 
 @pytest.fixture(scope="module")
-def digits(mnist_npz):
-    return load_mnist(str(mnist_npz)).test
+def digits(mnist):
+    return mnist.test
 
 
 def test_the_suite_covers_the_families_of_change():

@@ -65,6 +65,7 @@ def test_an_address_without_a_cluster_is_refused_before_anything_runs(address, m
         scaleout.check_address(address.format(port=port))
 
 
+@pytest.mark.e2e  # a fresh process of the command line
 def test_an_unreachable_cluster_is_one_line_and_exit_2_before_any_run(tmp_path, tracking_store, mnist_npz):
     env = {**os.environ, "MNIST_NPZ": str(mnist_npz), "PYTHONPATH": str(REPO)}
     started = time.monotonic()

@@ -20,12 +20,11 @@ from experiments import resolve
 from model_zoo import PlainCNN, make_cnn
 from search import interrupts, registry, tracking
 from search.assessment import int8_tflite
-from search.data import load_mnist
 from search.evaluate import Comparison
 from search.pipeline import SearchFailed, run_search
 from search.serving import pyfunc_model
 from search.tuner import active_values, make_tuner
-from tests.helpers import MLFLOW_RUN_ENV, REPO, free_port, mlflow_listening
+from tests.helpers import MLFLOW_RUN_ENV, REPO, free_port, mlflow_listening, mnist_subset
 
 
 class FailsOnSecondTrial(kt.HyperModel):
@@ -44,8 +43,8 @@ class FailsOnSecondTrial(kt.HyperModel):
 
 
 @pytest.fixture(scope="module")
-def small_mnist(mnist_npz):
-    data = load_mnist(str(mnist_npz))
+def small_mnist(mnist):
+    data = mnist
     return data.train.x[:600], data.train.y[:600], data.validation.x[:300], data.validation.y[:300]
 
 
@@ -66,7 +65,7 @@ def child_runs(parent_id):
 
 
 def test_one_nested_run_per_trial_with_hyperparameters_and_epoch_metrics(tracking_store, tmp_path, small_mnist):
-    parent_id, tuner = run_tiny_search(tmp_path, small_mnist, PlainCNN())
+    parent_id, tuner = run_tiny_search(tmp_path, small_mnist, PlainCNN(), max_trials=2)
     children = {run.data.tags["trial_id"]: run for run in child_runs(parent_id)}
     assert set(children) == set(tuner.oracle.trials)
     assert mlflow.get_run(parent_id).info.status == "FINISHED"
@@ -262,8 +261,9 @@ def test_a_trial_whose_loss_goes_nan_is_failed(tracking_store, tmp_path, small_m
         assert run.data.tags["failure_reason"].endswith("loss became NaN after 2 epoch(s)")
 
 
-def test_when_every_trial_fails_the_search_fails(tracking_store, mnist_npz):
-    config = dataclasses.replace(resolve("smoke", data=str(mnist_npz), precision="float32"), fixed=())
+def test_when_every_trial_fails_the_search_fails(tracking_store, tmp_path, mnist_npz):
+    digits = mnist_subset(tmp_path / "digits.npz", mnist_npz, n_train=1_200, n_test=200)
+    config = dataclasses.replace(resolve("smoke", data=str(digits), precision="float32", validation_size=200), fixed=())
     with pytest.raises(SearchFailed, match="3 trials failed in a row, the last with: ValueError: cannot train"):
         run_search(config, verbose=0, hypermodel=NeverTrains())
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
