@@ -25,11 +25,14 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.helpers import MLFLOW_RUN_ENV, REPO, free_port, new_sqlite_store
+from tests.helpers import MLFLOW_RUN_ENV, REPO, free_port, mnist_subset, new_sqlite_store
 
 pytestmark = pytest.mark.e2e
 
-TRIALS = 3  # the smoke profile's
+# A small search: 4 trials of two convolution blocks on 3,000 digits, each a few seconds.
+TRIALS = 4
+SEARCH = ("--profile", "smoke", f"max_trials={TRIALS}", "train_subset=3000", "validation_size=2000", "robust_size=500")
+SEARCH_PINS = "fixed=head=flatten,learning_rate=0.003,conv_blocks=2"
 # A trial run FINISHED this long ago has been recorded by the search too (on Ray the driver
 # books a trial within a second of its end): one that finished since may run again on resume.
 RECORDED_S = 3
@@ -80,6 +83,12 @@ class Server:
         self.process.wait(timeout=30)
 
 
+@pytest.fixture(scope="module")
+def digits(mnist_npz, tmp_path_factory) -> Path:
+    """The first 12,000 training and 2,000 test digits of MNIST: quick to load and evaluate."""
+    return mnist_subset(tmp_path_factory.mktemp("digits") / "digits.npz", mnist_npz, n_train=12_000, n_test=2_000)
+
+
 @pytest.fixture
 def server(tmp_path):
     server = Server(tmp_path)
@@ -93,10 +102,10 @@ class Search:
     """`python -m search <args>` in `tmp_path/work`, on `executor`, logging to `server`; its
     stdout and stderr in files (a full pipe would block it)."""
 
-    def __init__(self, tmp_path: Path, server: Server, executor: Executor, mnist_npz: Path, *args: str):
+    def __init__(self, tmp_path: Path, server: Server, executor: Executor, data: Path, *args: str):
         self.work, self.log = tmp_path / "work", tmp_path / f"search-{time.monotonic_ns()}"
         self.work.mkdir(exist_ok=True)
-        env = {**os.environ, **executor.env, "MLFLOW_TRACKING_URI": server.url, "MNIST_NPZ": str(mnist_npz), "PYTHONPATH": str(REPO)}
+        env = {**os.environ, **executor.env, "MLFLOW_TRACKING_URI": server.url, "MNIST_NPZ": str(data), "PYTHONPATH": str(REPO)}
         for var in MLFLOW_RUN_ENV:
             env.pop(var, None)
         extra = executor.args if args[0] == "run" else ()  # a resume reads them from the run
@@ -168,12 +177,12 @@ def assert_each_trial_finished_once_with_every_epoch(client: mlflow.MlflowClient
     assert len(client.search_model_versions("name = 'mnist-cnn'")) == model_versions
 
 
-def test_a_server_down_mid_trial_is_waited_for_and_past_the_limit_the_search_stops_and_resumes(tmp_path, server, executor, mnist_npz):
+def test_a_server_down_mid_trial_is_waited_for_and_past_the_limit_the_search_stops_and_resumes(tmp_path, server, executor, digits):
     """Down 30 s in trial 0: waited for, saying so, nothing lost or logged twice. Down for good
     once the search has logged an epoch since: past tracking_wait_s the search stops (exit 1) naming the resume command, and
     the resume, once the server is back, finishes every trial exactly once."""
     client = mlflow.MlflowClient(server.url)
-    search = Search(tmp_path, server, executor, mnist_npz, "run", "--profile", "smoke", "tracking_wait_s=50")
+    search = Search(tmp_path, server, executor, digits, "run", *SEARCH, SEARCH_PINS, "tracking_wait_s=40")
     search_run_id = wait_for_epoch(client, search, "0")
     server.stop()
     time.sleep(30)
@@ -186,32 +195,33 @@ def test_a_server_down_mid_trial_is_waited_for_and_past_the_limit_the_search_sto
     assert search.wait(timeout=300) == 1, search.output()
     waited = time.monotonic() - stopped
     lines = search.stderr.strip().splitlines()
-    assert lines.count(f"tracking server {server.url} does not answer: waiting up to 50 s for it") == 2, search.output()
+    assert lines.count(f"tracking server {server.url} does not answer: waiting up to 40 s for it") == 2, search.output()
     back = [line for line in lines if line.startswith("tracking server answers again after ")]
     assert len(back) == 1, search.output()
     assert lines[-1] == (
-        f"error: tracking server {server.url} did not answer for 50 s: the search stopped; "
+        f"error: tracking server {server.url} did not answer for 40 s: the search stopped; "
         f"once it is back, continue with `python -m search resume {search_run_id}`"
     ), search.output()
     assert waited < 150
     server.start()
-    resumed = Search(tmp_path, server, executor, mnist_npz, "resume", search_run_id)
+    resumed = Search(tmp_path, server, executor, digits, "resume", search_run_id)
     assert resumed.wait() == 0, resumed.output()
     assert_each_trial_finished_once_with_every_epoch(client, search_run_id)
     print(f"{executor.name}: {back[0]}; stopped {waited:.0f} s after the server went for good: {lines[-1]}")
 
 
-def test_a_trial_whose_loss_goes_nan_fails_with_the_same_reason(tmp_path, server, executor, mnist_npz):
+def test_a_trial_whose_loss_goes_nan_fails_with_the_same_reason(tmp_path, server, executor, digits):
     """A learning rate of 1e12 on three convolution blocks: the loss is NaN within the first epoch."""
     search = Search(
         tmp_path,
         server,
         executor,
-        mnist_npz,
+        digits,
         "run",
-        "--profile",
-        "smoke",
+        *SEARCH[:2],
         "max_trials=2",
+        "train_subset=3000",
+        "validation_size=2000",
         "fixed=head=flatten,conv_blocks=3,learning_rate=1e12",
     )
     assert search.wait() == 1, search.output()
@@ -248,10 +258,10 @@ def fill(folder: Path, leave_bytes: int) -> Path:
 
 
 def test_a_full_disk_stops_the_search_with_one_line_and_resume_finishes_it_once_space_is_freed(
-    tmp_path, server, executor, mnist_npz, small_disk
+    tmp_path, server, executor, digits, small_disk
 ):
     client = mlflow.MlflowClient(server.url)  # the store and its artifacts stay on the roomy disk
-    search = Search(tmp_path, server, executor, mnist_npz, "run", "--profile", "smoke")
+    search = Search(tmp_path, server, executor, digits, "run", *SEARCH, SEARCH_PINS)
     parent_id = wait_until_mid_trial(client, search)
     finished_before = {r.data.tags["trial_id"]: r.info.run_id for r in trial_runs(client) if r.info.status == "FINISHED"}
     time.sleep(RECORDED_S)
@@ -266,7 +276,7 @@ def test_a_full_disk_stops_the_search_with_one_line_and_resume_finishes_it_once_
     assert "RUNNING" not in {r.info.status for r in trial_runs(client)}
 
     ballast.unlink()
-    resumed = Search(tmp_path, server, executor, mnist_npz, "resume", parent_id)
+    resumed = Search(tmp_path, server, executor, digits, "resume", parent_id)
     assert resumed.wait() == 0, resumed.output()
     assert_each_trial_finished_once_with_every_epoch(client, parent_id)
     finished_after = {r.data.tags["trial_id"]: r.info.run_id for r in trial_runs(client) if r.info.status == "FINISHED"}
@@ -274,17 +284,17 @@ def test_a_full_disk_stops_the_search_with_one_line_and_resume_finishes_it_once_
     print(f"{executor.name}: {message} | trials finished before: {len(finished_before)}, after resume: {len(finished_after)}")
 
 
-def test_a_killed_search_resumes_without_repeating_trials(tmp_path, server, executor, mnist_npz):
+def test_a_killed_search_resumes_without_repeating_trials(tmp_path, server, executor, digits):
     """SIGKILL mid-trial, no chance to clean up: the resume marks the runs it left RUNNING
     KILLED and runs every trial once, under the same search run."""
     client = mlflow.MlflowClient(server.url)
-    search = Search(tmp_path, server, executor, mnist_npz, "run", "--profile", "smoke")
+    search = Search(tmp_path, server, executor, digits, "run", *SEARCH, SEARCH_PINS)
     parent_id = wait_until_mid_trial(client, search)
     finished_before = {r.data.tags["trial_id"]: r.info.run_id for r in trial_runs(client) if r.info.status == "FINISHED"}
     time.sleep(RECORDED_S)
     search.process.send_signal(signal.SIGKILL)
     assert search.wait(timeout=60) == -signal.SIGKILL
-    resumed = Search(tmp_path, server, executor, mnist_npz, "resume", parent_id)
+    resumed = Search(tmp_path, server, executor, digits, "resume", parent_id)
     assert resumed.wait() == 0, resumed.output()
     assert_each_trial_finished_once_with_every_epoch(client, parent_id)
     statuses = Counter(r.info.status for r in trial_runs(client))
