@@ -15,8 +15,10 @@ import mlflow
 LOCK_RETRY_DELAYS_S = (0.5, 1, 2, 4, 8)
 # The reachability probe gives up within ~30 s rather than MLflow's minutes of retries.
 PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-# During a search, MLflow's own HTTP retries give up within seconds, not its default minutes of silence.
-SEARCH_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# During a search, MLflow's own HTTP retries give up within seconds, not its default minutes of
+# silence (their backoff doubles with each retry): the wait below, which says so, takes over, and
+# the search stops close to `tracking_wait_s`, not a retry cycle past it.
+SEARCH_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 SERVER_RETRY_DELAY_S = 3  # between attempts while the tracking server does not answer
 
 
