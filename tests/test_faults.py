@@ -179,11 +179,11 @@ def assert_each_trial_finished_once_with_every_epoch(client: mlflow.MlflowClient
 
 
 def test_a_server_down_mid_trial_is_waited_for_and_past_the_limit_the_search_stops_and_resumes(tmp_path, server, executor, digits):
-    """Down 30 s in trial 0: waited for, saying so, nothing lost or logged twice. Down for good
+    """Down 30 s (and the restart) in trial 0, within the 60 s the search waits: waited for, saying so, nothing lost or logged twice. Down for good
     once the search has logged an epoch since: past tracking_wait_s the search stops (exit 1) naming the resume command, and
     the resume, once the server is back, finishes every trial exactly once."""
     client = mlflow.MlflowClient(server.url)
-    search = Search(tmp_path, server, executor, digits, "run", *SEARCH, SEARCH_PINS, "tracking_wait_s=40")
+    search = Search(tmp_path, server, executor, digits, "run", *SEARCH, SEARCH_PINS, "tracking_wait_s=60")
     search_run_id = wait_for_epoch(client, search, "0")
     server.stop()
     time.sleep(30)
@@ -196,14 +196,14 @@ def test_a_server_down_mid_trial_is_waited_for_and_past_the_limit_the_search_sto
     assert search.wait(timeout=300) == 1, search.output()
     waited = time.monotonic() - stopped
     lines = search.stderr.strip().splitlines()
-    assert lines.count(f"tracking server {server.url} does not answer: waiting up to 40 s for it") == 2, search.output()
+    assert lines.count(f"tracking server {server.url} does not answer: waiting up to 60 s for it") == 2, search.output()
     back = [line for line in lines if line.startswith("tracking server answers again after ")]
     assert len(back) == 1, search.output()
     assert lines[-1] == (
-        f"error: tracking server {server.url} did not answer for 40 s: the search stopped; "
+        f"error: tracking server {server.url} did not answer for 60 s: the search stopped; "
         f"once it is back, continue with `python -m search resume {search_run_id}`"
     ), search.output()
-    assert waited < 40 + 50  # the limit, a last attempt, and the process exiting
+    assert waited < 60 + 50  # the limit, a last attempt, and the process exiting
     server.start()
     resumed = Search(tmp_path, server, executor, digits, "resume", search_run_id)
     assert resumed.wait() == 0, resumed.output()
