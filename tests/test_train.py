@@ -75,7 +75,7 @@ def test_warmup_cosine_rises_over_the_first_epoch_then_decays_to_zero():
 
 
 def test_the_final_training_budget_comes_from_the_first_epoch_and_holds():
-    split = random_split(6144)
+    split = random_split(8192)
     validation = Split(split.x[:1024], split.y[:1024])
 
     def train(budget_s: float):
