@@ -27,6 +27,10 @@ END_MARGIN = 0.03
 # figures and logging, which the run times first, and more where TensorFlow gets one core
 # (the conversion and saving slow down with it, the figures do not).
 AFTER_TRAINING_PER_SETUP = 8.0
+# After the final training the model is traced again: the evaluation's predictions, the
+# int8 conversion, the registry's copy. Each costs about what the final training's first
+# epoch spent over the others (its tracing and warm-up), measured then, on this model.
+TRACINGS_AFTER_TRAINING = 3
 
 
 def process_started() -> float:
@@ -137,9 +141,11 @@ class Plan:
         """Final-training epochs, in the time left now, of a configuration costing `seconds_per_image` in its trial."""
         return self.cost.epochs_that_fit(self.final_seconds(), seconds_per_image) if self.limited else math.inf
 
-    def training_seconds_left(self, validation_s: float) -> float:
-        """Told what one validation pass took: the seconds left to train, the evaluation's inference kept out."""
-        return self.final_seconds() - self.cost.evaluation_seconds(validation_s / self.cost.validation_images)
+    def training_seconds_left(self, validation_s: float, warmup_s: float = 0.0) -> float:
+        """Told what one validation pass took and what the first epoch spent warming up: the
+        seconds left to train, the evaluation's inference and the tracing after it kept out."""
+        inference_s = self.cost.evaluation_seconds(validation_s / self.cost.validation_images)
+        return self.final_seconds() - inference_s - TRACINGS_AFTER_TRAINING * warmup_s
 
 
 class TrainingClock:

@@ -1,6 +1,7 @@
 """The search, top to bottom, as phases that take and return values: prepare the data,
 record the setup (and EDA), search, pick the winner, build the model, evaluate it once,
-promote it (the registry), report."""
+promote it (the registry), report. Each phase takes the tracker, the settings and the data
+first, and anything else by name."""
 
 from __future__ import annotations
 
@@ -102,14 +103,34 @@ def run_search(
         keras.utils.set_random_seed(config.seed)
         setup_started = time.monotonic()
         record_setup(tracker, config, data, precision, resume, out)
-        planned = plan(tracker, config, data, budget, time.monotonic() - setup_started, precision)
-        tuner, records = search(tracker, config, data, precision.policy, resume, hypermodel, executor, out, planned)
-        winner = pick(tracker, tuner, config, len(data.validation), planned)
+        planned = plan(tracker, config, data, budget=budget, setup_s=time.monotonic() - setup_started, precision=precision)
+        tuner, records = search(
+            tracker,
+            config,
+            data,
+            dtype_policy=precision.policy,
+            resume=resume,
+            hypermodel=hypermodel,
+            executor=executor,
+            out=out,
+            planned=planned,
+        )
+        winner = pick(tracker, config, tuner=tuner, validation_images=len(data.validation), planned=planned)
         registered = tracker.registered_version(config.model_name) if resume else None  # stopped after registering
-        model = build_model(tracker, tuner, winner, data, config, registered, planned)
+        model = build_model(tracker, config, data, tuner=tuner, winner=winner, registered=registered, planned=planned)
         evaluation = evaluate_once(tracker, model, data, config, out)
-        decision = promote(tracker, model, evaluation, winner, data, config, registered)
-        write_search_report(tracker, config, decision, records, out, winner, evaluation, planned, precision)
+        decision = promote(tracker, config, data, model=model, evaluation=evaluation, winner=winner, registered=registered)
+        write_search_report(
+            tracker,
+            config,
+            decision=decision,
+            records=records,
+            out=out,
+            winner=winner,
+            evaluation=evaluation,
+            planned=planned,
+            precision=precision,
+        )
         tracker.log_metrics({"run_seconds": budget.elapsed()})
         print(f"done: {budget.status()}", flush=True)
 
@@ -165,6 +186,7 @@ def plan(
     tracker: tracking.SearchTracker,
     config: SearchConfig,
     data: data_module.MnistData,
+    *,
     budget: RunBudget,
     setup_s: float,
     precision: Precision,
@@ -204,6 +226,7 @@ def search(
     tracker: tracking.SearchTracker,
     config: SearchConfig,
     data: data_module.MnistData,
+    *,
     dtype_policy: str,
     resume: Resume | None,
     hypermodel: kt.HyperModel | None,
@@ -260,8 +283,9 @@ def search(
 
 def pick(
     tracker: tracking.SearchTracker,
-    tuner: kt.Tuner,
     config: SearchConfig,
+    *,
+    tuner: kt.Tuner,
     validation_images: int,
     planned: Plan,
 ) -> Winner:
@@ -289,10 +313,11 @@ def pick(
 
 def build_model(
     tracker: tracking.SearchTracker,
+    config: SearchConfig,
+    data: data_module.MnistData,
+    *,
     tuner: kt.Tuner,
     winner: Winner,
-    data: data_module.MnistData,
-    config: SearchConfig,
     registered: str | None,
     planned: Plan,
 ) -> keras.Model:
@@ -316,11 +341,12 @@ def build_model(
 
 def promote(
     tracker: tracking.SearchTracker,
+    config: SearchConfig,
+    data: data_module.MnistData,
+    *,
     model: keras.Model,
     evaluation: Evaluation,
     winner: Winner,
-    data: data_module.MnistData,
-    config: SearchConfig,
     registered: str | None = None,
 ) -> registry.RegistryDecision:
     """The registry gates; a challenger is compared with the champion on the same test digits and suite."""
@@ -354,6 +380,7 @@ def promote(
 def write_search_report(
     tracker: tracking.SearchTracker,
     config: SearchConfig,
+    *,
     decision: registry.RegistryDecision,
     records: list[dict],
     out: Path,

@@ -89,10 +89,11 @@ class WarmupCosine(keras.callbacks.Callback):
     schedule of its own). With `budget_s`, the epochs are settled once the first
     is timed: as many as fit in the budget (at most `epochs`), so the cosine
     still ends at zero; should later epochs run slower, the schedule shrinks to the epochs that still
-    fit. `seconds_left(validation_s)` instead of
+    fit. `seconds_left(validation_s, warmup_s)` instead of
     `budget_s`: the seconds left for training once the first epoch is done, told
-    what one validation pass took then (so that the caller can keep time for
-    inference it measures that way).
+    what one validation pass took then and what the first epoch spent over the
+    others (tracing and warm-up), so that the caller can keep time for the
+    inference and tracing after the training, measured on this model.
     """
 
     WARM_BATCHES = 3  # batches left out of the timing: tracing and warm-up
@@ -102,7 +103,7 @@ class WarmupCosine(keras.callbacks.Callback):
         peak: float | None = None,
         epochs: int | None = None,
         budget_s: float = 0.0,
-        seconds_left: Callable[[float], float] | None = None,
+        seconds_left: Callable[[float, float], float] | None = None,
     ):
         super().__init__()
         self.peak, self.most, self.budget_s, self.seconds_left_after_first = peak, epochs, budget_s, seconds_left
@@ -167,7 +168,8 @@ class WarmupCosine(keras.callbacks.Callback):
                 )
                 self.estimate_s = self.training_s + self.validation_s
             if self.seconds_left_after_first:
-                self.budget_s = now - self.started + max(0.0, self.seconds_left_after_first(self.validation_s))
+                warmup_s = max(0.0, self.epoch_seconds[0] - self.estimate_s)
+                self.budget_s = now - self.started + max(0.0, self.seconds_left_after_first(self.validation_s, warmup_s))
             # The first epoch (tracing included) is spent; the rest run at the estimate.
             self.epochs = max(1, min(self.epochs, 1 + int((self.budget_s - self.epoch_seconds[0]) / self.estimate_s)))
         done = len(self.epoch_seconds)
@@ -212,7 +214,7 @@ def train_final(
     peak_learning_rate: float = 0.0,
     budget_s: float = 0.0,
     clean_epochs: int = 0,
-    seconds_left: Callable[[float], float] | None = None,
+    seconds_left: Callable[[float, float], float] | None = None,
 ) -> FinalTraining:
     """A fresh model of the best configuration, trained for up to `epochs` epochs on `train`.
 
@@ -274,10 +276,10 @@ def retrain_winner(
     data: MnistData,
     config: SearchConfig,
     log_metrics: Callable[..., None],
-    seconds_left: Callable[[float], float] | None = None,
+    seconds_left: Callable[[float, float], float] | None = None,
 ) -> keras.Model:
     """The winner's configuration retrained on all training images, `final_models` times
-    with seeds seed, seed+1, ..., averaged into one model. `seconds_left(validation_s)`
+    with seeds seed, seed+1, ..., averaged into one model. `seconds_left(validation_s, warmup_s)`
     (None: no limit) is the run's time left for training, asked after each model's
     first epoch, which the models still to train share.
     `log_metrics(metrics, step=None)` records each epoch and each training's timing."""
@@ -286,7 +288,9 @@ def retrain_winner(
         # One model keeps the metric names final_<metric>; several are final_<i>_<metric>.
         prefix = "final_" if config.final_models == 1 else f"final_{i}_"
         # This model's part of the time left: an equal share with the models still to train.
-        share = (lambda validation_s, n=config.final_models - i: seconds_left(validation_s) / n) if seconds_left else None
+        share = (
+            (lambda validation_s, warmup_s, n=config.final_models - i: seconds_left(validation_s, warmup_s) / n) if seconds_left else None
+        )
         print(
             f"retraining the winner's configuration on {len(data.train)} images for up to {config.final_epochs} epochs"
             + (", as many as fit in the time left" if share else "")

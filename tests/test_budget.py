@@ -17,7 +17,17 @@ import pytest
 from experiments import resolve
 from model_zoo import make_cnn
 from search import tracking
-from search.budget import INFERENCE_SHARE, CostModel, Plan, RunBudget, TrainingClock, duration, process_started, too_costly
+from search.budget import (
+    INFERENCE_SHARE,
+    TRACINGS_AFTER_TRAINING,
+    CostModel,
+    Plan,
+    RunBudget,
+    TrainingClock,
+    duration,
+    process_started,
+    too_costly,
+)
 from search.data import Split
 from search.executors import InProcess
 from search.tuner import make_tuner, pick_winner
@@ -34,6 +44,17 @@ def test_the_budget_counts_from_its_start_and_keeps_the_searchs_share():
     assert not unlimited.limited and unlimited.left() == unlimited.search_left() == float("inf")
     assert unlimited.status().startswith("run ") and "left" not in unlimited.status()
     assert (duration(7.4), duration(185)) == ("7s", "3m05s")
+
+
+def test_the_final_training_keeps_time_for_the_inference_and_tracing_after_it():
+    """Told after its first epoch what a validation pass of 1,000 digits took (0.5 s) and what
+    that epoch spent warming up (2 s): the evaluation's 4,000 digits and three more tracings
+    of the model come out of the training's time."""
+    budget = RunBudget(minutes=2, search_share=0.3, started=time.monotonic())
+    plan = Plan(budget, CostModel(train_images=10_000, validation_images=1_000, evaluated_images=4_000), 5.0, min_final_epochs=1)
+    cold = plan.training_seconds_left(validation_s=0.5)
+    assert cold == pytest.approx(plan.final_seconds() - 4_000 * 0.5 / 1_000, abs=0.1)
+    assert plan.training_seconds_left(validation_s=0.5, warmup_s=2.0) == pytest.approx(cold - TRACINGS_AFTER_TRAINING * 2.0, abs=0.1)
 
 
 def test_the_process_clock_counts_start_up_and_imports():
