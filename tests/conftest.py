@@ -1,5 +1,5 @@
 """Fixtures: the real MNIST file, a private tracking store per test, the Keras dtype
-policy, one smoke search shared by the end-to-end tests, and a Ray head node per test module that asks for one. Helpers are in tests/helpers.py."""
+policy, one smoke search shared by the end-to-end tests, and one Ray head node for the tests that ask for one. Helpers are in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import MLFLOW_RUN_ENV, REPO, free_port, fresh_project, mlflow_run, new_sqlite_store
+from tests.helpers import MLFLOW_RUN_ENV, REPO, free_port, fresh_project, mlflow_run, mnist_subset, new_sqlite_store
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of test logs
 
@@ -60,6 +60,13 @@ def mnist(mnist_npz):
     return load_mnist(str(mnist_npz))
 
 
+@pytest.fixture(scope="session")
+def mnist_12k(mnist_npz, tmp_path_factory) -> Path:
+    """The first 12,000 training and 2,000 test digits of MNIST, as an .npz of its layout:
+    quick to load and evaluate, for searches whose point is not the full data (SMALL_SEARCH)."""
+    return mnist_subset(tmp_path_factory.mktemp("mnist-12k") / "mnist-12k.npz", mnist_npz, n_train=12_000, n_test=2_000)
+
+
 @pytest.fixture
 def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A fresh sqlite tracking store in this test's own directory, which is also the cwd
@@ -83,11 +90,11 @@ def smoke_search(tmp_path_factory, mnist_npz):
     return store, result
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory) -> dict[str, str]:
     """A Ray head node of 2 CPUs on 127.0.0.1 (`ray start --head --block`), its files in a
     temporary directory, with token authentication and a token of its own: the
-    environment that joins it (RAY_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN). Stopped with the test module."""
+    environment that joins it (RAY_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN). Stopped with the session."""
     folder = tmp_path_factory.mktemp("ray")
     port = free_port()
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}

@@ -3,7 +3,7 @@
 (`ray start --head`). The store is a real `mlflow server`, stopped and started at will.
 
 - the tracking server down mid-trial: waited for, saying so, nothing lost; past
-  `tracking_wait_s` the search stops, naming the resume command, and the resume finishes it;
+  `tracking_wait_s` the search stops, naming the resume command;
 - a loss that goes NaN: the trial fails, with the same reason;
 - no room on disk: one line naming the resume command, and the resume finishes it;
 - the search's process killed (SIGKILL): the resume runs every trial once.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,15 +26,11 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.helpers import MLFLOW_RUN_ENV, REPO, free_port, mnist_subset, new_sqlite_store
+from tests.helpers import MLFLOW_RUN_ENV, REPO, SMALL_SEARCH, free_port, new_sqlite_store
 
 pytestmark = pytest.mark.e2e
 
-# A small search: 4 trials of two convolution blocks on 3,000 digits, each a few seconds,
-# whose model clears a gate of 80% (a model is registered once, after the resume).
-TRIALS = 4
-SEARCH = ("--profile", "smoke", f"max_trials={TRIALS}", "train_subset=3000", "validation_size=2000", "robust_size=500", "threshold=0.8")
-SEARCH_PINS = "fixed=head=flatten,learning_rate=0.003,conv_blocks=2"
+TRIALS = 4  # of SMALL_SEARCH
 # A trial run FINISHED this long ago has been recorded by the search too (on Ray the driver
 # books a trial within a second of its end): one that finished since may run again on resume.
 RECORDED_S = 3
@@ -82,12 +79,6 @@ class Server:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def digits(mnist_npz, tmp_path_factory) -> Path:
-    """The first 12,000 training and 2,000 test digits of MNIST: quick to load and evaluate."""
-    return mnist_subset(tmp_path_factory.mktemp("digits") / "digits.npz", mnist_npz, n_train=12_000, n_test=2_000)
 
 
 @pytest.fixture
@@ -178,12 +169,12 @@ def assert_each_trial_finished_once_with_every_epoch(client: mlflow.MlflowClient
     assert len(client.search_model_versions("name = 'mnist-cnn'")) == model_versions
 
 
-def test_a_server_down_mid_trial_is_waited_for_and_past_the_limit_the_search_stops_and_resumes(tmp_path, server, executor, digits):
-    """Down 30 s (and the restart) in trial 0, within the 60 s the search waits: waited for, saying so, nothing lost or logged twice. Down for good
-    once the search has logged an epoch since: past tracking_wait_s the search stops (exit 1) naming the resume command, and
-    the resume, once the server is back, finishes every trial exactly once."""
+def test_a_server_down_mid_trial_is_waited_for_and_past_the_limit_the_search_stops_naming_the_resume(tmp_path, server, executor, mnist_12k):
+    """Down 30 s (and the restart) in trial 0, within the 60 s the search waits: waited for, saying so, no epoch lost or
+    logged twice. Down for good once the search has logged an epoch since: past tracking_wait_s the search stops (exit 1)
+    naming the resume command. (A resume after a stop: the full-disk test below, which stops the same way.)"""
     client = mlflow.MlflowClient(server.url)
-    search = Search(tmp_path, server, executor, digits, "run", *SEARCH, SEARCH_PINS, "tracking_wait_s=60")
+    search = Search(tmp_path, server, executor, mnist_12k, "run", *SMALL_SEARCH, "tracking_wait_s=60")
     search_run_id = wait_for_epoch(client, search, "0")
     server.stop()
     time.sleep(30)
@@ -205,21 +196,23 @@ def test_a_server_down_mid_trial_is_waited_for_and_past_the_limit_the_search_sto
     ), search.output()
     assert waited < 60 + 50  # the limit, a last attempt, and the process exiting
     server.start()
-    resumed = Search(tmp_path, server, executor, digits, "resume", search_run_id)
-    assert resumed.wait() == 0, resumed.output()
-    assert_each_trial_finished_once_with_every_epoch(client, search_run_id)
+    runs = trial_runs(client)
+    assert sorted(run.data.tags["trial_id"] for run in runs) == [f"{i}" for i in range(len(runs))]  # one run each
+    for run in runs:  # each epoch logged once, none missing before the last
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+        assert steps == list(range(len(steps))), f"trial {run.data.tags['trial_id']}: epochs logged {steps}"
     print(f"{executor.name}: {back[0]}; stopped {waited:.0f} s after the server went for good: {lines[-1]}")
 
 
-def test_a_trial_whose_loss_goes_nan_fails_with_the_same_reason(tmp_path, server, executor, digits):
+def test_a_trial_whose_loss_goes_nan_fails_with_the_same_reason(tmp_path, server, executor, mnist_12k):
     """A learning rate of 1e12 on three convolution blocks: the loss is NaN within the first epoch."""
     search = Search(
         tmp_path,
         server,
         executor,
-        digits,
+        mnist_12k,
         "run",
-        *SEARCH[:2],
+        *SMALL_SEARCH[:2],
         "max_trials=2",
         "train_subset=3000",
         "validation_size=2000",
@@ -259,10 +252,10 @@ def fill(folder: Path, leave_bytes: int) -> Path:
 
 
 def test_a_full_disk_stops_the_search_with_one_line_and_resume_finishes_it_once_space_is_freed(
-    tmp_path, server, executor, digits, small_disk
+    tmp_path, server, executor, mnist_12k, small_disk
 ):
     client = mlflow.MlflowClient(server.url)  # the store and its artifacts stay on the roomy disk
-    search = Search(tmp_path, server, executor, digits, "run", *SEARCH, SEARCH_PINS)
+    search = Search(tmp_path, server, executor, mnist_12k, "run", *SMALL_SEARCH)
     parent_id = wait_until_mid_trial(client, search)
     finished_before = {r.data.tags["trial_id"]: r.info.run_id for r in trial_runs(client) if r.info.status == "FINISHED"}
     time.sleep(RECORDED_S)
@@ -283,7 +276,7 @@ def test_a_full_disk_stops_the_search_with_one_line_and_resume_finishes_it_once_
     assert "RUNNING" not in {r.info.status for r in trial_runs(client)}
 
     ballast.unlink()
-    resumed = Search(tmp_path, server, executor, digits, "resume", parent_id)
+    resumed = Search(tmp_path, server, executor, mnist_12k, "resume", parent_id)
     assert resumed.wait() == 0, resumed.output()
     assert_each_trial_finished_once_with_every_epoch(client, parent_id)
     finished_after = {r.data.tags["trial_id"]: r.info.run_id for r in trial_runs(client) if r.info.status == "FINISHED"}
@@ -291,19 +284,40 @@ def test_a_full_disk_stops_the_search_with_one_line_and_resume_finishes_it_once_
     print(f"{executor.name}: {message} | trials finished before: {len(finished_before)}, after resume: {len(finished_after)}")
 
 
-def test_a_killed_search_resumes_without_repeating_trials(tmp_path, server, executor, digits):
-    """SIGKILL mid-trial, no chance to clean up: the resume marks the runs it left RUNNING
-    KILLED and runs every trial once, under the same search run."""
+def resume_refused(tmp_path: Path, server: Server, search_run_id: str) -> str:
+    """`python -m search resume <id>` run to its end, expected to refuse: its one line of stderr."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "search", "resume", search_run_id]
+    refused = subprocess.run(command, cwd=tmp_path / "work", env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+    return refused.stderr
+
+
+def test_a_killed_search_resumes_without_repeating_trials(tmp_path, server, executor, mnist_12k):
+    """SIGKILL mid-trial, no chance to clean up: the resume takes over the lock the killed
+    process left, marks the runs it left RUNNING KILLED and runs every trial once, under the
+    same search run. A second resume while the first runs is refused, naming its process, and
+    so is a resume of the finished search."""
     client = mlflow.MlflowClient(server.url)
-    search = Search(tmp_path, server, executor, digits, "run", *SEARCH, SEARCH_PINS)
+    search = Search(tmp_path, server, executor, mnist_12k, "run", *SMALL_SEARCH)
     parent_id = wait_until_mid_trial(client, search)
     finished_before = {r.data.tags["trial_id"]: r.info.run_id for r in trial_runs(client) if r.info.status == "FINISHED"}
     time.sleep(RECORDED_S)
     search.process.send_signal(signal.SIGKILL)
     assert search.wait(timeout=60) == -signal.SIGKILL
-    resumed = Search(tmp_path, server, executor, digits, "resume", parent_id)
+    lock = search.work / "outputs" / parent_id / "search.lock"
+    assert lock.read_text().split()[0] == str(search.process.pid)  # left behind by the killed process
+
+    resumed = Search(tmp_path, server, executor, mnist_12k, "resume", parent_id)
+    wait_for(resumed, lambda: lock.exists() and lock.read_text().split()[:1] == [str(resumed.process.pid)], "the resume taking the lock")
+    assert resume_refused(tmp_path, server, parent_id) == (
+        f"error: search run {parent_id} is already running in process {resumed.process.pid} on {socket.gethostname()} "
+        f"(lock {Path('outputs') / parent_id / 'search.lock'})\n"
+    )
     assert resumed.wait() == 0, resumed.output()
+    assert not lock.exists()
     assert_each_trial_finished_once_with_every_epoch(client, parent_id)
+    assert f"search run {parent_id} has already finished: " in resume_refused(tmp_path, server, parent_id)
     statuses = Counter(r.info.status for r in trial_runs(client))
     assert 1 <= statuses["KILLED"] <= 2 and set(statuses) <= {"FINISHED", "KILLED"}, statuses  # one per trial running then
     finished_after = {r.data.tags["trial_id"]: r.info.run_id for r in trial_runs(client) if r.info.status == "FINISHED"}

@@ -152,9 +152,15 @@ def test_best_model_is_registered_as_champion_and_loads_in_a_fresh_process(smoke
     assert accuracy == pytest.approx(served_accuracy, abs=1e-6)  # what was evaluated is what is served
 
 
-def test_below_threshold_nothing_is_registered_and_the_run_says_why(tmp_path, mnist_npz):
+# Where the point is a registry decision, not the data: the digits of mnist_12k, 2,000 of them
+# validating, 2,000 testing and 500 per corruption.
+SMALL_DATA = ("validation_size=2000", "robust_size=500")
+
+
+def test_below_threshold_nothing_is_registered_and_the_run_says_why(tmp_path, mnist_12k):
     store = new_sqlite_store(tmp_path)
-    result = mlflow_run(fresh_project(tmp_path), store, mnist_npz, "profile=smoke", "threshold=0.999", "max_trials=1", "max_epochs=1")
+    settings = ("threshold=0.999", "max_trials=1", "max_epochs=1")
+    result = mlflow_run(fresh_project(tmp_path), store, mnist_12k, "profile=smoke", *SMALL_DATA, *settings)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "not registered: test_accuracy" in result.stdout and "< 0.9990" in result.stdout
     assert mlflow.MlflowClient(store).search_registered_models() == []
@@ -319,10 +325,10 @@ def test_the_registered_version_carries_its_model_card(smoke_search, monkeypatch
     assert parent.info.run_id in card and "## Known limits" in card
 
 
-def test_a_model_below_the_robustness_gate_is_not_registered(tmp_path, mnist_npz):
+def test_a_model_below_the_robustness_gate_is_not_registered(tmp_path, mnist_12k):
     """A real two-epoch model of clean digits that clears the clean gate but not a robust one of 99%."""
     store = new_sqlite_store(tmp_path)
-    result = mlflow_run(fresh_project(tmp_path), store, mnist_npz, "profile=smoke", "robust_threshold=0.99", "max_trials=1")
+    result = mlflow_run(fresh_project(tmp_path), store, mnist_12k, "profile=smoke", *SMALL_DATA, "robust_threshold=0.99", "max_trials=1")
     assert result.returncode == 0, result.stderr[-3000:]
     (parent,) = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.metrics["test_accuracy"] >= 0.9 and parent.data.metrics["robust_accuracy_mean"] < 0.99

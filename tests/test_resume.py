@@ -1,4 +1,6 @@
-"""Reliability tests: kill a real search (SIGKILL, SIGINT), resume it (bf16 too), and run two searches at once."""
+"""Reliability tests: interrupt a real search (SIGINT, SIGTERM, SIGKILL at the start, in the final
+training), resume it (bf16 too), and run two searches at once. SIGKILL mid-trial, with the
+resume's lock, on both executors: tests/test_faults.py."""
 
 from __future__ import annotations
 
@@ -15,11 +17,11 @@ import numpy as np
 import pytest
 
 from search.precision import AUTO_PRECISION_ENV, cpu_has_bf16
-from tests.helpers import MLFLOW_RUN_ENV, REPO, mlflow_listening, new_sqlite_store, rest_predictions
+from tests.helpers import MLFLOW_RUN_ENV, REPO, SMALL_SEARCH, mlflow_listening, new_sqlite_store, rest_predictions
 
 pytestmark = pytest.mark.e2e
 
-MAX_TRIALS = 4
+MAX_TRIALS = 4  # of SMALL_SEARCH
 
 
 def search_env(store: str, mnist_npz: Path) -> dict:
@@ -40,13 +42,13 @@ def all_runs(store: str):
     )
 
 
-def wait_until_mid_trial(store: str, process: subprocess.Popen, timeout_s: float = 300) -> str:
-    """Wait until one trial has finished and the next is running; return the parent run id."""
+def wait_until_mid_trial(store: str, process: subprocess.Popen, finished_at_least: int = 1, timeout_s: float = 300) -> str:
+    """Wait until `finished_at_least` trials have finished and the next is running; return the parent run id."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert process.poll() is None, "the search ended before it could be interrupted"
         statuses = Counter(r.info.status for r in all_runs(store) if "trial_id" in r.data.tags)
-        if statuses["FINISHED"] >= 1 and statuses["RUNNING"] == 1:
+        if statuses["FINISHED"] >= finished_at_least and statuses["RUNNING"] == 1:
             (parent,) = [r for r in all_runs(store) if "trial_id" not in r.data.tags]
             return parent.info.run_id
         time.sleep(0.2)
@@ -68,42 +70,36 @@ def assert_completed_once(store: str, parent_id: str, killed_children: int, tria
     assert len(versions) == 1 and versions[0].tags["search_run_id"] == parent_id
 
 
-# SIGKILL, on both executors: tests/test_faults.py.
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupted_search_resumes_without_repeating_trials(tmp_path, mnist_npz, sig):
+def finished_trials(store: str) -> int:
+    return Counter(r.info.status for r in all_runs(store) if "trial_id" in r.data.tags)["FINISHED"]
+
+
+def test_interrupted_search_resumes_without_repeating_trials(tmp_path, mnist_12k):
+    """Ctrl-C (SIGINT) mid-trial, then SIGTERM mid-trial of the resume: each ends the open
+    trial and the parent as KILLED before the process exits 130, and the second resume
+    finishes every trial once."""
     store = new_sqlite_store(tmp_path)
-    env, log = search_env(store, mnist_npz), tmp_path / "search.log"
-    search = start(["run", "--profile", "smoke", "--max-trials", str(MAX_TRIALS)], tmp_path, env, log)
-    parent_id = wait_until_mid_trial(store, search)
-    search.send_signal(sig)
-    code = search.wait(timeout=60)
-    # Ctrl-C and SIGTERM end the open trial and the parent as KILLED before the process exits.
-    assert code == 130, log.read_text()[-2000:]
-    assert {r.info.status for r in all_runs(store) if r.info.status != "FINISHED"} == {"KILLED"}
-    assert mlflow.MlflowClient(store).get_run(parent_id).info.status == "KILLED"
-    resumed = start(["resume", parent_id], tmp_path, env, log)
-    assert resumed.wait(timeout=300) == 0, log.read_text()[-3000:]
-    assert_completed_once(store, parent_id, killed_children=1)
+    env, log = search_env(store, mnist_12k), tmp_path / "search.log"
+    process = start(["run", *SMALL_SEARCH], tmp_path, env, log)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        parent_id = wait_until_mid_trial(store, process, finished_at_least=finished_trials(store) + 1)
+        process.send_signal(sig)
+        assert process.wait(timeout=60) == 130, f"{sig.name}: " + log.read_text()[-2000:]
+        assert {r.info.status for r in all_runs(store) if r.info.status != "FINISHED"} == {"KILLED"}, sig.name
+        assert mlflow.MlflowClient(store).get_run(parent_id).info.status == "KILLED"
+        process = start(["resume", parent_id], tmp_path, env, log)
+    assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert_completed_once(store, parent_id, killed_children=2)
 
 
-def test_resuming_a_finished_search_is_refused(tmp_path, mnist_npz):
+def test_two_searches_on_one_sqlite_store_log_everything(tmp_path, mnist_12k):
     store = new_sqlite_store(tmp_path)
-    env, log = search_env(store, mnist_npz), tmp_path / "search.log"
-    assert start(["run", "--profile", "smoke", "--max-trials", "1", "--max-epochs", "1"], tmp_path, env, log).wait(timeout=300) == 0
-    (parent,) = [r for r in all_runs(store) if "trial_id" not in r.data.tags]
-    again = subprocess.run(
-        [sys.executable, "-m", "search", "resume", parent.info.run_id], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert again.returncode == 2
-    assert f"search run {parent.info.run_id} has already finished: " in again.stderr
-
-
-def test_two_searches_on_one_sqlite_store_log_everything(tmp_path, mnist_npz):
-    store = new_sqlite_store(tmp_path)
-    env = search_env(store, mnist_npz)
+    env = search_env(store, mnist_12k)
     # Create the store first, as a user's earlier runs would have.
     mlflow.MlflowClient(store).search_experiments()
-    searches = [start(["run", "--profile", "smoke", "--seed", str(seed)], tmp_path, env, tmp_path / f"s{seed}.log") for seed in (1, 2)]
+    searches = [
+        start(["run", *SMALL_SEARCH, "max_trials=2", "--seed", str(seed)], tmp_path, env, tmp_path / f"s{seed}.log") for seed in (1, 2)
+    ]
     for seed, search in zip((1, 2), searches):
         assert search.wait(timeout=400) == 0, (tmp_path / f"s{seed}.log").read_text()[-3000:]
     runs = all_runs(store)
@@ -112,26 +108,24 @@ def test_two_searches_on_one_sqlite_store_log_everything(tmp_path, mnist_npz):
     client = mlflow.MlflowClient(store)
     for parent in parents:
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-        assert len(children) == 3 and {c.info.status for c in children} == {"FINISHED"}
+        assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
         for child in children:
             assert len(client.get_metric_history(child.info.run_id, "val_accuracy")) == 2
     assert len(client.search_model_versions("name = 'mnist-cnn'")) == 2
 
 
 # Where bf16 is not native (AVX2 only), TensorFlow emulates it many times slower than
-# float32: the same test on a smaller search, so that it takes what it takes elsewhere.
-BF16_SEARCH = ["--max-trials", "3"] + (
-    [] if cpu_has_bf16() else ["--train-subset", "2000", "--max-epochs", "1", "--robust-size", "500", "--threshold", "0.8"]
-)
+# float32: fewer, one-epoch trials there, so that the test takes what it takes elsewhere.
+BF16_SEARCH = [*SMALL_SEARCH, "precision=auto", "max_trials=3"] + ([] if cpu_has_bf16() else ["train_subset=2000", "max_epochs=1"])
 
 
-def test_a_bf16_search_killed_and_resumed_keeps_bf16_and_registers_a_model_that_loads_and_serves(tmp_path, mnist_npz):
+def test_a_bf16_search_killed_and_resumed_keeps_bf16_and_registers_a_model_that_loads_and_serves(tmp_path, mnist_12k):
     """The probe chose bf16 for the search; on resume it would choose float32 (forced
     both ways here, as an AMX machine and a float32-only one would); the resumed
     search keeps bf16, and what it registers loads and serves like any other model."""
     store = new_sqlite_store(tmp_path)
-    env, log = search_env(store, mnist_npz), tmp_path / "search.log"
-    search = start(["run", "--profile", "smoke", *BF16_SEARCH], tmp_path, {**env, AUTO_PRECISION_ENV: "mixed_bfloat16"}, log)
+    env, log = search_env(store, mnist_12k), tmp_path / "search.log"
+    search = start(["run", *BF16_SEARCH], tmp_path, {**env, AUTO_PRECISION_ENV: "mixed_bfloat16"}, log)
     parent_id = wait_until_mid_trial(store, search, timeout_s=900)
     search.send_signal(signal.SIGKILL)
     search.wait(timeout=60)
@@ -143,10 +137,10 @@ def test_a_bf16_search_killed_and_resumed_keeps_bf16_and_registers_a_model_that_
     assert "precision mixed_bfloat16 (resumed)" in log.read_text()
 
     # The keras flavor in a process with no code of this project (cwd "/", no PYTHONPATH), and the pyfunc.
-    test = np.load(mnist_npz)
+    test = np.load(mnist_12k)
     script = (
         "import sys, numpy as np, mlflow, mlflow.keras\n"
-        f"d = np.load({str(mnist_npz)!r})\n"
+        f"d = np.load({str(mnist_12k)!r})\n"
         "keras_model = mlflow.keras.load_model('models:/mnist-cnn@champion')\n"
         "assert keras_model.layers[1].dtype_policy.name == 'mixed_bfloat16', keras_model.layers[1].dtype_policy\n"
         "keras_digit = keras_model.predict(d['x_test'][:500, :, :, None] / 255, verbose=0).argmax(axis=1)\n"
@@ -169,42 +163,13 @@ def test_a_bf16_search_killed_and_resumed_keeps_bf16_and_registers_a_model_that_
     assert (predictions["digit"] == test["y_test"][:200]).mean() >= 0.85
 
 
-def test_two_resumes_of_one_search_the_second_refused_and_a_killed_processs_lock_no_obstacle(tmp_path, mnist_npz):
-    """A SIGKILL leaves the search's lock behind; the first resume takes it over, a second
-    resume while the first runs is refused with one line naming the process, exit 2."""
-    store = new_sqlite_store(tmp_path)
-    env, log = search_env(store, mnist_npz), tmp_path / "search.log"
-    search = start(["run", "--profile", "smoke", "--max-trials", str(MAX_TRIALS)], tmp_path, env, log)
-    parent_id = wait_until_mid_trial(store, search)
-    search.send_signal(signal.SIGKILL)
-    search.wait(timeout=60)
-    lock = tmp_path / "outputs" / parent_id / "search.lock"
-    assert lock.read_text().split()[0] == str(search.pid)  # left behind by the killed process
-
-    first = start(["resume", parent_id], tmp_path, env, log)
-    deadline = time.monotonic() + 120
-    while not (lock.exists() and lock.read_text().split()[:1] == [str(first.pid)]):
-        assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
-    second = subprocess.run(
-        [sys.executable, "-m", "search", "resume", parent_id], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert second.returncode == 2
-    assert (
-        second.stderr
-        == f"error: search run {parent_id} is already running in process {first.pid} on {__import__('socket').gethostname()} (lock {Path('outputs') / parent_id / 'search.lock'})\n"
-    )
-    assert first.wait(timeout=600) == 0, log.read_text()[-3000:]
-    assert_completed_once(store, parent_id, killed_children=1)
-    assert not lock.exists()
-
-
-def test_a_search_killed_before_its_first_trial_resumes_from_the_start(tmp_path, mnist_npz):
+def test_a_search_killed_before_its_first_trial_resumes_from_the_start(tmp_path, mnist_12k):
     """SIGKILL after the search logged its settings and data, before any trial run exists
-    (the EDA, the tuner's start): resume runs every trial once, under the same search run."""
+    (the EDA, the tuner's start): resume runs every trial once, under the same search run;
+    a resume of the finished search is refused."""
     store = new_sqlite_store(tmp_path)
-    env, log = search_env(store, mnist_npz), tmp_path / "search.log"
-    search = start(["run", "--profile", "smoke", "--max-trials", str(MAX_TRIALS)], tmp_path, env, log)
+    env, log = search_env(store, mnist_12k), tmp_path / "search.log"
+    search = start(["run", *SMALL_SEARCH], tmp_path, env, log)
     deadline = time.monotonic() + 120
     while True:
         assert search.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
@@ -217,20 +182,22 @@ def test_a_search_killed_before_its_first_trial_resumes_from_the_start(tmp_path,
     search.wait(timeout=60)
     assert not [r for r in all_runs(store) if "trial_id" in r.data.tags], "a trial had started: the kill came too late for this test"
     parent_id = parents[0].info.run_id
-    resumed = subprocess.run(
-        [sys.executable, "-m", "search", "resume", parent_id], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
+    resume = [sys.executable, "-m", "search", "resume", parent_id]
+    resumed = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_completed_once(store, parent_id, killed_children=0)
+    again = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2
+    assert f"search run {parent_id} has already finished: " in again.stderr
 
 
-def test_a_search_killed_in_its_final_training_or_after_registering_resumes_to_one_version(tmp_path, mnist_npz):
+def test_a_search_killed_in_its_final_training_or_after_registering_resumes_to_one_version(tmp_path, mnist_12k):
     """SIGKILL while the winner is retrained: resume retrains it and registers once. Then the
     states a kill right after registering leaves (a version, no decision, the alias moved or
     not yet, the run RUNNING): resume completes that version instead of registering another."""
     store = new_sqlite_store(tmp_path)
-    env, log = search_env(store, mnist_npz), tmp_path / "search.log"
-    search = start(["run", "--profile", "smoke", "--max-trials", str(MAX_TRIALS), "final_epochs=1"], tmp_path, env, log)
+    env, log = search_env(store, mnist_12k), tmp_path / "search.log"
+    search = start(["run", *SMALL_SEARCH, "final_epochs=1"], tmp_path, env, log)
     deadline = time.monotonic() + 300
     while "retraining the winner's configuration" not in log.read_text():
         assert search.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]

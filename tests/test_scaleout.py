@@ -22,7 +22,7 @@ from experiments import resolve
 from model_zoo import PlainCNN
 from search import scaleout
 from search.tuner import make_tuner
-from tests.helpers import MLFLOW_RUN_ENV, REPO, free_port, fresh_project, mlflow_listening
+from tests.helpers import MLFLOW_RUN_ENV, REPO, SMALL_SEARCH, free_port, fresh_project, mlflow_listening
 
 
 def test_a_trial_checkpoint_is_where_keras_tuner_loads_it_also_for_hyperbands_next_round(tmp_path):
@@ -141,11 +141,11 @@ def tracking_server(postgres, tmp_path_factory) -> str:
 
 
 def ray_search(tmp_path: Path, server: str, cluster: dict, mnist_npz: Path, experiment: str, *settings: str) -> subprocess.Popen:
-    """`python -m search run --profile smoke --ray auto parallel_trials=2 <settings>` on `cluster`."""
+    """`python -m search run <SMALL_SEARCH> ray=auto parallel_trials=2 <settings>` on `cluster`."""
     env = {**os.environ, **cluster, "MLFLOW_TRACKING_URI": server, "MLFLOW_EXPERIMENT_NAME": experiment, "MNIST_NPZ": str(mnist_npz)}
     for var in MLFLOW_RUN_ENV[:2]:
         env.pop(var, None)
-    command = [sys.executable, "-m", "search", "run", "--profile", "smoke", "--ray", "auto", "parallel_trials=2", *settings]
+    command = [sys.executable, "-m", "search", "run", *SMALL_SEARCH, "ray=auto", "parallel_trials=2", *settings]
     with (tmp_path / "search.log").open("w") as log:  # a file: a full pipe would block the search
         return subprocess.Popen(command, cwd=fresh_project(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -171,9 +171,9 @@ def search_runs(server: str, experiment: str) -> tuple[list, list]:
 
 @pytest.mark.e2e
 def test_two_trials_at_once_on_a_ray_cluster_log_every_trial_once_under_one_parent(
-    tmp_path, ray_cluster, tracking_server, postgres, mnist_npz
+    tmp_path, ray_cluster, tracking_server, postgres, mnist_12k
 ):
-    search = ray_search(tmp_path, tracking_server, ray_cluster, mnist_npz, "ray", "max_trials=4", "cpus_per_trial=1")
+    search = ray_search(tmp_path, tracking_server, ray_cluster, mnist_12k, "ray", "cpus_per_trial=1")
     output = finished(search, tmp_path)
     assert search.returncode == 0, output[-4000:]
 
@@ -185,7 +185,7 @@ def test_two_trials_at_once_on_a_ray_cluster_log_every_trial_once_under_one_pare
     assert {t.info.status for t in trials} == {"FINISHED"}
     [node] = {t.data.tags["ray_node"] for t in trials}  # the cluster's one node, by its IP address
     assert node.count(".") == 3
-    assert all(t.data.metrics["best_val_accuracy"] > 0.8 and t.data.metrics["cpu_seconds"] > 0 for t in trials)
+    assert all(t.data.metrics["best_val_accuracy"] > 0.6 and t.data.metrics["cpu_seconds"] > 0 for t in trials)
     first = sorted(trials, key=lambda t: t.info.start_time)
     assert first[1].info.start_time < first[0].info.end_time, "the first two trials did not run at once"
     assert parent.data.metrics["ray_startup_s"] > 0
@@ -195,8 +195,8 @@ def test_two_trials_at_once_on_a_ray_cluster_log_every_trial_once_under_one_pare
 
 
 @pytest.mark.e2e
-def test_a_ray_worker_killed_mid_trial_is_retried_and_the_search_completes(tmp_path, ray_cluster, tracking_server, mnist_npz):
-    search = ray_search(tmp_path, tracking_server, ray_cluster, mnist_npz, "ray-killed", "max_trials=4", "model_name=mnist-cnn-killed")
+def test_a_ray_worker_killed_mid_trial_is_retried_and_the_search_completes(tmp_path, ray_cluster, tracking_server, mnist_12k):
+    search = ray_search(tmp_path, tracking_server, ray_cluster, mnist_12k, "ray-killed", "model_name=mnist-cnn-killed")
     try:
         victim = _wait_for_a_running_trial(tracking_server, "ray-killed", search, tmp_path)
         os.kill(victim, signal.SIGKILL)

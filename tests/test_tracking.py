@@ -24,7 +24,7 @@ from search.evaluate import Comparison
 from search.pipeline import SearchFailed, run_search
 from search.serving import pyfunc_model
 from search.tuner import active_values, make_tuner
-from tests.helpers import MLFLOW_RUN_ENV, REPO, free_port, mlflow_listening, mnist_subset
+from tests.helpers import MLFLOW_RUN_ENV, REPO, SMALL_SEARCH, free_port, mlflow_listening, mnist_subset
 
 
 class FailsOnSecondTrial(kt.HyperModel):
@@ -330,17 +330,17 @@ AUTH_ENV = {"MLFLOW_FLASK_SERVER_SECRET_KEY": "test-csrf-key", "MLFLOW_AUTH_ADMI
 
 
 @pytest.mark.e2e
-def test_a_search_against_a_server_with_basic_auth_keeps_the_credentials_out_of_its_runs(tmp_path, mnist_npz):
+def test_a_search_against_a_server_with_basic_auth_keeps_the_credentials_out_of_its_runs(tmp_path, mnist_12k):
     """`mlflow server --app-name basic-auth`: a wrong password is one line and exit 2 before
     any training; with the right one the search runs, and the password appears in no param,
     tag, metric name, artifact or line the search printed."""
     server_args = ["server", "--app-name", "basic-auth", "--backend-store-uri", f"sqlite:///{tmp_path / 'auth.db'}", "--workers", "1"]
     with mlflow_listening(server_args, "/health", tmp_path, env=AUTH_ENV) as url:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MNIST_NPZ": str(mnist_npz), "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MNIST_NPZ": str(mnist_12k), "PYTHONPATH": str(REPO)}
         env |= {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "not-the-password"}
         for var in MLFLOW_RUN_ENV:
             env.pop(var, None)
-        command = [sys.executable, "-m", "search", "run", "--profile", "smoke", "max_trials=2"]
+        command = [sys.executable, "-m", "search", "run", *SMALL_SEARCH, "max_trials=2"]
         started = time.monotonic()
         refused = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert refused.returncode == 2 and time.monotonic() - started < 30
