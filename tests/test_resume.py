@@ -169,7 +169,7 @@ def test_a_search_killed_before_its_first_trial_resumes_from_the_start(tmp_path,
     a resume of the finished search is refused."""
     store = new_sqlite_store(tmp_path)
     env, log = search_env(store, mnist_12k), tmp_path / "search.log"
-    search = start(["run", *SMALL_SEARCH], tmp_path, env, log)
+    search = start(["run", *SMALL_SEARCH, "max_trials=2"], tmp_path, env, log)
     deadline = time.monotonic() + 120
     while True:
         assert search.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
@@ -185,7 +185,7 @@ def test_a_search_killed_before_its_first_trial_resumes_from_the_start(tmp_path,
     resume = [sys.executable, "-m", "search", "resume", parent_id]
     resumed = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_completed_once(store, parent_id, killed_children=0)
+    assert_completed_once(store, parent_id, killed_children=0, trials=2)
     again = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2
     assert f"search run {parent_id} has already finished: " in again.stderr
@@ -197,7 +197,7 @@ def test_a_search_killed_in_its_final_training_or_after_registering_resumes_to_o
     not yet, the run RUNNING): resume completes that version instead of registering another."""
     store = new_sqlite_store(tmp_path)
     env, log = search_env(store, mnist_12k), tmp_path / "search.log"
-    search = start(["run", *SMALL_SEARCH, "final_epochs=1"], tmp_path, env, log)
+    search = start(["run", *SMALL_SEARCH, "max_trials=2", "final_epochs=1"], tmp_path, env, log)
     deadline = time.monotonic() + 300
     while "retraining the winner's configuration" not in log.read_text():
         assert search.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
@@ -210,7 +210,7 @@ def test_a_search_killed_in_its_final_training_or_after_registering_resumes_to_o
     resume = [sys.executable, "-m", "search", "resume", parent_id]
     resumed = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_completed_once(store, parent_id, killed_children=0)
+    assert_completed_once(store, parent_id, killed_children=0, trials=2)
 
     client.delete_tag(parent_id, "registry_decision")
     client.delete_registered_model_alias("mnist-cnn", "champion")
@@ -218,7 +218,7 @@ def test_a_search_killed_in_its_final_training_or_after_registering_resumes_to_o
     resumed = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "this search registered mnist-cnn version 1 before it stopped: completing that version" in resumed.stdout
-    assert_completed_once(store, parent_id, killed_children=0)
+    assert_completed_once(store, parent_id, killed_children=0, trials=2)
     assert str(client.get_model_version_by_alias("mnist-cnn", "champion").version) == "1"
     assert "retraining" not in resumed.stdout
     # Killed after the alias moved, before the decision was logged: the decision is that one.
@@ -226,5 +226,5 @@ def test_a_search_killed_in_its_final_training_or_after_registering_resumes_to_o
     client.update_run(parent_id, status="RUNNING")
     resumed = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_completed_once(store, parent_id, killed_children=0)
+    assert_completed_once(store, parent_id, killed_children=0, trials=2)
     assert client.get_run(parent_id).data.tags["registry_decision"] == "registered mnist-cnn version 1 as @champion"
