@@ -47,10 +47,11 @@ def mnist_subset(path: Path, source: Path, n_train: int, n_test: int) -> Path:
 
 # A small search of the digits `mnist_12k` holds: 4 trials of two convolution blocks on 3,000
 # digits, each a few seconds, validated on 2,000, whose model clears a gate of 80%.
+SMALL_SEARCH_TRIALS = 4
 SMALL_SEARCH = (
     "--profile",
     "smoke",
-    "max_trials=4",
+    f"max_trials={SMALL_SEARCH_TRIALS}",
     "train_subset=3000",
     "validation_size=2000",
     "robust_size=500",

@@ -26,11 +26,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.helpers import MLFLOW_RUN_ENV, REPO, SMALL_SEARCH, free_port, new_sqlite_store
+from tests.helpers import MLFLOW_RUN_ENV, REPO, SMALL_SEARCH, SMALL_SEARCH_TRIALS, free_port, new_sqlite_store
 
 pytestmark = pytest.mark.e2e
 
-TRIALS = 4  # of SMALL_SEARCH
 # A trial run FINISHED this long ago has been recorded by the search too (on Ray the driver
 # books a trial within a second of its end): one that finished since may run again on resume.
 RECORDED_S = 3
@@ -161,7 +160,7 @@ def assert_each_trial_finished_once_with_every_epoch(client: mlflow.MlflowClient
     assert search_run.info.status == "FINISHED"
     runs = [r for r in trial_runs(client) if r.data.tags["mlflow.parentRunId"] == search_run_id]
     finished = [run for run in runs if run.info.status == "FINISHED"]
-    assert sorted(run.data.tags["trial_id"] for run in finished) == [f"{i}" for i in range(TRIALS)]  # each trial exactly once
+    assert sorted(run.data.tags["trial_id"] for run in finished) == [f"{i}" for i in range(SMALL_SEARCH_TRIALS)]  # each trial exactly once
     assert all(run.info.status in ("FINISHED", "KILLED", "FAILED") for run in runs)
     for run in finished:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]

@@ -22,8 +22,8 @@ from tests.helpers import MLFLOW_RUN_ENV, REPO, mlflow_listening, new_sqlite_sto
 pytestmark = pytest.mark.e2e
 
 
-def search_command(store: str, mnist_12k: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MNIST_NPZ": str(mnist_12k), "PYTHONPATH": str(REPO)}
+def search_command(store: str, data: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MNIST_NPZ": str(data), "PYTHONPATH": str(REPO)}
     for var in MLFLOW_RUN_ENV:
         env.pop(var, None)
     return subprocess.run([sys.executable, "-m", "search", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

@@ -17,11 +17,9 @@ import numpy as np
 import pytest
 
 from search.precision import AUTO_PRECISION_ENV, cpu_has_bf16
-from tests.helpers import MLFLOW_RUN_ENV, REPO, SMALL_SEARCH, mlflow_listening, new_sqlite_store, rest_predictions
+from tests.helpers import MLFLOW_RUN_ENV, REPO, SMALL_SEARCH, SMALL_SEARCH_TRIALS, mlflow_listening, new_sqlite_store, rest_predictions
 
 pytestmark = pytest.mark.e2e
-
-MAX_TRIALS = 4  # of SMALL_SEARCH
 
 
 def search_env(store: str, mnist_npz: Path) -> dict:
@@ -55,7 +53,7 @@ def wait_until_mid_trial(store: str, process: subprocess.Popen, finished_at_leas
     pytest.fail("no trial finished in time")
 
 
-def assert_completed_once(store: str, parent_id: str, killed_children: int, trials: int = MAX_TRIALS) -> None:
+def assert_completed_once(store: str, parent_id: str, killed_children: int, trials: int = SMALL_SEARCH_TRIALS) -> None:
     runs = all_runs(store)
     parents = [r for r in runs if "trial_id" not in r.data.tags]
     assert [p.info.run_id for p in parents] == [parent_id]
