@@ -308,7 +308,7 @@ def test_the_tracking_uri_given_to_other_processes_is_absolute(tracking_store, m
 
 
 def test_a_server_that_stops_answering_is_waited_for_saying_so_then_given_up(monkeypatch, capsys):
-    """The wait itself; tests/test_tracking_server.py stops and restarts a real server mid-search."""
+    """The wait itself; tests/test_faults.py stops and restarts a real server mid-search."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     from search.tracking import store
@@ -341,9 +341,8 @@ def test_a_search_against_a_server_with_basic_auth_keeps_the_credentials_out_of_
         for var in MLFLOW_RUN_ENV:
             env.pop(var, None)
         command = [sys.executable, "-m", "search", "run", *SMALL_SEARCH, "max_trials=1", "max_epochs=1", "robust_size=100"]
-        started = time.monotonic()
         refused = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-        assert refused.returncode == 2 and time.monotonic() - started < 30
+        assert refused.returncode == 2 and "trial" not in refused.stdout, refused.stdout[-2000:]  # refused before any trial
         assert refused.stderr.strip() == (
             f"error: tracking server {url} refused the credentials (HTTP 401): check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
         )
