@@ -14,8 +14,12 @@ VENV := .venv/bin
 search: .venv/installed
 	PATH="$(CURDIR)/$(VENV):$$PATH" mlflow run . --env-manager local -P profile=$(PROFILE)
 
+# Most tests wait on processes, servers and clusters: two workers overlap that waiting. The
+# tests that time themselves against a budget (marked alone) run afterwards, one at a time.
+TEST_WORKERS ?= 2
 test: .venv/installed system-packages lint
-	$(VENV)/python -m pytest
+	$(VENV)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not alone"
+	$(VENV)/python -m pytest -m alone
 
 # The notebook, run top to bottom (a smoke search) into outputs/notebook/, outputs and figures kept;
 # to work in it instead: pip install jupyterlab, then jupyter lab notebooks/mnist_pipeline.ipynb

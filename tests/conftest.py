@@ -1,5 +1,6 @@
 """Fixtures: the real MNIST file, a private tracking store per test, the Keras dtype
-policy, one smoke search shared by the end-to-end tests, and one Ray head node for the tests that ask for one. Helpers are in tests/helpers.py."""
+policy, one smoke search shared by the end-to-end tests, and one Ray head node for the tests that ask for one;
+the tests that share these on one pytest-xdist worker. Helpers are in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -17,6 +18,19 @@ import pytest
 from tests.helpers import MLFLOW_RUN_ENV, REPO, free_port, fresh_project, mlflow_run, mnist_subset, new_sqlite_store
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of test logs
+
+
+# `make test` spreads the tests over pytest-xdist workers (--dist loadgroup). Tests that share
+# one of these costly session fixtures stay on one worker, which makes it once.
+SHARED_ON_ONE_WORKER = ("smoke_search", "ray_cluster")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups into the tests' ids
+def pytest_collection_modifyitems(items):
+    for item in items:
+        shared = [name for name in SHARED_ON_ONE_WORKER if name in getattr(item, "fixturenames", ())]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +108,7 @@ def smoke_search(tmp_path_factory, mnist_npz):
 def ray_cluster(tmp_path_factory) -> dict[str, str]:
     """A Ray head node of 2 CPUs on 127.0.0.1 (`ray start --head --block`), its files in a
     temporary directory, with token authentication and a token of its own: the
-    environment that joins it (RAY_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN). Stopped with the session."""
+    environment that joins it (RAY_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN). Killed with the session."""
     folder = tmp_path_factory.mktemp("ray")
     port = free_port()
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -110,9 +124,8 @@ def ray_cluster(tmp_path_factory) -> dict[str, str]:
         assert head.poll() is None and time.monotonic() < deadline, (folder / "ray.log").read_text()[-3000:]
         time.sleep(1)
     yield {"RAY_ADDRESS": address, **auth}
-    os.killpg(head.pid, signal.SIGTERM)  # --block: the head and the processes it started stop together
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+    # The head's processes share its process group, and its workers exit with their raylet. Its
+    # files are temporary: a graceful stop (SIGTERM) would only spend half a minute on them.
+    os.killpg(head.pid, signal.SIGKILL)
+    head.wait(timeout=60)
     log.close()

@@ -173,6 +173,7 @@ SLOWED = {"env": {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "prefix": ["taskset", "-c", "0"
 BUDGET_TOLERANCE = 1.10  # the run's wall time against its budget: the last epoch's timing noise
 
 
+@pytest.mark.alone
 @pytest.mark.e2e
 def test_a_budgeted_search_ends_within_its_budget_on_a_slower_cpu(tmp_path, mnist_npz):
     """A real default search of real digits given 1.5 minutes, from process start to exit, as on a

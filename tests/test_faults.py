@@ -42,11 +42,12 @@ class Executor:
     env: dict[str, str] = field(default_factory=dict)  # what the environment adds
 
 
-@pytest.fixture(params=["in-process", "ray"])
+# The Ray tests share the session's Ray head node: on one pytest-xdist worker, as in conftest.py.
+@pytest.fixture(params=["in-process", pytest.param("ray", marks=pytest.mark.xdist_group("ray_cluster"))])
 def executor(request) -> Executor:
     if request.param == "in-process":
         return Executor("in-process")
-    cluster = request.getfixturevalue("ray_cluster")  # one 2-CPU head node for the module
+    cluster = request.getfixturevalue("ray_cluster")  # one 2-CPU head node for the session
     return Executor("ray", ("ray=auto", "parallel_trials=2", "cpus_per_trial=1"), cluster)
 
 

@@ -342,6 +342,7 @@ def test_a_model_below_the_robustness_gate_is_not_registered(tmp_path, mnist_12k
     assert "served with int8 weights" not in result.stdout and "served in float32" not in result.stdout
 
 
+@pytest.mark.alone
 def test_the_fast_profile_registers_a_champion_that_loads_by_name(tmp_path, mnist_npz):
     """A new user's one-minute try (`mlflow run . -P profile=fast`, its real budget and data)
     ends within its minute on this CPU (test_budget.py: on a slower one) and leaves a model that

@@ -19,7 +19,7 @@ import pytest
 
 from tests.helpers import MLFLOW_RUN_ENV, REPO, mlflow_listening, new_sqlite_store, rest_predictions
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("registry")]  # one worker makes the module's search once
 
 
 def search_command(store: str, data: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:

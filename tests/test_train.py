@@ -74,6 +74,7 @@ def test_warmup_cosine_rises_over_the_first_epoch_then_decays_to_zero():
     assert len(rates) == 20 and rates[10] == pytest.approx(2e-3) and rates[-1] == pytest.approx(0.0, abs=1e-9)
 
 
+@pytest.mark.alone
 def test_the_final_training_budget_comes_from_the_first_epoch_and_holds():
     split = random_split(8192)
     validation = Split(split.x[:1024], split.y[:1024])
