@@ -67,6 +67,38 @@ def test_a_test_that_leaves_a_dtype_policy_behind_fails(tmp_path):
     assert "2 passed, 1 error" in done.stdout  # the leak is an error of that test; the next one starts in float32
 
 
+def test_tests_that_share_a_costly_session_fixture_run_on_one_worker_which_makes_it_once(tmp_path):
+    """`make test`'s two pytest-xdist workers, with conftest's grouping, on tests whose fixtures
+    count how often each is made: one smoke search and one Ray head node, not one per worker."""
+    (tmp_path / "conftest.py").write_text(
+        "import os, pytest\n"
+        "from tests.conftest import pytest_collection_modifyitems  # the grouping under test\n\n"
+        "def made(name):\n"
+        "    with open(f'{name}-{os.environ[\"PYTEST_XDIST_WORKER\"]}', 'a') as f:\n"
+        "        f.write('made\\n')\n\n"
+        "@pytest.fixture(scope='session')\ndef smoke_search():\n    made('smoke_search')\n\n"
+        "@pytest.fixture(scope='session')\ndef ray_cluster():\n    made('ray_cluster')\n"
+    )
+    (tmp_path / "test_shared.py").write_text(
+        "import pytest, time\n\n"
+        "@pytest.mark.parametrize('i', range(4))\ndef test_smoke(smoke_search, i):\n    time.sleep(0.2)\n\n"
+        "@pytest.mark.parametrize('i', range(4))\ndef test_ray(ray_cluster, i):\n    time.sleep(0.2)\n\n"
+        "@pytest.mark.parametrize('i', range(8))\ndef test_free(i):\n    time.sleep(0.2)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup", "-p", "no:cacheprovider", "test_shared.py"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:]
+    for fixture in ("smoke_search", "ray_cluster"):
+        made = [path.read_text().count("made") for path in tmp_path.glob(f"{fixture}-gw*")]
+        assert made == [1], f"{fixture} made {made} time(s) per worker"
+
+
 def imported_modules(path):
     import ast
 
