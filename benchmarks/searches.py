@@ -117,11 +117,7 @@ def search_summary(run_id: str) -> dict:
     not_architecture = ("learning_rate", "tuner/")
     architectures = {tuple(sorted((k, v) for k, v in r["hyperparameters"].items() if not k.startswith(not_architecture))) for r in records}
     metrics, params = parent.data.metrics, parent.data.params
-    robust = {
-        k.removeprefix("robust_accuracy_"): v
-        for k, v in metrics.items()
-        if k.startswith("robust_accuracy_") and k != "robust_accuracy_mean"
-    }
+    robust = {k.removeprefix("robust_accuracy_"): v for k, v in metrics.items() if k.startswith("robust_accuracy_")}
     winner_id = parent.data.tags.get("winner_trial_id")
     winner = next((r["hyperparameters"] for r in records if r["trial_id"] == winner_id and r["status"] == "FINISHED"), {})
     return {
@@ -138,7 +134,8 @@ def search_summary(run_id: str) -> dict:
         "winner_multiply_adds": metrics.get("winner_multiply_adds"),
         "final_epochs": metrics.get("final_epochs_run", metrics.get("final_0_epochs_run", 0)),
         "test_accuracy": metrics["test_accuracy"],
-        "robust_accuracy_mean": metrics.get("robust_accuracy_mean"),
+        "robust_heldout_accuracy_mean": metrics.get("robust_heldout_accuracy_mean"),
+        "robust_trained_accuracy_mean": metrics.get("robust_trained_accuracy_mean"),
         "robust_accuracy": robust,
         "decision": parent.data.tags.get("registry_decision", ""),
     }

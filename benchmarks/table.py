@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import statistics
 
+from search.robustness import HELD_OUT
+
 SLOWED = "(slowed)"  # a profile run slowed (benchmarks/run.py)
 TARGETS = {
     "training_speedup": 1.5,  # project's training path / plain fp32 model.fit, at least
@@ -20,8 +22,13 @@ TARGETS = {
         "thorough": (3780, 0.998, 0.0),
     },
     "distinct_architectures": {"default": 14},  # at least, per search
-    # Per profile: robust_accuracy_mean at least, and every corruption of the suite at least.
-    "robustness": {"default": (0.97, 0.90), f"default {SLOWED}": (0.97, 0.90)},
+    # Per profile: robust_heldout_accuracy_mean at least, and every held-out kind of change at least.
+    "robustness": {
+        "fast": (0.90, 0.0),
+        f"fast {SLOWED}": (0.90, 0.0),
+        "default": (0.95, 0.85),
+        f"default {SLOWED}": (0.95, 0.85),
+    },
 }
 
 
@@ -56,20 +63,26 @@ def _profile_rows(profile: str, runs: list[dict]) -> list[tuple[str, str, str, s
         rows.append((f"{name}: mlflow run", f"{run['wall_s'] / 60:.2f} min, test {run['test_accuracy']:.2%}", target, met))
         rows.append((f"{name}: plan", _plan(run), "", ""))
         robust = run["robust_accuracy"]
-        worst = min(robust, key=robust.get)
-        robust_target = f">= {robust_mean_target:.0%}, each >= {robust_each_target:.0%}" if robust_mean_target else ""
+        held = {k: v for k, v in robust.items() if k in HELD_OUT} or robust
+        worst = min(held, key=held.get)
+        each = f", each >= {robust_each_target:.0%}" if robust_each_target else ""
+        robust_target = f">= {robust_mean_target:.0%}{each}" if robust_mean_target else ""
         robust_met = (
-            _met(run["robust_accuracy_mean"] >= robust_mean_target and robust[worst] >= robust_each_target) if robust_mean_target else ""
+            _met(run["robust_heldout_accuracy_mean"] >= robust_mean_target and held[worst] >= robust_each_target)
+            if robust_mean_target
+            else ""
         )
+        trained = run.get("robust_trained_accuracy_mean")
         rows.append(
             (
-                f"{name}: robustness suite",
-                f"mean {run['robust_accuracy_mean']:.2%}, worst {worst} {robust[worst]:.2%}",
+                f"{name}: held-out kinds of change",
+                f"mean {run['robust_heldout_accuracy_mean']:.2%}, worst {worst} {held[worst]:.2%}"
+                + (f" (trained-on kinds: mean {trained:.2%})" if trained is not None else ""),
                 robust_target,
                 robust_met,
             )
         )
-        rows.append((f"{name}: each corruption", " ".join(f"{k} {v:.2%}" for k, v in robust.items()), "", ""))
+        rows.append((f"{name}: each kind of change", " ".join(f"{k} {v:.2%}" for k, v in robust.items()), "", ""))
         least = TARGETS["distinct_architectures"].get(profile)
         searched = (
             f"{run['architectures']} distinct architectures in {run['trials']} trials, {run['pruned']} pruned, "

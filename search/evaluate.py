@@ -41,7 +41,7 @@ class Comparison:
     challenger_only_right: int  # discordant: the challenger right, the champion wrong
     champion_only_right: int  # discordant: the champion right, the challenger wrong
     p_value: float  # two-sided exact binomial test on the discordant pairs
-    challenger_robust_accuracy: float  # robust_accuracy_mean
+    challenger_robust_accuracy: float  # robust_heldout_accuracy_mean
     champion_robust_accuracy: float
     champion_clears_gates: bool  # the champion's own figures against today's gates
 
@@ -81,7 +81,7 @@ def compare(
     gates: tuple[float, float],
 ) -> Comparison:
     """Two models on the same labelled images (McNemar's exact test) and on the same
-    robustness suite (their robust_accuracy_mean); `gates` = (threshold, robust_threshold)."""
+    robustness suite (their robust_heldout_accuracy_mean); `gates` = (threshold, robust_threshold)."""
     challenger_right, champion_right = challenger.predicted == labels, champion.predicted == labels
     b = int((challenger_right & ~champion_right).sum())
     c = int((champion_right & ~challenger_right).sum())

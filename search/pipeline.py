@@ -197,7 +197,7 @@ def plan(
     training digits), and the figures, registry and report (a multiple of the set-up's own
     figures and logging, `setup_s`, which are the same kind of work)."""
     champion = tracker.alias_version(config.model_name, config.champion_alias)
-    suite_images = len(robustness.CORRUPTIONS) * min(config.robust_size or len(data.test), len(data.test))
+    suite_images = len(robustness.KINDS) * min(config.robust_size or len(data.test), len(data.test))
     evaluated = (len(data.test) + suite_images) * (2 if champion else 1)  # a champion is evaluated on the same digits
     augment_s = augmentation_seconds_per_image(data.train, config.batch_size, config.augment, config.seed) if config.final_epochs else 0.0
     cost = CostModel(len(data.train), len(data.validation), evaluated, augment_s)
@@ -358,13 +358,13 @@ def promote(
     comparison, card = None, ""
     if clears and tracker.alias_version(config.model_name, config.champion_alias):
         champion = tracking.load_keras_model(champion_uri(config))
-        champion_robust = robustness.evaluate(keras_predict(champion), evaluation.corrupted).mean
+        champion_robust = robustness.evaluate(keras_predict(champion), evaluation.corrupted).heldout_mean
         champion_test = evaluate.evaluate(champion, data.test)
         comparison = evaluate.compare(
             evaluation.test,
             champion_test,
             data.test.y,
-            evaluation.robust.mean,
+            evaluation.robust.heldout_mean,
             champion_robust,
             (config.threshold, config.robust_threshold),
         )
@@ -373,7 +373,9 @@ def promote(
     decision = registry.register_if_better(
         tracker, model, scores, gates, config.model_name, config.champion_alias, comparison, evaluation.int8_model, card, registered
     )
-    print(f"test_accuracy {scores['test_accuracy']:.4f}, robust_accuracy_mean {scores['robust_accuracy_mean']:.4f} - {decision.reason}")
+    print(
+        f"test_accuracy {scores['test_accuracy']:.4f}, robust_heldout_accuracy_mean {scores['robust_heldout_accuracy_mean']:.4f} - {decision.reason}"
+    )
     return decision
 
 
@@ -396,7 +398,9 @@ def write_search_report(
         "Registry decision": decision.reason,
         "Winner": winner.describe().removeprefix("winner: "),
         "Test accuracy": f"{evaluation.test.accuracy:.2%} of {len(evaluation.test.predicted):,} test digits, read once",
-        "Robustness suite": f"mean {evaluation.robust.mean:.2%} over {len(evaluation.corrupted)} corruptions, the worst {worst} {worst_accuracy:.2%}",
+        "Held-out kinds of change (gated)": f"mean {evaluation.robust.heldout_mean:.2%} over {len(robustness.HELD_OUT)} kinds no training imitates, "
+        f"the worst {worst} {worst_accuracy:.2%}",
+        "Trained-on kinds of change": f"mean {evaluation.robust.trained_mean:.2%} over {len(robustness.TRAINED)} kinds the augmentation imitates",
         "Time": planned.budget.status(),
         "Machine": f"{machine()}, {precision.policy}",
     }

@@ -1,7 +1,7 @@
 """The registry policy: which model is registered, which one the alias names, and the tags that say why.
 
 A model is registered when every score named in the gates reaches its gate
-(clean `test_accuracy` >= threshold, `robust_accuracy_mean` >= robust_threshold).
+(clean `test_accuracy` >= threshold, `robust_heldout_accuracy_mean` >= robust_threshold).
 It becomes the champion (alias `champion`) when there is none, or when it beats
 the champion by `Comparison.challenger_wins`; the champion it replaces gets
 alias `previous_champion`, so a rollback is one call. Every call ends with the
@@ -78,7 +78,7 @@ def register_if_better(
         tags |= {
             "champion_version": previous,
             "champion_test_accuracy": f"{comparison.champion_accuracy:.6f}",
-            "champion_robust_accuracy_mean": f"{comparison.champion_robust_accuracy:.6f}",
+            "champion_robust_heldout_accuracy_mean": f"{comparison.champion_robust_accuracy:.6f}",
             "mcnemar_challenger_only_right": str(comparison.challenger_only_right),
             "mcnemar_champion_only_right": str(comparison.champion_only_right),
             "mcnemar_p_value": f"{comparison.p_value:.6g}",

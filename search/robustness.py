@@ -1,21 +1,25 @@
-"""Digits that are not MNIST's: a deterministic suite of corrupted copies of a split.
+"""Digits that are not MNIST's: a deterministic suite of changed copies of a split.
 
-In the manner of MNIST-C (Mu and Gilmer, 2019): each corruption is one kind of
-change that scanned, photographed or hand-drawn digits carry (noise, blur,
-geometry, stroke width, contrast, occlusion, clutter, low resolution), at one
-fixed severity, drawn with a fixed seed so that two evaluations see the same
-digits. The training's augmentation (search/augment.py) draws the same families
-at random severities; these severities are the test.
+Each kind of change is one thing that scanned, photographed or hand-drawn digits
+carry, at one fixed severity, drawn with a fixed seed so that two evaluations see
+the same digits. Every kind belongs to a family and declares, in `KINDS`, whether
+the training may imitate it (`trained`); the rest are held out: no augmentation
+uses them or a near copy of them (search/augment.py declares what each of its
+changes imitates, and a test holds the two tables together). Whole families are
+held out too. The registry's gate counts held-out kinds only: accuracy on change
+the training never saw, which is what "unseen" promises.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
 from search.data import Split
@@ -23,8 +27,10 @@ from search.reporting.plots import save, subplots
 
 SIZE = 28
 CENTRE = (SIZE - 1) / 2
+Corruption = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 
+# --- noise -----------------------------------------------------------------------------------
 def gaussian_noise(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return x + rng.normal(0.0, 0.2, x.shape)  # sigma 0.2 of the 0..1 range
 
@@ -34,8 +40,21 @@ def impulse_noise(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.where(hit, rng.integers(0, 2, x.shape), x)
 
 
+def speckle_noise(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Grain that scales with the ink (a dim photo's sensor noise): x (1 + n), sigma 0.6."""
+    return x * (1.0 + rng.normal(0.0, 0.6, x.shape))
+
+
+# --- blur ------------------------------------------------------------------------------------
 def gaussian_blur(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return ndimage.gaussian_filter(x, sigma=(0, 1.0, 1.0, 0))
+
+
+def defocus_blur(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The mean over a disk of radius 1.5 px: a lens out of focus."""
+    r, c = np.mgrid[-2:3, -2:3]
+    disk = (r**2 + c**2 <= 1.5**2).astype(np.float32)
+    return ndimage.convolve(x, (disk / disk.sum())[None, :, :, None], mode="constant")
 
 
 def motion_blur(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -48,6 +67,7 @@ def motion_blur(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out / len(steps)
 
 
+# --- geometry --------------------------------------------------------------------------------
 def rotation(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     turn = np.radians(20) * rng.choice([-1, 1], len(x))
     cos, sin = np.cos(turn), np.sin(turn)
@@ -70,6 +90,27 @@ def translation(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return _affine(x, np.tile(np.eye(2), (len(x), 1, 1)), 4 * np.stack([np.sin(angle), np.cos(angle)], 1))
 
 
+def perspective(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A page photographed at a slant: one side of the digit 30% taller than the other
+    (a keystone, not an affine map), left-right or top-bottom at random."""
+    r, c = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64) - CENTRE
+    tilt = 0.3 / CENTRE * rng.choice([-1, 1], len(x))[:, None, None]
+    across = rng.random(len(x))[:, None, None] < 0.5
+    stretch = 1 + tilt * np.where(across, c[None], r[None])
+    rows = np.where(across, r[None] / stretch, r[None]) + CENTRE
+    cols = np.where(across, c[None], c[None] / stretch) + CENTRE
+    return _sample(x, rows, cols)
+
+
+def elastic(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A shaky hand: every pixel moved by a smooth random field (sigma 4 px, up to about 2 px)."""
+    field = ndimage.gaussian_filter(rng.uniform(-1, 1, (2, len(x), SIZE, SIZE)), sigma=(0, 0, 4, 4))
+    field *= 2.0 / np.maximum(np.abs(field).max(axis=(2, 3), keepdims=True), 1e-6)
+    r, c = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64)
+    return _sample(x, r[None] + field[0], c[None] + field[1])
+
+
+# --- stroke ----------------------------------------------------------------------------------
 def thick_strokes(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return ndimage.grey_dilation(x, size=(1, 2, 2, 1))
 
@@ -78,14 +119,14 @@ def thin_strokes(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return ndimage.grey_erosion(x, size=(1, 2, 2, 1))
 
 
-def low_contrast(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return 0.35 * x  # faint grey strokes
+def broken_strokes(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A pen running dry: the ink missing in smooth blobs over a quarter of the frame."""
+    blobs = ndimage.gaussian_filter(rng.random((len(x), SIZE, SIZE)), sigma=(0, 1.5, 1.5))
+    gaps = blobs < np.quantile(blobs, 0.25, axis=(1, 2), keepdims=True)
+    return np.where(gaps[..., None], 0.0, x)
 
 
-def brightness(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return x + 0.35  # a grey background
-
-
+# --- occlusion -------------------------------------------------------------------------------
 def occlusion(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A black 7x7 square centred on a random pixel of the stroke."""
     ink = rng.random((len(x), SIZE * SIZE)) * (x.reshape(len(x), -1) > 0.5)
@@ -95,6 +136,47 @@ def occlusion(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.where(inside[..., None], 0.0, x)
 
 
+def cut_edge(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A digit cut by a tight crop: the outer 20% of its ink, on one side at random, gone."""
+    ink = x[..., 0] > 0.1
+    rows, cols = ink.any(axis=2), ink.any(axis=1)
+    first = lambda m: m.argmax(axis=1)  # noqa: E731
+    last = lambda m: SIZE - 1 - m[:, ::-1].argmax(axis=1)  # noqa: E731
+    top, bottom, left, right = first(rows), last(rows), first(cols), last(cols)
+    side = rng.integers(0, 4, len(x))
+    height, width = 0.2 * (bottom - top + 1), 0.2 * (right - left + 1)
+    r, c = np.arange(SIZE)[None, :, None], np.arange(SIZE)[None, None, :]
+    column = lambda v: v[:, None, None]  # noqa: E731
+    cut = np.select(
+        [column(side == 0), column(side == 1), column(side == 2)],
+        [r < column(top + height), r > column(bottom - height), c < column(left + width)],
+        c > column(right - width),
+    )
+    return np.where(cut[..., None], 0.0, x)
+
+
+# --- intensity and background ------------------------------------------------------------------
+def low_contrast(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return 0.35 * x  # faint grey strokes
+
+
+def brightness(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return x + 0.35  # a grey background
+
+
+def inverted(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return 1.0 - x  # dark ink on white paper, as people write
+
+
+def uneven_lighting(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A lamp to one side: the background rises from 0 to 0.4 across the frame in a random direction."""
+    angle = rng.uniform(0, 2 * math.pi, len(x))[:, None, None]
+    r, c = np.mgrid[0:SIZE, 0:SIZE] / (SIZE - 1) - 0.5
+    ramp = 0.2 + 0.4 * (r[None] * np.sin(angle) + c[None] * np.cos(angle)) / math.sqrt(0.5)
+    return 0.75 * x + np.clip(ramp, 0, 0.4)[..., None]
+
+
+# --- clutter ---------------------------------------------------------------------------------
 def line(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A white line 2 px wide across the frame, at a random angle through a point near the centre."""
     angle = rng.uniform(0, math.pi, len(x))
@@ -107,34 +189,77 @@ def line(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.maximum(x, np.clip(1.5 - distance, 0, 1)[..., None])
 
 
+def ruled_paper(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Grey horizontal rules, 1 px every 7 px from a random offset: lined paper."""
+    offset = rng.integers(0, 7, len(x))[:, None, None]
+    rules = (np.arange(SIZE)[None, :, None] + offset) % 7 == 0
+    return np.maximum(x, 0.5 * np.broadcast_to(rules, x.shape[:3])[..., None])
+
+
+def neighbour_digit(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A digit cropped from a written number: 6 px of the next digit (another of the split) at one side."""
+    other = x[rng.permutation(len(x))]
+    side = rng.choice([-1, 1], len(x))
+    shifted = np.stack([np.roll(o, s * (SIZE - 6), axis=1) for o, s in zip(other, side)])
+    columns = np.arange(SIZE)[None, None, :, None]
+    keep = np.where(side[:, None, None, None] > 0, columns < 6, columns >= SIZE - 6)
+    return np.maximum(x, np.where(keep, shifted, 0.0))
+
+
+# --- scanning and compression --------------------------------------------------------------------
 def low_resolution(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Resampled down to 10x10 and back up to 28x28 (linear): a small, blurred scan."""
     small = ndimage.zoom(x, (1, 10 / SIZE, 10 / SIZE, 1), order=1, grid_mode=True, mode="grid-constant")
     return ndimage.zoom(small, (1, SIZE / 10, SIZE / 10, 1), order=1, grid_mode=True, mode="nearest")
 
 
-# The suite: name -> corruption. Every corruption takes float32 (N, 28, 28, 1) in
-# [0, 1] and a generator, and its result is clipped back to [0, 1].
-CORRUPTIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
-    f.__name__: f
-    for f in (
-        gaussian_noise,
-        impulse_noise,
-        gaussian_blur,
-        motion_blur,
-        rotation,
-        shear,
-        scale,
-        translation,
-        thick_strokes,
-        thin_strokes,
-        low_contrast,
-        brightness,
-        occlusion,
-        line,
-        low_resolution,
-    )
+def pixelated(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Averaged over 2x2 blocks and shown as blocks: a coarse screen capture."""
+    blocks = x.reshape(len(x), SIZE // 2, 2, SIZE // 2, 2, 1).mean(axis=(2, 4))
+    return blocks.repeat(2, axis=1).repeat(2, axis=2)
+
+
+def binarized(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return (x > 0.5).astype(np.float32)  # a bilevel scan or fax: no grey
+
+
+def jpeg(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Saved as JPEG at quality 10 and read back: a heavily compressed photo."""
+    out = np.empty_like(x)
+    for i, image in enumerate(np.clip(x[..., 0] * 255 + 0.5, 0, 255).astype(np.uint8)):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=10)
+        out[i, :, :, 0] = np.asarray(Image.open(buffer), dtype=np.float32) / 255
+    return out
+
+
+@dataclass(frozen=True)
+class Kind:
+    corrupt: Corruption
+    family: str
+    trained: bool  # whether an augmentation may imitate it; False: held out, for the gate
+
+
+# The suite: every kind of change once, with its family and whether training may
+# imitate it. Every corruption takes float32 (N, 28, 28, 1) in [0, 1] and a
+# generator; its result is clipped back to [0, 1].
+KINDS: dict[str, Kind] = {
+    f.__name__: Kind(f, family, trained)
+    for family, kinds in {
+        "noise": {gaussian_noise: True, impulse_noise: True, speckle_noise: False},
+        "blur": {gaussian_blur: False, defocus_blur: False, motion_blur: False},
+        "geometry": {rotation: True, shear: True, scale: True, translation: True, perspective: False, elastic: False},
+        "stroke": {thick_strokes: True, thin_strokes: False, broken_strokes: False},
+        "occlusion": {occlusion: True, cut_edge: False},
+        "intensity": {low_contrast: False, brightness: False, inverted: False, uneven_lighting: False},
+        "clutter": {line: True, ruled_paper: False, neighbour_digit: False},
+        "scan": {low_resolution: False, pixelated: False, binarized: False, jpeg: False},
+    }.items()
+    for f, trained in kinds.items()
 }
+FAMILIES = tuple(dict.fromkeys(kind.family for kind in KINDS.values()))
+HELD_OUT = tuple(name for name, kind in KINDS.items() if not kind.trained)
+TRAINED = tuple(name for name, kind in KINDS.items() if kind.trained)
 
 
 def _affine(x: np.ndarray, matrix: np.ndarray, shift: np.ndarray | None = None) -> np.ndarray:
@@ -143,57 +268,94 @@ def _affine(x: np.ndarray, matrix: np.ndarray, shift: np.ndarray | None = None) 
     source = np.einsum("nij,jp->nip", matrix, grid) + CENTRE
     if shift is not None:
         source -= shift[:, :, None]
-    index = np.broadcast_to(np.arange(len(x))[:, None], source[:, 0].shape)
-    coordinates = np.stack([index, source[:, 0], source[:, 1]]).reshape(3, len(x), SIZE, SIZE)
-    return ndimage.map_coordinates(x[..., 0], coordinates, order=1, cval=0.0)[..., None]
+    return _sample(x, source[:, 0].reshape(-1, SIZE, SIZE), source[:, 1].reshape(-1, SIZE, SIZE))
+
+
+def _sample(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Each image read (bilinear, black outside) at per-image source coordinates (N, 28, 28)."""
+    rows, cols = np.broadcast_to(rows, (len(x), SIZE, SIZE)), np.broadcast_to(cols, (len(x), SIZE, SIZE))
+    index = np.broadcast_to(np.arange(len(x))[:, None, None], rows.shape)
+    return ndimage.map_coordinates(x[..., 0], np.stack([index, rows, cols]), order=1, cval=0.0)[..., None]
 
 
 def corrupt(split: Split, name: str, seed: int) -> Split:
-    """`split` with corruption `name`, the same digits for the same seed."""
-    if name not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption {name!r}: choose one of {', '.join(CORRUPTIONS)}")
-    rng = np.random.default_rng([seed, list(CORRUPTIONS).index(name)])
-    x = CORRUPTIONS[name](split.x.astype(np.float32), rng)
+    """`split` with the kind of change `name`, the same digits for the same seed."""
+    if name not in KINDS:
+        raise ValueError(f"unknown kind of change {name!r}: choose one of {', '.join(KINDS)}")
+    rng = np.random.default_rng([seed, list(KINDS).index(name)])
+    x = KINDS[name].corrupt(split.x.astype(np.float32), rng)
     return Split(np.clip(x, 0.0, 1.0).astype(np.float32), split.y)
 
 
-def suite(split: Split, seed: int, size: int = 0) -> dict[str, Split]:
-    """Every corruption of the first `size` digits of `split` (0: all of them)."""
+def suite(split: Split, seed: int, size: int = 0, names: tuple[str, ...] = tuple(KINDS)) -> dict[str, Split]:
+    """Every kind in `names` (all: the whole suite) of the first `size` digits of `split` (0: all of them)."""
     base = split if not size or size >= len(split) else Split(split.x[:size], split.y[:size])
-    return {name: corrupt(base, name, seed) for name in CORRUPTIONS}
+    return {name: corrupt(base, name, seed) for name in names}
+
+
+def heldout_probe(validation: Split, seed: int, per_kind: int = 64) -> Split:
+    """A small set of validation digits, `per_kind` different ones under each held-out kind
+    (repeating where the split is smaller): what each trial is measured on for the MLflow
+    UI (`val_heldout_accuracy`), never scored on."""
+    parts = []
+    for i, name in enumerate(HELD_OUT):
+        index = np.arange(i * per_kind, (i + 1) * per_kind) % len(validation)
+        parts.append(corrupt(Split(validation.x[index], validation.y[index]), name, seed))
+    return Split(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]))
 
 
 @dataclass(frozen=True)
 class RobustnessReport:
-    accuracy: dict[str, float]  # corruption -> accuracy on its corrupted digits
+    accuracy: dict[str, float]  # kind of change -> accuracy on its changed digits
+
+    def _mean(self, names: tuple[str, ...]) -> float:
+        present = [self.accuracy[name] for name in names if name in self.accuracy]
+        return float(np.mean(present)) if present else math.nan
 
     @property
-    def mean(self) -> float:
-        return float(np.mean(list(self.accuracy.values())))
+    def heldout_mean(self) -> float:
+        """The mean over the held-out kinds: what the gate counts."""
+        return self._mean(HELD_OUT)
+
+    @property
+    def trained_mean(self) -> float:
+        """The mean over the kinds that training may imitate: shown beside, never gated."""
+        return self._mean(TRAINED)
 
     @property
     def worst(self) -> tuple[str, float]:
-        name = min(self.accuracy, key=self.accuracy.get)
-        return name, self.accuracy[name]
+        """The held-out kind the model does worst on."""
+        held = {name: self.accuracy[name] for name in HELD_OUT if name in self.accuracy} or self.accuracy
+        name = min(held, key=held.get)
+        return name, held[name]
+
+    @property
+    def rows(self) -> list[tuple[str, str, bool, float]]:
+        """(kind, family, trained-on, accuracy) for each kind measured, in the suite's order."""
+        return [(name, KINDS[name].family, KINDS[name].trained, value) for name, value in self.accuracy.items()]
 
     def metrics(self) -> dict[str, float]:
-        """robust_accuracy_<corruption> and robust_accuracy_mean."""
-        return {**{f"robust_accuracy_{k}": v for k, v in self.accuracy.items()}, "robust_accuracy_mean": self.mean}
+        """robust_accuracy_<kind>, robust_heldout_accuracy_mean and robust_trained_accuracy_mean."""
+        means = {"robust_heldout_accuracy_mean": self.heldout_mean, "robust_trained_accuracy_mean": self.trained_mean}
+        return {**{f"robust_accuracy_{k}": v for k, v in self.accuracy.items()}, **{k: v for k, v in means.items() if not math.isnan(v)}}
 
 
 def evaluate(predict: Callable[[np.ndarray], np.ndarray], corrupted: dict[str, Split]) -> RobustnessReport:
-    """Accuracy of `predict` (digits -> (N, 10) probabilities) on each corrupted split."""
+    """Accuracy of `predict` (digits -> (N, 10) probabilities) on each changed split."""
     return RobustnessReport({name: float((np.asarray(predict(s.x)).argmax(1) == s.y).mean()) for name, s in corrupted.items()})
 
 
 def plot_examples(corrupted: dict[str, Split], report: RobustnessReport, path: Path, per_row: int = 10) -> Path:
-    """A row of example digits per corruption, titled with the model's accuracy on it."""
-    fig, axes = subplots(len(corrupted), per_row, figsize=(per_row * 0.9, len(corrupted) * 1.05), squeeze=False)
+    """A row of example digits per kind of change, labelled with its family, whether it is
+    held out, and the model's accuracy on it."""
+    fig, axes = subplots(len(corrupted), per_row, figsize=(per_row * 0.9 + 1.6, len(corrupted) * 1.0), squeeze=False)
     for row, (name, split) in zip(axes, corrupted.items()):
         for i, ax in enumerate(row):
             ax.imshow(split.x[i, :, :, 0], cmap="gray", vmin=0.0, vmax=1.0)
             ax.set_xticks([])
             ax.set_yticks([])
-        row[0].set_ylabel(f"{name}\n{report.accuracy[name]:.2%}", rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle(f"Corrupted test digits and the model's accuracy on each (mean {report.mean:.2%})")
+        status = "trained-on" if KINDS[name].trained else "held out"
+        label = f"{name}\n{KINDS[name].family}, {status}\n{report.accuracy[name]:.2%}"
+        row[0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle(f"Changed test digits: held-out kinds {report.heldout_mean:.2%}, trained-on kinds {report.trained_mean:.2%}", fontsize=10)
     return save(fig, path)

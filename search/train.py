@@ -23,13 +23,16 @@ from search.evaluate import evaluate
 PREFETCH_BATCHES = 2  # one training while the next is prepared, and one spare
 
 
-def training_dataset(split: Split, batch_size: int, seed: int, augment: str = "none", switch: tf.Variable | None = None) -> tf.data.Dataset:
+def training_dataset(
+    split: Split, batch_size: int, seed: int, augment: str = "none", switch: tf.Variable | None = None, leave_out: tuple[str, ...] = ()
+) -> tf.data.Dataset:
     """`split` as shuffled batches, from memory, with the next batch prepared while one
     trains; `augment` (search/augment.py) changes every epoch's digits anew, while
-    the boolean variable `switch` (if given) is True."""
+    the boolean variable `switch` (if given) is True, without the changes of the suite's
+    families in `leave_out`."""
     dataset = tf.data.Dataset.from_tensor_slices((split.x, split.y))
     dataset = dataset.shuffle(len(split), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
-    change = augmenter(augment, seed)
+    change = augmenter(augment, seed, leave_out)
     if change:
         # A stateless seed per batch, itself drawn from `seed`: the same digits for the same seed.
         seeds = tf.data.Dataset.random(seed, rerandomize_each_iteration=True).batch(2)

@@ -14,18 +14,16 @@ def digits(mnist):
     return mnist.test
 
 
-def test_the_suite_covers_the_families_of_change():
-    assert len(robustness.CORRUPTIONS) >= 10
-    families = {
-        "noise": {"gaussian_noise", "impulse_noise"},
-        "blur": {"gaussian_blur", "motion_blur"},
-        "geometry": {"rotation", "shear", "scale", "translation"},
-        "stroke width": {"thick_strokes", "thin_strokes"},
-        "contrast": {"low_contrast", "brightness"},
-        "occlusion": {"occlusion", "line"},
-        "resolution": {"low_resolution"},
-    }
-    assert set().union(*families.values()) == set(robustness.CORRUPTIONS)
+def test_the_suite_declares_each_kind_its_family_and_whether_training_may_imitate_it():
+    kinds = robustness.KINDS
+    assert len(kinds) >= 24 and len(robustness.FAMILIES) >= 6
+    for family in robustness.FAMILIES:
+        members = [name for name, kind in kinds.items() if kind.family == family]
+        assert any(not kinds[name].trained for name in members), f"family {family} keeps no held-out kind"
+    whole = [f for f in robustness.FAMILIES if not any(k.trained for k in kinds.values() if k.family == f)]
+    assert len(whole) >= 2, "whole families are held out too"
+    assert set(robustness.HELD_OUT) | set(robustness.TRAINED) == set(kinds)
+    assert not set(robustness.HELD_OUT) & set(robustness.TRAINED)
 
 
 def test_the_same_digits_twice_in_range_and_each_corruption_changes_them(digits):
@@ -53,7 +51,7 @@ def test_geometry_moves_ink_without_losing_much_of_it(digits):
 
 
 def test_an_unknown_corruption_is_refused(digits):
-    with pytest.raises(ValueError, match="unknown corruption 'fog': choose one of gaussian_noise, "):
+    with pytest.raises(ValueError, match="unknown kind of change 'fog': choose one of gaussian_noise, "):
         robustness.corrupt(digits, "fog", seed=0)
 
 
@@ -61,8 +59,47 @@ def test_evaluation_counts_right_answers_per_corruption_and_the_figure_is_a_png(
     test = load_mnist(write_npz(tmp_path / "tiny.npz", n_train=200, n_test=50), validation_size=50).test
     corrupted = robustness.suite(test, seed=0)
     always_zero = robustness.evaluate(lambda x: np.tile(np.eye(10)[0], (len(x), 1)), corrupted)
-    assert set(always_zero.accuracy) == set(robustness.CORRUPTIONS)
+    assert set(always_zero.accuracy) == set(robustness.KINDS)
     assert all(value == pytest.approx(0.1) for value in always_zero.accuracy.values())  # 5 of each digit: 5 zeros of 50
-    assert always_zero.metrics()["robust_accuracy_mean"] == pytest.approx(0.1)
-    assert set(always_zero.metrics()) == {f"robust_accuracy_{name}" for name in robustness.CORRUPTIONS} | {"robust_accuracy_mean"}
+    assert always_zero.metrics()["robust_heldout_accuracy_mean"] == pytest.approx(0.1)
+    means = {"robust_heldout_accuracy_mean", "robust_trained_accuracy_mean"}
+    assert set(always_zero.metrics()) == {f"robust_accuracy_{name}" for name in robustness.KINDS} | means
     assert_png(robustness.plot_examples(corrupted, always_zero, tmp_path / "robustness.png"))
+
+
+def test_the_held_out_mean_counts_held_out_kinds_only_and_the_worst_is_one_of_them():
+    trained, held = robustness.TRAINED, robustness.HELD_OUT
+    report = robustness.RobustnessReport({**{name: 1.0 for name in trained}, **{name: 0.5 for name in held}, held[0]: 0.25})
+    assert report.trained_mean == 1.0
+    assert report.heldout_mean == pytest.approx((0.5 * (len(held) - 1) + 0.25) / len(held))
+    assert report.worst == (held[0], 0.25)
+    assert [row[:3] for row in report.rows] == [(n, robustness.KINDS[n].family, robustness.KINDS[n].trained) for n in report.accuracy]
+
+
+def test_the_suite_can_be_made_of_some_kinds_only(digits):
+    some = robustness.suite(digits, seed=0, size=20, names=robustness.HELD_OUT[:2])
+    assert list(some) == list(robustness.HELD_OUT[:2]) and all(len(s) == 20 for s in some.values())
+
+
+def test_a_model_trained_without_augmentation_is_refused_by_the_gate_for_its_held_out_kinds(mnist):
+    """A real network of clean digits clears the clean gate (at least 98%) and fails the
+    registry's robustness gate, which counts only kinds of change no training imitates."""
+    import keras  # noqa: PLC0415
+
+    from experiments import SearchConfig  # noqa: PLC0415
+    from model_zoo import make_cnn  # noqa: PLC0415
+    from search import assessment, registry  # noqa: PLC0415
+
+    keras.utils.set_random_seed(0)
+    model = make_cnn(input_norm="none", batch_norm=True, dropout=0.25)
+    # One epoch, annealed: clean accuracy near its ceiling for the time.
+    annealed = keras.optimizers.schedules.CosineDecay(3e-3, len(mnist.train) // 128)
+    model.compile(optimizer=keras.optimizers.Adam(annealed), loss="sparse_categorical_crossentropy")
+    model.fit(mnist.train.x, mnist.train.y, batch_size=128, epochs=1, verbose=0)
+    predict = lambda x: model.predict(x, batch_size=1024, verbose=0)  # noqa: E731
+    clean = float((predict(mnist.test.x).argmax(1) == mnist.test.y).mean())
+    report = robustness.evaluate(predict, robustness.suite(mnist.test, seed=42, size=500))
+    scores = {"test_accuracy": clean, "robust_heldout_accuracy_mean": report.heldout_mean}
+    refused = registry.shortfalls(scores, assessment.gates(SearchConfig()))
+    assert clean >= 0.98, clean
+    assert refused == [f"robust_heldout_accuracy_mean {report.heldout_mean:.4f} < 0.9000"], (refused, report.rows)

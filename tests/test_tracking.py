@@ -138,7 +138,7 @@ def test_parent_adopts_the_run_that_mlflow_run_started(tracking_store, monkeypat
     assert mlflow.get_run(started.info.run_id).info.status == "FINISHED"
 
 
-GATES = {"test_accuracy": 0.90, "robust_accuracy_mean": 0.90}
+GATES = {"test_accuracy": 0.90, "robust_heldout_accuracy_mean": 0.90}
 
 
 def test_registry_gates_champion_and_previous_champion(tracking_store):
@@ -151,7 +151,7 @@ def test_registry_gates_champion_and_previous_champion(tracking_store):
         )
 
     def register(test_accuracy, comparison=None, robust=0.95):
-        scores = {"test_accuracy": test_accuracy, "robust_accuracy_mean": robust}
+        scores = {"test_accuracy": test_accuracy, "robust_heldout_accuracy_mean": robust}
         tracker.log_metrics(scores)  # as the pipeline logs its evaluation before the registry decides
         return registry.register_if_better(tracker, model, scores, GATES, "digits", "champion", comparison, card="# card")
 
@@ -160,9 +160,9 @@ def test_registry_gates_champion_and_previous_champion(tracking_store):
         assert not below.registered and client.search_registered_models() == []
         assert (
             mlflow.get_run(tracker.run_id).data.tags["registry_decision"]
-            == "not registered: test_accuracy 0.8500 < 0.9000, robust_accuracy_mean 0.8000 < 0.9000"
+            == "not registered: test_accuracy 0.8500 < 0.9000, robust_heldout_accuracy_mean 0.8000 < 0.9000"
         )
-        assert register(0.95, robust=0.89).reason == "not registered: robust_accuracy_mean 0.8900 < 0.9000"
+        assert register(0.95, robust=0.89).reason == "not registered: robust_heldout_accuracy_mean 0.8900 < 0.9000"
 
         first = register(0.95)
         worse = register(0.93, against_champion(0.93, 0.95))
@@ -171,19 +171,19 @@ def test_registry_gates_champion_and_previous_champion(tracking_store):
     assert (worse.version, worse.champion) == ("2", False)
     assert worse.reason == (
         "registered digits version 2; @champion stays version 1: it is not worse on both "
-        "(test_accuracy 0.9300, robust_accuracy_mean 0.9500; the champion's 0.9500 and 0.9400, McNemar p=0.0079)"
+        "(test_accuracy 0.9300, robust_heldout_accuracy_mean 0.9500; the champion's 0.9500 and 0.9400, McNemar p=0.0079)"
     )
     assert (better.version, better.champion) == ("3", True)
     assert str(client.get_model_version_by_alias("digits", "champion").version) == "3"
     assert str(client.get_model_version_by_alias("digits", "previous_champion").version) == "1"
     assert client.get_model_version("digits", "3").tags == {
         "test_accuracy": "0.970000",
-        "robust_accuracy_mean": "0.950000",
+        "robust_heldout_accuracy_mean": "0.950000",
         "search_run_id": tracker.run_id,
         "served_form": "float32",
         "champion_version": "1",
         "champion_test_accuracy": "0.950000",
-        "champion_robust_accuracy_mean": "0.940000",
+        "champion_robust_heldout_accuracy_mean": "0.940000",
         "mcnemar_challenger_only_right": "30",
         "mcnemar_champion_only_right": "12",
         "mcnemar_p_value": "0.0079",
@@ -196,7 +196,7 @@ def test_registry_gates_champion_and_previous_champion(tracking_store):
     assert len(logged) == 3 and {m.source_run_id for m in logged} == {tracker.run_id}
     (third,) = [m for m in logged if m.model_id in client.get_model_version("digits", "3").source]
     linked = {metric.key: metric.value for metric in third.metrics}
-    assert linked == {"test_accuracy": 0.97, "robust_accuracy_mean": 0.95}
+    assert linked == {"test_accuracy": 0.97, "robust_heldout_accuracy_mean": 0.95}
     digits = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
     expected = model.predict((digits / 255.0).astype(np.float32)[..., None], verbose=0)
     # The keras flavor: the Keras model itself.

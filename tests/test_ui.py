@@ -90,7 +90,7 @@ def test_search_run_trials_and_report_are_in_the_ui(ui, smoke_search):
         page.screenshot(path=str(SCREENSHOTS / "mlflow-ui-model.png"))
         page.goto(f"{ui}/#/models/mnist-cnn/versions/1")
         page.get_by_text("Model card: MNIST digit classifier").first.wait_for(timeout=60_000)
-        page.get_by_text("robust_accuracy_mean").first.wait_for(timeout=30_000)
+        page.get_by_text("robust_heldout_accuracy_mean").first.wait_for(timeout=30_000)
         page.screenshot(path=str(SCREENSHOTS / "mlflow-ui-model-version.png"), full_page=True)
         browser.close()
     assert len(trials) == 3
