@@ -12,6 +12,9 @@ from keras import layers
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 HEADS = ("flatten", "gap")  # what follows the last block: every position, or their average per filter
+# What the model does to a digit before its first convolution: nothing, or `standardize`
+# (per image to zero mean and unit variance, then flipped where its ink is dark on light).
+INPUT_NORMS = ("none", "standardize")
 
 
 def make_cnn(
@@ -24,6 +27,7 @@ def make_cnn(
     learning_rate: float = 1e-3,
     residual: bool = False,
     head: str = "flatten",
+    input_norm: str = "standardize",
     dtype_policy: str | None = None,
 ) -> keras.Model:
     """A compiled CNN for 28x28x1 digits with a 10-way softmax.
@@ -38,17 +42,24 @@ def make_cnn(
     `mnist_convnet` example with "same" padding, which lets three blocks (and
     5x5 kernels) fit in 28x28 pixels.
 
+    `input_norm="standardize"` puts `standardize_digits` first, inside the model, so
+    that what it serves is indifferent to contrast, background level and polarity.
+
     `dtype_policy` (float32, mixed_bfloat16) is the model's own; None: Keras'
     global policy. Keras Tuner resets the global one before every build
     (`keras.backend.clear_session()`), so a search names it here.
     """
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}: choose one of {', '.join(HEADS)}")
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"unknown input_norm {input_norm!r}: choose one of {', '.join(INPUT_NORMS)}")
     if dtype_policy is not None:
         with precision_policy(dtype_policy):
-            return make_cnn(conv_filters, kernel_size, convs_per_block, batch_norm, dropout, dense_units, learning_rate, residual, head)
+            return make_cnn(
+                conv_filters, kernel_size, convs_per_block, batch_norm, dropout, dense_units, learning_rate, residual, head, input_norm
+            )
     inputs = keras.Input(shape=INPUT_SHAPE, name="digits")
-    x = inputs
+    x = standardize_digits(inputs) if input_norm == "standardize" else inputs
     for filters in conv_filters:
         block_input = x
         for i in range(convs_per_block):
@@ -73,6 +84,20 @@ def make_cnn(
         metrics=["accuracy"],
     )
     return model
+
+
+def standardize_digits(x):
+    """Each digit to zero mean and unit variance over its pixels, times the sign of its
+    skewness: ink is the minority of a digit's pixels, so light ink on dark skews
+    positive and dark ink on light negative, and both come out light on dark. Contrast,
+    a uniform background and polarity then cannot matter. Keras' own layers only, in
+    float32, so that the saved model loads anywhere Keras does, without this project."""
+    f32 = {"dtype": "float32"}
+    z = layers.LayerNormalization(axis=[1, 2, 3], center=False, scale=False, epsilon=1e-6, name="standardize", **f32)(x)
+    skewness = layers.GlobalAveragePooling2D(keepdims=True, **f32)(layers.Multiply(**f32)([z, z, z]))
+    # tanh(100 s): the sign, continuous where a digit's skewness is near zero.
+    polarity = layers.Activation("tanh", **f32)(layers.Rescaling(100.0, **f32)(skewness))
+    return layers.Multiply(name="light_on_dark", **f32)([z, polarity])
 
 
 def _conv(x, filters: int, kernel_size: int, batch_norm: bool):

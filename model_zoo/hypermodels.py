@@ -9,7 +9,7 @@ from __future__ import annotations
 import keras
 import keras_tuner as kt
 
-from model_zoo.cnn import HEADS, make_cnn
+from model_zoo.cnn import HEADS, INPUT_NORMS, make_cnn
 
 MAX_CONV_BLOCKS = 3  # 28 -> 14 -> 7 -> 3 pixels: a fourth pooling leaves 1
 # Filters per block double with depth; the choices are bounded so that the
@@ -33,6 +33,9 @@ def pick_architecture(hp: kt.HyperParameters) -> dict:
         # Not searched, but pinnable (fixed=head=gap): a trial of two epochs cannot train
         # global average pooling after small blocks, so gap trials were drawn only to be pruned.
         "head": hp.Fixed("head", HEADS[0]),
+        # Not searched, but pinnable (fixed=input_norm=none): a trial scored on clean
+        # digits cannot see what it is for; the benchmark's ablation measures it.
+        "input_norm": hp.Fixed("input_norm", INPUT_NORMS[1]),
         "dropout": hp.Float("dropout", 0.0, 0.5, step=0.1, default=0.5),
         "dense_units": hp.Choice("dense_units", [0, 64, 128, 256], default=0),
         # A trial's own warm-up + cosine over its two epochs: below 1e-3 it ends before it learns.

@@ -185,6 +185,11 @@ class TFLiteForward:
             return self._interpreter.get_tensor(self._output).copy()
 
 
+# The last layer of the input's standardisation in model_zoo's CNNs (model_zoo/cnn.py names it;
+# this file travels inside the model without the project).
+STANDARDIZED = "light_on_dark"
+
+
 def folded_forward(keras_model):
     """The model's inference pass with every batch norm folded into the convolution
     before it, or the model itself where that does not give the same probabilities.
@@ -202,6 +207,10 @@ def folded_forward(keras_model):
         return model  # folding would change its numbers
     layers = [layer for layer in keras_model.layers if not isinstance(layer, keras.layers.InputLayer)]
     steps, folded_in = [], False
+    names = [layer.name for layer in layers]
+    if STANDARDIZED in names:  # the input's standardisation is a small graph, not a chain: one step
+        prefix = keras.Model(keras_model.inputs, keras_model.get_layer(STANDARDIZED).output)
+        steps, layers = [lambda x: prefix(x, training=False)], layers[names.index(STANDARDIZED) + 1 :]
     for layer, following in zip(layers, [*layers[1:], None]):
         if folded_in:  # this batch norm is part of the step before
             folded_in = False
