@@ -10,6 +10,7 @@ import keras_tuner as kt
 
 from experiments import SearchConfig
 from search.data import Split
+from search.robustness import heldout_probe
 from search.train import evaluation_dataset, training_dataset
 from search.tuner import trial_callbacks
 
@@ -30,7 +31,7 @@ class InProcess:
             training_dataset(train, self.config.batch_size, self.config.seed),
             validation_data=evaluation_dataset(validation, self.config.batch_size),
             epochs=self.config.max_epochs,
-            callbacks=trial_callbacks(self.config),
+            callbacks=trial_callbacks(self.config, heldout_probe(validation, self.config.seed)),
             shuffle=False,  # the dataset shuffles
             verbose=self.verbose,
         )

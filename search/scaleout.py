@@ -34,6 +34,7 @@ import ray
 from experiments import ConfigError, SearchConfig
 from search import interrupts, tracking
 from search.data import Split
+from search.robustness import heldout_probe
 from search.train import evaluation_dataset, training_dataset
 from search.trial import (
     LifecycleCallback,
@@ -144,7 +145,8 @@ class RayTrials:
             print(
                 f"Ray {ray.__version__}: joined in {startup_s:.1f} s; up to {slots} trial(s) at once, {self.config.cpus_per_trial} CPU(s) each"
             )
-            self._loop(tuner, ray.put((train.x, train.y, validation.x, validation.y)), slots)
+            probe = heldout_probe(validation, self.config.seed)
+            self._loop(tuner, ray.put((train.x, train.y, validation.x, validation.y, probe.x, probe.y)), slots)
         finally:
             ray.shutdown()
 
@@ -291,7 +293,7 @@ def run_trial(job: TrialJob, data: tuple[np.ndarray, ...]) -> TrialOutcome:
                 validation_data=evaluation_dataset(validation, settings.batch_size),
                 initial_epoch=int(job.hyperparameters.values.get("tuner/initial_epoch", 0)),
                 epochs=spec.planned_epochs,
-                callbacks=[*trial_callbacks(settings), watch],
+                callbacks=[*trial_callbacks(settings, Split(data[4], data[5])), watch],
                 verbose=0,
             )
             lifecycle.check_losses(history.history.get("loss", []))

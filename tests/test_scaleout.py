@@ -186,6 +186,7 @@ def test_two_trials_at_once_on_a_ray_cluster_log_every_trial_once_under_one_pare
     [node] = {t.data.tags["ray_node"] for t in trials}  # the cluster's one node, by its IP address
     assert node.count(".") == 3
     assert all(t.data.metrics["best_val_accuracy"] > 0.6 and t.data.metrics["cpu_seconds"] > 0 for t in trials)
+    assert all(0 < t.data.metrics["val_heldout_accuracy"] <= 1 for t in trials)  # as in this process
     first = sorted(trials, key=lambda t: t.info.start_time)
     assert first[1].info.start_time < first[0].info.end_time, "the first two trials did not run at once"
     assert parent.data.metrics["ray_startup_s"] > 0
