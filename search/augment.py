@@ -1,6 +1,7 @@
 """Augmentation of the final training's digits, inside the tf.data pipeline.
 
 `jitter`: small random shifts, rotations and zooms (Keras' preprocessing layers).
+`pixels`: `robust` without its affine move.
 `robust`: the suite's trained-on kinds of change (search/robustness.py) at random
 severities, from none to beyond the suite's, so that the model learns the kinds
 rather than the suite's exact digits: each image is moved by a random affine map
@@ -58,8 +59,16 @@ def augmenter(kind: str, seed: int, leave_out: tuple[str, ...] = ()) -> Callable
     if kind == "jitter":
         layers = jitter(seed)
         return lambda x, _: layers(x, training=True)
-    kept = tuple(change for change in IMITATES if not {KINDS[k].family for k in IMITATES[change]} & set(leave_out))
+    kept = kept_changes(kind, leave_out)
     return robust if kept == tuple(IMITATES) else lambda x, s: robust(x, s, kept)
+
+
+def kept_changes(kind: str, leave_out: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The changes of IMITATES that augmentation `kind` makes, less those imitating the families in `leave_out`."""
+    if kind not in ("robust", "pixels"):
+        return ()
+    leave_out = (*leave_out, "geometry") if kind == "pixels" else leave_out
+    return tuple(change for change in IMITATES if not {KINDS[k].family for k in IMITATES[change]} & set(leave_out))
 
 
 def jitter(seed: int) -> keras.Sequential:

@@ -201,3 +201,36 @@ def test_the_recorded_command_keeps_what_decides_the_measurement():
         "sqlite:///m.db",
     ]
     assert measured_arguments(argv) == ["--profiles", "fast", "--settings", "augment=robust;seed=1"]
+
+
+def test_the_leave_one_family_out_estimate_takes_each_family_from_the_training_that_left_it_out():
+    from benchmarks.robustness import ablation_table, lofo_estimate, lofo_table
+    from search import augment, robustness
+
+    def result(recipe: str, value: float, left_out: str = "") -> dict:
+        accuracy = {k: (0.5 if kind.family == left_out else value) for k, kind in robustness.KINDS.items()}
+        report = robustness.RobustnessReport(accuracy)
+        return {
+            "recipe": recipe,
+            "test_accuracy": 0.99,
+            "heldout_mean": report.heldout_mean,
+            "trained_mean": report.trained_mean,
+            "worst_heldout": report.worst,
+            "seconds_per_image": 2e-4,
+            "accuracy": accuracy,
+        }
+
+    chosen = result("augment=robust, input_norm=standardize", 0.9)
+    left_out = {"geometry": result("without geometry", 0.9, left_out="geometry")}
+    estimate = lofo_estimate(chosen, left_out)
+    assert estimate["geometry"] == 0.5 and all(v == 0.9 for f, v in estimate.items() if f != "geometry")
+    imitated = {robustness.KINDS[k].family for kinds in augment.IMITATES.values() for k in kinds}
+    assert "geometry" in imitated and "intensity" not in imitated
+    text = ablation_table([result("augment=none, input_norm=none", 0.8), chosen], {chosen["recipe"]: left_out})
+    text += "\n" + lofo_table(chosen, left_out, imitated)
+    row = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert row["geometry"].endswith("| 50.00% | 90.00% |")
+    assert row["intensity"].endswith("| 90.00% | (never imitated) |")
+    mean = (0.5 + 0.9 * (len(robustness.FAMILIES) - 1)) / len(robustness.FAMILIES)
+    assert f"| {mean:.2%} (least 50.00%) |" in row["augment=robust, input_norm=standardize"]
+    assert "| 80.00% (least 80.00%) |" in row["augment=none, input_norm=none"]

@@ -106,7 +106,17 @@ def test_report_is_logged_and_linked(smoke_search):
     text = re.sub(r"<img[^>]*>", "", page)
     order = [
         text.index(s)
-        for s in ("Registry decision", "Winner", "Test accuracy", "Robustness suite", "Time", "Machine", "Top trials", "Settings")
+        for s in (
+            "Registry decision",
+            "Winner",
+            "Test accuracy",
+            "Held-out kinds of change (gated)",
+            "Trained-on kinds of change",
+            "Time",
+            "Machine",
+            "Top trials",
+            "Settings",
+        )
     ]
     assert order == sorted(order) and "<th>Time</th><td>run " in text
     # Numbers as people read them: no hyperparameter or setting value with more than 4 significant digits.

@@ -1,4 +1,5 @@
-"""Data tests of the robustness suite: deterministic, in range, every corruption a change."""
+"""Data tests of the robustness suite: its one table of kinds, deterministic, in range, every kind a change;
+and the gate, which counts held-out kinds only."""
 
 import numpy as np
 import pytest
