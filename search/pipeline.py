@@ -400,7 +400,7 @@ def write_search_report(
         "Test accuracy": f"{evaluation.test.accuracy:.2%} of {len(evaluation.test.predicted):,} test digits, read once",
         "Held-out kinds of change (gated)": f"mean {evaluation.robust.heldout_mean:.2%} over {len(robustness.HELD_OUT)} kinds no training imitates, "
         f"the worst {worst} {worst_accuracy:.2%}",
-        "Trained-on kinds of change": f"mean {evaluation.robust.trained_mean:.2%} over {len(robustness.TRAINED)} kinds the augmentation imitates",
+        "Trained-on kinds of change": f"mean {evaluation.robust.trained_mean:.2%} over {len(robustness.TRAINED)} kinds training may imitate",
         "Time": planned.budget.status(),
         "Machine": f"{machine()}, {precision.policy}",
     }

@@ -32,7 +32,7 @@ class RobustnessFigures(Protocol):
     """What the card reads of the robustness suite's (search/robustness.py's RobustnessReport)."""
 
     heldout_mean: float  # over the kinds of change no training imitates: the gated figure
-    trained_mean: float  # over the kinds the augmentation imitates
+    trained_mean: float  # over the kinds training may imitate
     rows: list[tuple[str, str, bool, float]]  # (kind, family, trained-on, accuracy)
 
 
