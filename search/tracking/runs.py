@@ -26,7 +26,7 @@ from .store import DEFAULT_SERVER_WAIT_S, PatientClient, TrackingError, Tracking
 
 KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"  # where keras.datasets.mnist reads
 COMMAND_TAG = "command"  # of a parent run: search (resumable) or evaluate
-EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "val_heldout_accuracy")
 
 
 class SearchTracker:
