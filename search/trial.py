@@ -157,9 +157,11 @@ class TrialLifecycle:
         return best
 
     def check_losses(self, losses: list[float]) -> None:
-        """Accuracy stays a number when the loss diverges: fail the trial explicitly."""
-        if not self.curve or any(math.isnan(loss) for loss in losses):
-            raise kt.errors.FailedTrialError(f"loss became NaN after {len(losses)} epoch(s)")
+        """Accuracy stays a number when the loss diverges (Keras stops on NaN and on infinity): fail the trial explicitly."""
+        diverged = [loss for loss in losses if not math.isfinite(loss)]
+        if not self.curve or diverged:
+            what = "infinite" if diverged and not any(math.isnan(loss) for loss in diverged) else "NaN"
+            raise kt.errors.FailedTrialError(f"loss became {what} after {len(losses)} epoch(s)")
 
     def end(self, failed: bool, reason: str = "", score: float | None = None) -> TrialResult:
         """Log the trial's summary and close its run; how it ended."""

@@ -300,6 +300,40 @@ def test_a_finished_run_whose_result_the_search_never_recorded_can_be_ended_too(
     assert (trial.info.status, trial.data.tags["failure_reason"]) == ("KILLED", "ran again")
 
 
+RACE_TO_LOG_A_DATASET = """
+import sys, time
+from search import tracking
+start, experiment, rounds = float(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+import mlflow
+mlflow.set_experiment(experiment)
+with tracking.tracked_run("racer") as search:
+    for i in range(rounds):
+        time.sleep(max(0.0, start + i - time.time()))
+        search.log_dataset("mnist", f"digest-{i}", "mnist.npz")
+"""
+
+
+def test_searches_logging_the_same_new_dataset_at_once_all_log_it(tracking_store):
+    """Two sqlite writers that both miss the new dataset row and both insert it: the loser's
+    insert breaks the unique constraint, and its retry finds the winner's row."""
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    start, racers, rounds = time.time() + 15, 4, 5
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE_TO_LOG_A_DATASET, str(start), "racing", str(rounds)],
+            cwd=REPO,
+            env={**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri()},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(racers)
+    ]
+    errors = [p.communicate(timeout=240)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0] * racers, "\n".join(errors)[-3000:]
+    runs = mlflow.search_runs(experiment_names=["racing"], output_format="list")
+    assert len(runs) == racers and all(len(run.inputs.dataset_inputs) == rounds for run in runs)
+
+
 def test_the_tracking_uri_given_to_other_processes_is_absolute(tracking_store, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///relative/mlflow.db")
     assert tracking.tracking_uri() == f"sqlite:///{Path.cwd() / 'relative' / 'mlflow.db'}"

@@ -134,7 +134,7 @@ def patient(call):
             try:
                 result = call(*args, **kwargs)
             except Exception as err:
-                if "database is locked" in str(err) and (delay := next(lock_delays, None)) is not None:
+                if _lost_race(err) and (delay := next(lock_delays, None)) is not None:
                     time.sleep(delay)
                 elif _server_gone(err):
                     server_gone_since = SERVER.wait(server_gone_since)
@@ -146,6 +146,14 @@ def patient(call):
             return result
 
     return patient_call
+
+
+def _lost_race(err: Exception) -> bool:
+    """Whether another process holds the sqlite write lock, or inserted the same row (a
+    dataset both searches log) between MLflow's lookup and its insert: the next attempt
+    finds that row."""
+    text = str(err)
+    return "database is locked" in text or "UNIQUE constraint failed: datasets." in text
 
 
 def _server_gone(err: Exception) -> bool:
