@@ -9,6 +9,9 @@ unknown profiles, unknown keys and out-of-range values with a `ConfigError`.
 from __future__ import annotations
 
 import dataclasses
+import math
+import posixpath
+import re
 from dataclasses import dataclass, field
 
 TUNERS = ("hyperband", "bayesian", "random")
@@ -175,8 +178,11 @@ class SearchConfig:
         for name in ("threshold", "robust_threshold"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
-        if not self.model_name.strip():
-            raise ConfigError("model_name is empty")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        _check_registry_names(self.model_name, self.champion_alias)
 
 
 # Each profile overrides only what it changes. Measured costs and accuracies are in
@@ -294,6 +300,8 @@ def parse_setting(name: str, text: str) -> object:
             number = float(text)
         except ValueError:
             raise ConfigError(f"setting {name}: {text!r} is not a number") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"setting {name}: {text!r} is not a finite number")
         if isinstance(default, int) and number != int(number):
             raise ConfigError(f"setting {name}: {text!r} is not a whole number")
         return type(default)(number)
@@ -323,6 +331,19 @@ def from_params(params: dict[str, str]) -> SearchConfig:
 
 # Every field but the profile: what a profile, a command line or `mlflow run -P` can set, with its default.
 SETTINGS: dict[str, object] = {f.name: f.default for f in dataclasses.fields(SearchConfig) if f.name != "profile"}
+
+
+def _check_registry_names(model_name: str, alias: str) -> None:
+    """The model registry's own rules for names and aliases, checked before any run opens
+    rather than by the registry after the whole search."""
+    if not model_name.strip():
+        raise ConfigError("model_name is empty")
+    if any(c in model_name for c in "/:") or posixpath.normpath(model_name) != model_name or model_name.startswith("."):
+        raise ConfigError(f"model_name {model_name!r} cannot be a registered model's name: no '/', ':' or leading '.'")
+    if not re.fullmatch(r"[\w\-]{1,255}", alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise ConfigError(
+            f"champion_alias {alias!r} cannot be an alias: letters, digits, '_' and '-' only, and not 'latest' or a version such as 'v3'"
+        )
 
 
 def _check_choice(what: str, value: str, valid: tuple[str, ...]) -> None:

@@ -76,6 +76,8 @@ def load_mnist(source: str, validation_size: int = 6_000) -> MnistData:
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
+    if Path(path).is_dir():
+        raise DataError(f"{path}: a directory, not an .npz file")
     if not Path(path).is_file():
         raise DataError(f"{path}: no such file")
     if not zipfile.is_zipfile(path):

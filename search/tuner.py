@@ -248,6 +248,10 @@ def fixed_hyperparameters(hypermodel: kt.HyperModel, pins: tuple[str, ...]) -> k
         if name not in specs:
             raise ConfigError(f"fixed hyperparameter {name!r} is not in the search space: known are {', '.join(sorted(specs))}")
         values[name] = _value(text)
+        if isinstance(values[name], float) and not math.isfinite(values[name]):
+            raise ConfigError(f"fixed hyperparameter {name}={text} is not a finite number")
+        if isinstance(specs[name], kt.engine.hyperparameters.Int) and not isinstance(values[name], int):
+            raise ConfigError(f"fixed hyperparameter {name}={text} is not a whole number")
     # The whole space, in the hypermodel's order, with the pins as Fixed: the
     # oracle samples in this order, and a child sampled before its parent is
     # sampled wrongly (with only the parents declared, conv_filters_1 came
@@ -261,6 +265,10 @@ def fixed_hyperparameters(hypermodel: kt.HyperModel, pins: tuple[str, ...]) -> k
                 fixed.Fixed(spec.name, values[spec.name])
             else:
                 fixed.merge([spec])  # the public way to declare a copy of a spec
+    try:  # a pin the hypermodel cannot build with (head=foo) is refused before a run opens
+        hypermodel.build(fixed.copy())
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"fixed hyperparameters {', '.join(pins)} cannot build a model: {str(err).splitlines()[0]}") from None
     return fixed
 
 

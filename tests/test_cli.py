@@ -52,6 +52,20 @@ def bad_input(case: str, tmp_path) -> tuple[list[str], str]:
             f"output_dir {npz}/outputs: cannot be written (Not a directory)",
         ),
         "pin of a hyperparameter not searched": (["fixed=width=3"], "fixed hyperparameter 'width' is not in the search space"),
+        "pin the model cannot be built with": (
+            ["fixed=head=foo"],
+            "fixed hyperparameters head=foo cannot build a model: unknown head 'foo'",
+        ),
+        "pin that is not a number": (["fixed=learning_rate=nan"], "fixed hyperparameter learning_rate=nan is not a finite number"),
+        "pin of a whole number that is not whole": (
+            ["fixed=conv_blocks=2.5"],
+            "fixed hyperparameter conv_blocks=2.5 is not a whole number",
+        ),
+        "NaN setting": (["max_trials=nan"], "setting max_trials: 'nan' is not a finite number"),
+        "infinite budget": (["budget_minutes=inf"], "setting budget_minutes: 'inf' is not a finite number"),
+        "model name the registry refuses": (["model_name=team/mnist"], "model_name 'team/mnist' cannot be a registered model's name"),
+        "alias the registry reserves": (["champion_alias=latest"], "champion_alias 'latest' cannot be an alias"),
+        "data path a directory": (["--data", str(tmp_path)], f"{tmp_path}: a directory, not an .npz file"),
     }[case]
 
 
@@ -60,7 +74,9 @@ CASES = [
     "images and labels of different length", "NaN in float images", "empty split", "threshold above 1",
     "threshold below 0", "unknown profile", "unknown tuner", "unknown model family", "negative max_trials",
     "negative max_epochs", "unreachable tracking server", "Ray cluster that does not answer", "output_dir that cannot be written",
-    "pin of a hyperparameter not searched",
+    "pin of a hyperparameter not searched", "pin the model cannot be built with", "pin that is not a number",
+    "pin of a whole number that is not whole", "NaN setting", "infinite budget", "model name the registry refuses",
+    "alias the registry reserves", "data path a directory",
 ]  # fmt: skip
 
 

@@ -1,6 +1,7 @@
 """Code tests: profiles and their defaults."""
 
 import dataclasses
+import math
 
 import pytest
 
@@ -139,6 +140,13 @@ def test_bad_text_settings_raise_one_clear_error(settings, message):
         ({"int8_max_accuracy_drop": -0.01}, "int8_max_accuracy_drop must be >= 0, got -0.01"),
         ({"learning_rate": 0.1}, "unknown setting(s) learning_rate"),
         ({"precision": "float16"}, "unknown precision 'float16'"),
+        ({"search_share": math.nan}, "search_share must be in (0, 1), got nan"),
+        ({"final_learning_rate": math.inf}, "final_learning_rate must be a finite number, got inf"),
+        ({"tracking_wait_s": math.nan}, "tracking_wait_s must be a finite number, got nan"),
+        ({"model_name": "a:b"}, "model_name 'a:b' cannot be a registered model's name"),
+        ({"model_name": "../up"}, "model_name '../up' cannot be a registered model's name"),
+        ({"champion_alias": "v3"}, "champion_alias 'v3' cannot be an alias"),
+        ({"champion_alias": "best model"}, "champion_alias 'best model' cannot be an alias"),
     ],
 )
 def test_bad_settings_raise_one_clear_error(kwargs, message):

@@ -228,7 +228,9 @@ def test_a_trial_whose_loss_goes_nan_fails_with_the_same_reason(tmp_path, server
     runs = trial_runs(mlflow.MlflowClient(server.url))
     assert sorted(r.data.tags["trial_id"] for r in runs) == ["0", "1"] and {r.info.status for r in runs} == {"FAILED"}
     for run in runs:
-        assert re.fullmatch(r"FailedTrialError: loss became (NaN|infinite) after \d+ epoch\(s\)", run.data.tags["failure_reason"]), run.data.tags
+        assert re.fullmatch(r"FailedTrialError: loss became (NaN|infinite) after \d+ epoch\(s\)", run.data.tags["failure_reason"]), (
+            run.data.tags
+        )
     print(f"{executor.name}: {sorted(r.data.tags['failure_reason'] for r in runs)}")
 
 
