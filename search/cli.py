@@ -173,5 +173,6 @@ def _is_user_error(err: Exception) -> bool:
     from search.locking import LockedError
     from search.serving.images import InputError
     from search.tracking import TrackingError
+    from search.tuner_state import TunerStateError
 
-    return isinstance(err, (ConfigError, DataError, InputError, LockedError, TrackingError))
+    return isinstance(err, (ConfigError, DataError, InputError, LockedError, TrackingError, TunerStateError))

@@ -39,6 +39,7 @@ from search.tuner import (
     pick_winner,
     seed_from_records,
 )
+from search.tuner_state import restore_if_damaged
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,8 @@ def search(
 ) -> tuple[kt.Tuner, list[dict]]:
     """The Keras Tuner search, scored on the validation split, within the budget's share;
     trials.csv and the top trials table. Returns the tuner and the trial records the tracker logged."""
+    if resume and (restored := restore_if_damaged(out / "tuner")):
+        print(restored, flush=True)
     tuner = make_tuner(
         config,
         tracker,

@@ -30,6 +30,7 @@ from search.reporting.progress import Progress
 from search.tracking import SearchTracker
 from search.train import WarmupCosine
 from search.trial import SearchStopped, TrialLifecycle, TrialResult, TrialSpec, failure_reason
+from search.tuner_state import keep_good_copy
 
 
 class TrackedTuner:
@@ -69,6 +70,12 @@ class TrackedTuner:
             # Keras Tuner's own way to end a search: the next trial it creates is STOPPED.
             self.oracle.max_trials = len(self.oracle.trials)
             print(f"search: stopping after {len(self.oracle.trials)} trials, its share of the budget spent; {budget.status()}", flush=True)
+
+    def save(self) -> None:
+        """Keras Tuner's save (at the start and after each trial, on every backend), and a copy
+        of the whole state that a half-written file cannot damage (search/tuner_state.py)."""
+        super().save()
+        keep_good_copy(Path(self.project_dir))
 
     def trial_spec(self, trial: kt.engine.trial.Trial, pruner: MedianStopping | None = None) -> TrialSpec:
         """What the trial's lifecycle needs, the progress line said; `pruner`: the median rule

@@ -90,6 +90,24 @@ def test_interrupted_search_resumes_without_repeating_trials(tmp_path, mnist_12k
     assert_completed_once(store, parent_id, killed_children=2)
 
 
+def test_a_search_killed_while_writing_its_tuner_state_resumes_from_the_last_good_copy(tmp_path, mnist_12k):
+    """SIGKILL mid-trial, then oracle.json left empty as Keras Tuner's in-place rewrite leaves
+    it when the kill lands inside the write: the resume puts back the state saved after the
+    last trial that ended, says so, and every trial finishes once."""
+    store = new_sqlite_store(tmp_path)
+    env, log = search_env(store, mnist_12k), tmp_path / "search.log"
+    process = start(["run", *SMALL_SEARCH], tmp_path, env, log)
+    parent_id = wait_until_mid_trial(store, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    oracle = tmp_path / "outputs" / parent_id / "tuner" / "oracle.json"
+    oracle.write_text("")
+    process = start(["resume", parent_id], tmp_path, env, log)
+    assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert "tuner state oracle.json was damaged; restored the state saved after the last trial that ended" in log.read_text()
+    assert_completed_once(store, parent_id, killed_children=1)
+
+
 def test_two_searches_on_one_sqlite_store_log_everything(tmp_path, mnist_12k):
     store = new_sqlite_store(tmp_path)
     env = search_env(store, mnist_12k)
