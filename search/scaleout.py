@@ -55,6 +55,7 @@ WAIT_S = 1.0  # how often the driver looks up from waiting, to act on Ctrl-C
 PING_S = 5.0  # how often it asks the tracking server whether it still answers
 # Keras Tuner's names for a trial's best weights and its model's build config (tests/test_scaleout.py).
 CHECKPOINT, BUILD_CONFIG = "checkpoint.weights.h5", "build_config.json"
+CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")  # MLflow reads them
 THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
 RUNNING, STOPPED = kt.engine.trial.TrialStatus.RUNNING, kt.engine.trial.TrialStatus.STOPPED
 
@@ -73,6 +74,9 @@ class TrialJob:
     parent_run_id: str
     config: SearchConfig
     weights: list[np.ndarray] | None = None  # Hyperband: the earlier round's weights it continues
+    # The tracking store's credentials, as task arguments: Ray lists a job's runtime_env
+    # (`ray list jobs`), not its tasks' arguments.
+    credentials: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -204,6 +208,7 @@ class RayTrials:
             parent_run_id=tuner.tracker.run_id,
             config=self.config,
             weights=tuner.load_model(tuner.oracle.get_trial(earlier)).get_weights() if earlier else None,
+            credentials=tracking_credentials(),
         )
         return job, checkpoint_bytes(weight_bytes(tuner.hypermodel.build(trial.hyperparameters.copy())))
 
@@ -248,14 +253,16 @@ class _Running:
 
 
 def worker_environment(cpus: int) -> dict[str, str]:
-    """What a trial's worker process starts with: TensorFlow's threads for its CPUs,
-    and the tracking store (and its credentials) this process logs to."""
+    """What a trial's worker process starts with: TensorFlow's threads for its CPUs, and the
+    tracking store this process logs to (its credentials travel with each task)."""
     env = dict.fromkeys(THREAD_VARIABLES, str(cpus))
     env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
-    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
-        if os.environ.get(name):
-            env[name] = os.environ[name]
     return env
+
+
+def tracking_credentials() -> dict[str, str]:
+    """The tracking store's credentials in this process's environment."""
+    return {name: os.environ[name] for name in CREDENTIALS if os.environ.get(name)}
 
 
 def save_checkpoint(tuner: kt.Tuner, trial: kt.engine.trial.Trial, weights: list[np.ndarray]) -> None:
@@ -272,6 +279,7 @@ def run_trial(job: TrialJob, data: tuple[np.ndarray, ...]) -> TrialOutcome:
     """One trial, in a Ray worker: the trial's lifecycle (search/trial.py) around its training."""
     keras.backend.clear_session()  # a worker process runs many trials: free the last one's graph
     settings, spec = job.config, job.spec
+    os.environ.update(job.credentials)
     try:
         tracker = tracking.attach(job.parent_run_id, {"ray_node": ray.util.get_node_ip_address()}, settings.tracking_wait_s)
     except Exception as err:  # the server gone past the wait, as for any tracking call in a trial

@@ -47,8 +47,17 @@ def test_a_trial_worker_gets_threads_for_its_cpus_and_the_absolute_tracking_uri(
     assert {env[name] for name in scaleout.THREAD_VARIABLES} == {"3"}
     assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     assert "MLFLOW_TRACKING_PASSWORD" not in env
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw")
-    assert scaleout.worker_environment(1)["MLFLOW_TRACKING_PASSWORD"] == "pw"
+
+
+def test_credentials_travel_with_each_task_and_never_in_the_jobs_environment(monkeypatch):
+    """Ray lists a job's runtime_env; a password in the tracking URI or the environment stays out of it."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://admin:s3cret%40x@127.0.0.1:5000")
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    env = scaleout.worker_environment(1)
+    assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000" and not [v for v in env.values() if "s3cret" in v]
+    assert scaleout.tracking_credentials() == {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "s3cret@x"}
+    assert "s3cret" not in repr(scaleout.TrialJob(None, None, None, "run", None, credentials=scaleout.tracking_credentials()))
 
 
 @pytest.mark.parametrize(

@@ -364,28 +364,33 @@ AUTH_ENV = {"MLFLOW_FLASK_SERVER_SECRET_KEY": "test-csrf-key", "MLFLOW_AUTH_ADMI
 
 
 @pytest.mark.e2e
-def test_a_search_against_a_server_with_basic_auth_keeps_the_credentials_out_of_its_runs(tmp_path, mnist_12k):
+@pytest.mark.parametrize("given_in", ["environment", "uri"])
+def test_a_search_against_a_server_with_basic_auth_keeps_the_credentials_out_of_its_runs(given_in, tmp_path, mnist_12k):
     """`mlflow server --app-name basic-auth`: a wrong password is one line and exit 2 before
-    any training; with the right one the search runs, and the password appears in no param,
-    tag, metric name, artifact or line the search printed."""
+    any training; with the right one the search runs, and the password, given in the
+    environment or written into the tracking URI (`http://user:pw@host`), appears in no
+    param, tag, metric name, artifact or line the search or MLflow printed."""
     server_args = ["server", "--app-name", "basic-auth", "--backend-store-uri", f"sqlite:///{tmp_path / 'auth.db'}", "--workers", "1"]
     with mlflow_listening(server_args, "/health", tmp_path, env=AUTH_ENV) as url:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MNIST_NPZ": str(mnist_12k), "PYTHONPATH": str(REPO)}
-        env |= {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "not-the-password"}
-        for var in MLFLOW_RUN_ENV:
+        env = {**os.environ, "MNIST_NPZ": str(mnist_12k), "PYTHONPATH": str(REPO)}
+        for var in (*MLFLOW_RUN_ENV, "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
             env.pop(var, None)
+
+        def with_password(password: str) -> dict:
+            if given_in == "uri":
+                return {**env, "MLFLOW_TRACKING_URI": url.replace("://", f"://admin:{password}@")}
+            return {**env, "MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+
         command = [sys.executable, "-m", "search", "run", *SMALL_SEARCH, "max_trials=1", "max_epochs=1", "robust_size=100"]
-        refused = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        refused = subprocess.run(command, cwd=tmp_path, env=with_password("not-the-password"), capture_output=True, text=True, timeout=120)
         assert refused.returncode == 2 and "trial" not in refused.stdout, refused.stdout[-2000:]  # refused before any trial
         assert refused.stderr.strip() == (
             f"error: tracking server {url} refused the credentials (HTTP 401): check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
         )
         password = AUTH_ENV["MLFLOW_AUTH_ADMIN_PASSWORD"]
-        done = subprocess.run(
-            command, cwd=tmp_path, env={**env, "MLFLOW_TRACKING_PASSWORD": password}, capture_output=True, text=True, timeout=600
-        )
+        done = subprocess.run(command, cwd=tmp_path, env=with_password(password), capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        assert password not in done.stdout + done.stderr
+        assert password not in done.stdout + done.stderr and "View run" in done.stdout  # MLflow's own lines, with the URI
         os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=password)
         try:
             client = mlflow.MlflowClient(url)

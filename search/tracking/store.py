@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import mlflow
@@ -73,7 +74,8 @@ def wait_for_server(seconds: float) -> None:
 
 def tracking_uri() -> str:
     """This process's tracking URI, as another process started elsewhere must be given it
-    (a relative sqlite path made absolute)."""
+    (a relative sqlite path made absolute; credentials never in it)."""
+    credentials_out_of_uri()
     uri = mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
@@ -85,8 +87,27 @@ def end_run(run_id: str, status: str) -> None:
     PatientClient().set_terminated(run_id, status)
 
 
+def credentials_out_of_uri() -> None:
+    """Move a user and password written into the tracking URI (`http://user:pw@host`) into
+    MLflow's own MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, which it sends the
+    same way: the URI, printed in messages and by MLflow, and given to Ray workers, then
+    carries no secret."""
+    uri = mlflow.get_tracking_uri()
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return
+    os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username or "")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password or "")
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    if os.environ.get("MLFLOW_TRACKING_URI") == uri:
+        os.environ["MLFLOW_TRACKING_URI"] = bare  # what MLflow reads when no URI was set in code
+    else:
+        mlflow.set_tracking_uri(bare)
+
+
 def check_reachable() -> None:
     """Fail fast, with one clear error, if the tracking store cannot be reached."""
+    credentials_out_of_uri()
     saved = {k: os.environ.get(k) for k in PROBE_ENV}
     os.environ.update({k: os.environ.get(k) or v for k, v in PROBE_ENV.items()})
     try:
