@@ -1,14 +1,19 @@
-"""One process at a time per search: a lock file in the search's output directory.
+"""One process at a time per search: a lock on a file in the search's output directory.
 
-A search holds `outputs/<search run id>/search.lock` (its process id and host)
-while it runs, and so does a resume of it. A second resume of the same search
-(a scheduler retrying, a user starting it twice) is refused, naming the
-process that holds it; a lock left by a process that has died is taken over.
+A search holds `outputs/<search run id>/search.lock` while it runs, and so does a
+resume of it. A second resume of the same search (a scheduler retrying, a user
+starting it twice) is refused, naming the process that holds it.
+
+The lock is the kernel's (`flock`), not the file's existence: it goes with the
+process that holds it however that process ends, two processes can never both take
+it, and a process id written by a container that has since restarted means
+nothing. The file's text (process id and host) only names the holder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket
 from pathlib import Path
@@ -26,42 +31,36 @@ def holding(folder: Path, run_id: str) -> Iterator[Path]:
     """Hold the search's lock in `folder` for the duration of the block."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
-    for _ in range(2):  # the second try after removing a dead process's lock
-        try:
-            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _holder(path)
-            if holder and _alive(*holder):
-                raise LockedError(f"search run {run_id} is already running in process {holder[0]} on {holder[1]} (lock {path})") from None
-            path.unlink(missing_ok=True)  # its process is gone: a lock left behind by a kill
-            continue
-        with os.fdopen(descriptor, "w") as file:
-            file.write(f"{os.getpid()} {socket.gethostname()}\n")
-        break
-    else:
-        raise LockedError(f"search run {run_id}: cannot take the lock {path}")
+    descriptor = _lock(path, run_id)
     try:
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()} {socket.gethostname()}\n".encode())
         yield path
     finally:
-        path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # while still locked: no one can lock this file after it is gone
+        os.close(descriptor)
 
 
-def _holder(path: Path) -> tuple[int, str] | None:
+def _lock(path: Path, run_id: str) -> int:
+    """A descriptor of `path` holding its lock; raises LockedError naming the holder."""
+    while True:
+        descriptor = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise LockedError(f"search run {run_id} is already running in {_holder(path)} (lock {path})") from None
+        # The holder before us may have removed the file between our open and our lock:
+        # that file is no one's lock any more; lock the one at `path` now.
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(descriptor).st_ino:
+                return descriptor
+        os.close(descriptor)
+
+
+def _holder(path: Path) -> str:
     try:
         pid, host = path.read_text().split()
-        return int(pid), host
+        return f"process {int(pid)} on {host}"
     except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int, host: str) -> bool:
-    """Whether process `pid` runs; on another host it cannot be checked, so it counts as alive."""
-    if host != socket.gethostname():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return "another process"  # it has the lock and has not written its name yet
