@@ -183,6 +183,10 @@ class SearchConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name} must be a finite number, got {value}")
         _check_registry_names(self.model_name, self.champion_alias)
+        ray_only = {name: getattr(self, name) for name in RAY_ONLY if getattr(self, name) != RAY_ONLY[name]}
+        if ray_only and not self.ray:
+            given = ", ".join(f"{name}={value}" for name, value in ray_only.items())
+            raise ConfigError(f"{given} only mean(s) something on Ray: add ray=local, or the address of a Ray cluster")
 
 
 # Each profile overrides only what it changes. Measured costs and accuracies are in
@@ -329,6 +333,8 @@ def from_params(params: dict[str, str]) -> SearchConfig:
     return SearchConfig(profile=params["config.profile"], **{name: parse_setting(name, params[f"config.{name}"]) for name in SETTINGS})
 
 
+# The settings of trials on Ray, and their defaults: another value without `ray` is refused.
+RAY_ONLY = {name: SearchConfig.__dataclass_fields__[name].default for name in ("parallel_trials", "cpus_per_trial", "trial_retries")}
 # Every field but the profile: what a profile, a command line or `mlflow run -P` can set, with its default.
 SETTINGS: dict[str, object] = {f.name: f.default for f in dataclasses.fields(SearchConfig) if f.name != "profile"}
 

@@ -137,12 +137,22 @@ class RayTrials:
     checkpoints (checked here, where they are written)."""
 
     def __init__(self, config: SearchConfig):
+        """Join the cluster now, before the search opens a run: one that does not answer, or
+        on which no trial could ever start, is a ClusterError."""
         check_address(config.ray)
         self.config = config
+        self.startup_s = connect(config.ray, config.cpus_per_trial)
+        largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=0)
+        if config.cpus_per_trial > largest:
+            ray.shutdown()
+            raise ClusterError(
+                f"cpus_per_trial={config.cpus_per_trial}, but the largest node of Ray cluster {config.ray!r} has {largest:g} CPU(s): "
+                "no trial could start"
+            )
 
     def run(self, tuner: kt.Tuner, train: Split, validation: Split) -> None:
         """Every trial the oracle hands out, run on the cluster; returns once all have ended."""
-        startup_s = connect(self.config.ray, self.config.cpus_per_trial)
+        startup_s = self.startup_s
         try:
             slots = self.config.parallel_trials or max(1, int(ray.cluster_resources().get("CPU", 1)) // self.config.cpus_per_trial)
             tuner.tracker.log_metrics({"ray_startup_s": startup_s})

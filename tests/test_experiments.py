@@ -147,6 +147,8 @@ def test_bad_text_settings_raise_one_clear_error(settings, message):
         ({"model_name": "../up"}, "model_name '../up' cannot be a registered model's name"),
         ({"champion_alias": "v3"}, "champion_alias 'v3' cannot be an alias"),
         ({"champion_alias": "best model"}, "champion_alias 'best model' cannot be an alias"),
+        ({"parallel_trials": 4}, "parallel_trials=4 only mean(s) something on Ray: add ray=local"),
+        ({"cpus_per_trial": 2, "trial_retries": 0}, "cpus_per_trial=2, trial_retries=0 only mean(s) something on Ray"),
     ],
 )
 def test_bad_settings_raise_one_clear_error(kwargs, message):

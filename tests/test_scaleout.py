@@ -251,3 +251,14 @@ def _pids_of(title: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+@pytest.mark.e2e
+def test_more_cpus_per_trial_than_any_node_has_is_refused_before_a_run_opens(tmp_path, ray_cluster, tracking_server, mnist_12k):
+    search = ray_search(tmp_path, tracking_server, ray_cluster, mnist_12k, "too-wide", "cpus_per_trial=4")
+    output = finished(search, tmp_path)
+    assert search.returncode == 2, output[-3000:]
+    assert output.strip().splitlines()[-1] == (
+        "error: cpus_per_trial=4, but the largest node of Ray cluster 'auto' has 2 CPU(s): no trial could start"
+    ), output[-3000:]
+    assert search_runs(tracking_server, "too-wide") == ([], [])
