@@ -71,7 +71,32 @@ def test_bad_inputs_are_one_clear_error(tmp_path):
     cases[tmp_path / "wrong_dtype.npy"] = "has dtype bool: expected integers 0..255 or floats in [0, 1]"
     np.save(tmp_path / "too_bright.npy", np.full((2, 28, 28), 3.0, np.float32))
     cases[tmp_path / "too_bright.npy"] = "has float pixels outside [0, 1]"
+    Image.new("L", (28, 28), 0).save(tmp_path / "scan.png", format="TIFF")  # a TIFF named .png
+    cases[tmp_path / "scan.png"] = "not a readable PNG or JPEG image"
+    np.save(tmp_path / "digits.npy", np.zeros((2, 28, 28), np.uint8))
+    (tmp_path / "digits.npy").rename(tmp_path / "digits.npz")  # an .npy named .npz
+    cases[tmp_path / "digits.npz"] = "not a readable .npz array (not a zip archive; a .npy array must be named .npy)"
+    np.savez(tmp_path / "forged.npz", np.array([{"a": 1}], dtype=object))  # loading it would unpickle
+    cases[tmp_path / "forged.npz"] = "not a readable .npz array (ValueError)"
     for path, message in cases.items():
         with pytest.raises(InputError) as err:
             read_inputs(path)
         assert str(err.value).startswith(f"{path}: ") and message in str(err.value), path
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_a_digit_drawn_black_on_a_transparent_canvas_reads_as_on_white_paper(tmp_path, mode):
+    on_paper = Image.new("L", (60, 80), 255)
+    on_paper.paste(0, (25, 10, 35, 70))  # a black stroke: a one
+    stroke = np.asarray(on_paper) == 0
+    clear = np.zeros((80, 60, 4), np.uint8)  # black everywhere, opaque only on the stroke
+    clear[..., 3] = np.where(stroke, 255, 0)
+    canvas = Image.fromarray(clear, "RGBA").convert("LA") if mode == "LA" else Image.fromarray(clear, "RGBA")
+    if mode == "P":  # two black palette entries, the first transparent, as paint programs save it
+        canvas = Image.fromarray(stroke.astype(np.uint8), "P")
+        canvas.putpalette([0, 0, 0, 0, 0, 0])
+    on_paper.save(tmp_path / "paper.png")
+    canvas.save(tmp_path / "canvas.png", **({"transparency": 0} if mode == "P" else {}))
+    digit = read_image(tmp_path / "canvas.png")
+    assert digit.max() > 0.9 and bounding_box(digit)[0] == 20
+    np.testing.assert_allclose(digit, read_image(tmp_path / "paper.png"), atol=0.02)

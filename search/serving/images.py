@@ -8,6 +8,7 @@ keeping the aspect ratio; centred by its centre of mass in 28x28.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,9 @@ from PIL import Image, UnidentifiedImageError
 from search.digits import SIZE, InputError, as_digits
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Decoded as what they are, whatever their name says; no other decoder of Pillow's
+# (TIFF, EPS through Ghostscript, ...) ever reads a file given here.
+IMAGE_FORMATS = ("PNG", "JPEG")
 # A digit needs no more: larger inputs are refused before they are decoded.
 MAX_FILE_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 4096 * 4096
@@ -44,18 +48,29 @@ def read_image(path: Path) -> np.ndarray:
     if size > MAX_FILE_BYTES:
         raise InputError(f"{path}: {size:,} bytes is too large for a digit image (limit {MAX_FILE_BYTES:,})")
     try:
-        with Image.open(path) as image:  # reads the header only
+        with Image.open(path, formats=IMAGE_FORMATS) as image:  # reads the header only
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise InputError(f"{path}: {width}x{height} pixels is too large for a digit image (limit {MAX_PIXELS:,} pixels)")
-            gray = np.asarray(image.convert("L"), dtype=np.float32)
+            gray = _gray(image)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
         raise InputError(f"{path}: not a readable PNG or JPEG image ({type(err).__name__})") from None
     return to_mnist(gray)
 
 
+def _gray(image: Image.Image) -> np.ndarray:
+    """Grayscale pixels; transparency over a white page, as a viewer shows it (a digit drawn
+    black on a transparent canvas has black pixels everywhere, told apart only by alpha)."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        page = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(page, image.convert("RGBA"))
+    return np.asarray(image.convert("L"), dtype=np.float32)
+
+
 def read_array(path: Path) -> np.ndarray:
     """A .npy array, or the first array of a .npz, of (N, 28, 28[, 1]) digits as float32 in [0, 1]."""
+    if path.suffix.lower() == ".npz" and not zipfile.is_zipfile(path):
+        raise InputError(f"{path}: not a readable .npz array (not a zip archive; a .npy array must be named .npy)")
     try:
         if path.suffix.lower() == ".npz":
             with np.load(path, allow_pickle=False) as npz:
