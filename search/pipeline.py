@@ -18,7 +18,7 @@ import keras_tuner as kt
 
 from experiments import SearchConfig, champion_uri, to_params
 from model_zoo import CNNZoo, precision_policy
-from search import assessment, evaluate, locking, registry, robustness, tracking
+from search import assessment, evaluate, faults, locking, registry, robustness, tracking
 from search import data as data_module
 from search.assessment import Evaluation, evaluate_once, keras_predict, write_model_card
 from search.budget import AFTER_TRAINING_PER_SETUP, CostModel, Plan, RunBudget, duration
@@ -134,6 +134,7 @@ def run_search(
         )
         tracker.log_metrics({"run_seconds": budget.elapsed()})
         print(f"done: {budget.status()}", flush=True)
+        faults.at("search_end")
 
     trials = list(tuner.oracle.trials.values())
     return SearchResult(

@@ -204,6 +204,26 @@ def test_a_server_down_mid_trial_is_waited_for_and_past_the_limit_the_search_sto
     print(f"{executor.name}: {back[0]}; stopped {waited:.0f} s after the server went for good: {lines[-1]}")
 
 
+def test_a_server_outage_as_the_search_run_ends_is_waited_out_and_the_run_ends_finished(tmp_path, server, mnist_12k):
+    """The search's last call (ending its run) meets a 10 s outage. MLflow's `end_run` forgets
+    the run before it sets the status: retried, it would do nothing and leave it RUNNING.
+    Where trials ran does not matter: the search run is ended by the driver."""
+    pause = Executor("in-process", env={"SEARCH_FAULT_AT": "search_end:pause=3"})
+    search = Search(tmp_path, server, pause, mnist_12k, "run", *SMALL_SEARCH, "max_trials=1")
+    deadline = time.monotonic() + 400
+    while "fault point search_end: pausing" not in search.output():
+        assert search.process.poll() is None and time.monotonic() < deadline, search.output()
+        time.sleep(0.2)
+    server.stop()
+    time.sleep(10)
+    server.start()
+    assert search.wait() == 0, search.output()
+    assert "does not answer: waiting up to" in search.stderr and "answers again after" in search.stderr, search.output()
+    client = mlflow.MlflowClient(server.url)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert {r.info.status for r in runs} == {"FINISHED"} and len(runs) == 2, [(r.info.run_name, r.info.status) for r in runs]
+
+
 def test_a_trial_whose_loss_goes_nan_fails_with_the_same_reason(tmp_path, server, executor, mnist_12k):
     """A learning rate of 1e12 on three convolution blocks of raw pixels: the loss is NaN within the first epoch."""
     search = Search(

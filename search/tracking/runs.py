@@ -220,7 +220,6 @@ def tracked_run(
             mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", experiment_name))
         parent = patient(mlflow.start_run)(tags={COMMAND_TAG: command})
     tracker = SearchTracker(parent)
-    end_run = patient(mlflow.end_run)
     try:
         if resume_run_id:
             tracker.end_orphaned_trials()
@@ -233,13 +232,22 @@ def tracked_run(
         ) from None
     except KeyboardInterrupt:
         tracker.end_open_trials("KILLED")
-        end_run(RunStatus.to_string(RunStatus.KILLED))
+        _end_parent(tracker, "KILLED")
         raise
     except BaseException:
         tracker.end_open_trials("FAILED")
-        end_run(RunStatus.to_string(RunStatus.FAILED))
+        _end_parent(tracker, "FAILED")
         raise
-    end_run()
+    _end_parent(tracker, "FINISHED")
+
+
+def _end_parent(tracker: SearchTracker, status: str) -> None:
+    """End the search run with `status`, waiting out a server that does not answer.
+    MLflow's `end_run` forgets the active run before it sets the status, so a retry of
+    it would do nothing: the status is set by the (patient) client first."""
+    tracker.client.set_terminated(tracker.run_id, status)
+    with contextlib.suppress(Exception):  # off MLflow's active-run stack; the status is set already
+        mlflow.end_run(status)
 
 
 def attach(parent_run_id: str, trial_tags: Mapping[str, str], server_wait_s: float = DEFAULT_SERVER_WAIT_S) -> SearchTracker:
