@@ -17,6 +17,7 @@ ENV = "SEARCH_FAULT_AT"
 POINTS = (
     "search_end",  # everything done, the search run about to be ended
     "registered",  # a new version registered, not yet tagged or made champion
+    "compared",  # the new version compared with the champion and tagged, the alias not yet moved
     "champion_moved",  # the champion alias moved to the new version, previous_champion not yet set
 )
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Mapping
 
 from model_zoo import with_keras_layers
-from search import digits
+from search import digits, faults
 from search.evaluate import Comparison
 from search.serving import pyfunc_model
 from search.tracking import SearchTracker
@@ -69,6 +69,7 @@ def register_if_better(
         }  # the pyfunc and its check of digits
         model_uri = tracker.log_model(with_keras_layers(model), code, PYFUNC_MODULE, files, card, loader_config)
         version = tracker.register(model_uri, model_name)
+        faults.at("registered")
     tags = {
         **{name: f"{value:.6f}" for name, value in scores.items()},
         "search_run_id": tracker.run_id,
@@ -91,7 +92,18 @@ def register_if_better(
             f"({figures}; the champion's {comparison.champion_accuracy:.4f} and {comparison.champion_robust_accuracy:.4f}, McNemar p={comparison.p_value:.3g})"
         )
         return _decided(tracker, RegistryDecision(True, reason, version))
+    faults.at("compared")
+    # The registry has no compare-and-set: read the alias again just before moving it. A
+    # champion another search promoted meanwhile was not the one compared with: this one stays a version.
+    now = tracker.alias_version(model_name, alias)
+    if now != previous:
+        reason = (
+            f"registered {model_name} version {version}; not made @{alias}: another search made version {now} @{alias} "
+            f"while this one compared against version {previous}; compare them with `python -m search evaluate`"
+        )
+        return _decided(tracker, RegistryDecision(True, reason, version))
     tracker.set_alias(model_name, alias, version)
+    faults.at("champion_moved")
     if previous is not None:
         tracker.set_alias(model_name, f"previous_{alias}", previous)
     against = ""
@@ -104,7 +116,11 @@ def register_if_better(
 
 
 def decided_before(tracker: SearchTracker, model_name: str, alias: str, version: str) -> RegistryDecision:
-    """The decision of a search stopped after it made its `version` @`alias`."""
+    """The decision of a search stopped after it made its `version` @`alias`, completed: the
+    champion it replaced (tagged on the version before the alias moved) made previous_<alias>."""
+    replaced = tracker.version_tag(model_name, version, "champion_version")
+    if replaced and tracker.alias_version(model_name, f"previous_{alias}") != replaced:
+        tracker.set_alias(model_name, f"previous_{alias}", replaced)
     return _decided(tracker, RegistryDecision(True, f"registered {model_name} version {version} as @{alias}", version, True))
 
 

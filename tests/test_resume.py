@@ -246,3 +246,50 @@ def test_a_search_killed_in_its_final_training_or_after_registering_resumes_to_o
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_completed_once(store, parent_id, killed_children=0, trials=2)
     assert client.get_run(parent_id).data.tags["registry_decision"] == "registered mnist-cnn version 1 as @champion"
+
+
+def test_a_search_killed_between_its_registry_calls_resumes_to_one_version_and_the_right_aliases(tmp_path, mnist_12k):
+    """A champion that fails today's gates (registered with gates of 1%) loses to any
+    challenger that clears them. A challenger killed (SIGKILL) right after registering, then
+    one killed after moving @champion but before @previous_champion: each resume leaves one
+    version, @champion on it, @previous_champion on the one it replaced. Then a challenger that
+    compared against a champion which another search replaced meanwhile stays a plain version."""
+    store = new_sqlite_store(tmp_path)
+    env, client = search_env(store, mnist_12k), mlflow.MlflowClient(store)
+
+    def search(*args: str, fault: str = "") -> subprocess.CompletedProcess:
+        faulty = {**env, "SEARCH_FAULT_AT": fault} if fault else env
+        return subprocess.run(
+            [sys.executable, "-m", "search", *args], cwd=tmp_path, env=faulty, capture_output=True, text=True, timeout=600
+        )
+
+    challenger = ("run", *SMALL_SEARCH, "max_trials=1", "robust_size=200")
+    weak = search(*challenger, "max_epochs=1", "train_subset=200", "threshold=0.01", "robust_threshold=0.01")
+    assert weak.returncode == 0 and "version 1 as @champion" in weak.stdout, weak.stdout[-2000:] + weak.stderr[-2000:]
+    for point, version in (("registered", "2"), ("champion_moved", "3")):
+        killed = search(*challenger, fault=point)
+        assert killed.returncode == -signal.SIGKILL and f"fault point {point}: killed" in killed.stdout, killed.stderr[-2000:]
+        parent = max((r for r in all_runs(store) if "trial_id" not in r.data.tags), key=lambda r: r.info.start_time).info.run_id
+        resumed = search("resume", parent)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert [str(v.version) for v in client.search_model_versions(f"run_id = '{parent}'")] == [version], point
+        aliases = {alias: str(client.get_model_version_by_alias("mnist-cnn", alias).version) for alias in ("champion", "previous_champion")}
+        assert aliases == {"champion": version, "previous_champion": "1"}, point
+        assert "RUNNING" not in {r.info.status for r in all_runs(store)}
+        client.set_registered_model_alias("mnist-cnn", "champion", "1")  # the next challenger meets the weak champion again
+    slow = subprocess.Popen(
+        [sys.executable, "-m", "search", *challenger],
+        cwd=tmp_path,
+        env={**env, "SEARCH_FAULT_AT": "compared:pause=5"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    for line in slow.stdout:
+        if line.startswith("fault point compared: pausing"):
+            client.set_registered_model_alias("mnist-cnn", "champion", "3")  # another search's promotion, meanwhile
+            break
+    output = slow.communicate(timeout=120)[0]
+    assert slow.returncode == 0, output[-3000:]
+    assert "registered mnist-cnn version 4; not made @champion: another search made version 3 @champion" in output, output[-3000:]
+    assert str(client.get_model_version_by_alias("mnist-cnn", "champion").version) == "3"

@@ -182,6 +182,10 @@ class SearchTracker:
         if description:
             self.client.update_model_version(name, version, description=description)
 
+    def version_tag(self, name: str, version: str, key: str) -> str | None:
+        """Tag `key` of version `version` of model `name`, or None."""
+        return self.client.get_model_version(name, version).tags.get(key)
+
     def alias_version(self, name: str, alias: str) -> str | None:
         """The version `alias` of model `name` points to, or None (no such model or alias)."""
         try:
