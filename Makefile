@@ -9,7 +9,7 @@ MNIST_NPZ ?= $(wildcard $(abspath ../shared/data/mnist.npz))
 export MNIST_NPZ
 VENV := .venv/bin
 
-.PHONY: search test test-fast lint system-packages notebook
+.PHONY: search test test-fast lint system-packages notebook lab
 
 search: .venv/installed
 	PATH="$(CURDIR)/$(VENV):$$PATH" mlflow run . --env-manager local -P profile=$(PROFILE)
@@ -22,12 +22,21 @@ test: .venv/installed system-packages lint
 	$(VENV)/python -m pytest -m alone
 
 # The notebook, run top to bottom (a smoke search) into outputs/notebook/, outputs and figures kept;
-# to work in it instead: pip install jupyterlab, then jupyter lab notebooks/mnist_pipeline.ipynb
+# to work in it instead: make lab
 notebook: .venv/installed
 	mkdir -p outputs/notebook
 	cp notebooks/mnist_pipeline.ipynb outputs/notebook/
 	$(VENV)/jupyter-execute --inplace --timeout=-1 outputs/notebook/mnist_pipeline.ipynb
 	@echo "executed: outputs/notebook/mnist_pipeline.ipynb"
+
+# The notebook in JupyterLab, on loopback, in this project's .venv and with MNIST_NPZ set.
+# JupyterLab goes into .venv on first use: running and testing the search do not need it.
+lab: .venv/lab-installed
+	$(VENV)/jupyter lab --ip 127.0.0.1 notebooks/mnist_pipeline.ipynb
+
+.venv/lab-installed: .venv/installed
+	$(VENV)/python -m pip install --quiet jupyterlab
+	touch $@
 
 # The fast tier: code, data and model tests, no browser, no database, no `mlflow run`.
 test-fast: .venv/installed

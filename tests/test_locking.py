@@ -64,10 +64,11 @@ def test_a_lock_held_by_another_live_process_is_refused_and_free_once_it_is_kill
         assert path.read_text().split()[0] == str(os.getpid())
 
 
-@pytest.mark.parametrize("text", ["", "1 another-host\n", f"{os.getpid()} {socket.gethostname()}\n", "garbage"])
+@pytest.mark.parametrize("text", ["", "1 another-host\n", "{this process} {this host}\n", "garbage"])
 def test_what_a_lock_file_says_without_a_holder_does_not_lock(text, tmp_path):
     """Just created and empty, left by a dead process on another host, or naming this very
     process (a process id reused after a container restarted): no process holds it."""
+    text = text.replace("{this process}", str(os.getpid())).replace("{this host}", socket.gethostname())
     (tmp_path / LOCK_FILE).write_text(text)
     with holding(tmp_path, "abc123") as path:
         assert path.read_text().split() == [str(os.getpid()), socket.gethostname()]
