@@ -23,7 +23,9 @@ POINTS = (
 
 
 def at(point: str) -> None:
-    """The fault SEARCH_FAULT_AT names, if it names `point`."""
+    """The fault SEARCH_FAULT_AT names, if it names `point` (one of POINTS)."""
+    if point not in POINTS:
+        raise ValueError(f"unknown fault point {point!r}: add it to POINTS")
     name, _, action = os.environ.get(ENV, "").partition(":")
     if name != point:
         return
