@@ -12,7 +12,7 @@ import sys
 import traceback
 
 from experiments import PROFILES, SETTINGS, ConfigError, champion_uri, resolve_text
-from search import interrupts
+from search import interrupts, outputs
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         status = EXIT_USAGE if _is_user_error(err) else EXIT_FAILED
         print(f"error: {_first_line(err)}", file=sys.stderr)
-        return status
+    # Python has dropped `err` here, and with its traceback what a full disk left half written.
+    outputs.quiet_leftovers_of_a_full_disk()
+    return status
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
+import sys
 import tempfile
 from pathlib import Path
 
@@ -35,3 +37,19 @@ def naming_a_full_disk(out: Path, run_id: str):
         raise DiskFull(
             f"{err.filename or out}: no space left on device; free some, then continue with `python -m search resume {run_id}`"
         ) from None
+
+
+def quiet_leftovers_of_a_full_disk() -> None:
+    """Files half written when the disk filled (an HDF5 checkpoint) fail again when they are
+    garbage-collected, and Python prints "Exception ignored ..." under the one line the error
+    already printed, at a moment nobody controls. Collect them now, and drop only reports of
+    a full disk, for the rest of the process."""
+    report = sys.unraisablehook
+
+    def drop_full_disk_reports(unraisable) -> None:
+        value = unraisable.exc_value
+        if getattr(value, "errno", None) != errno.ENOSPC and "No space left on device" not in str(value):
+            report(unraisable)
+
+    sys.unraisablehook = drop_full_disk_reports
+    gc.collect()

@@ -2,6 +2,8 @@
 
 import errno
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -29,3 +31,31 @@ def test_an_output_directory_that_cannot_be_written_is_a_config_error(tmp_path):
         (tmp_path / "read-only").mkdir(mode=0o500)
         with pytest.raises(ConfigError, match="cannot be written"):
             check_writable(tmp_path / "read-only")
+
+
+LEFT_HALF_WRITTEN = """
+import errno, sys
+from search.outputs import quiet_leftovers_of_a_full_disk
+
+class HalfWritten:  # like h5py's file id: closing it writes, and fails, when collected
+    def __init__(self, error):
+        self.error, self.cycle = error, self
+    def __del__(self):
+        raise self.error
+
+HalfWritten(OSError(errno.ENOSPC, "No space left on device"))
+HalfWritten(RuntimeError("file write failed: error message = 'No space left on device'"))
+if sys.argv[1] == "quiet":
+    quiet_leftovers_of_a_full_disk()
+HalfWritten(ValueError("a different failure"))
+print("error: the one line", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("mode", ["quiet", "default"])
+def test_after_a_full_disk_only_its_leftovers_reports_are_dropped(mode):
+    """What a full disk left half written is collected quietly; any other report still prints."""
+    done = subprocess.run([sys.executable, "-c", LEFT_HALF_WRITTEN, mode], capture_output=True, text=True, timeout=60)
+    full_disk_reports = done.stderr.count("No space left on device")
+    assert full_disk_reports == (0 if mode == "quiet" else 2), done.stderr
+    assert "a different failure" in done.stderr
