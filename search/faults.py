@@ -15,6 +15,7 @@ import time
 
 ENV = "SEARCH_FAULT_AT"
 POINTS = (
+    "trial_run_ended",  # a trial's run ended in MLflow, the oracle not yet told (nor its state saved)
     "search_end",  # everything done, the search run about to be ended
     "registered",  # a new version registered, not yet tagged or made champion
     "compared",  # the new version compared with the champion and tagged, the alias not yet moved

@@ -251,12 +251,12 @@ def search(
         plan=planned,
     )
     if resume:
-        # Trials the oracle had not seen end run again: a run one of them finished in the
-        # meantime (its result lost with the killed process) must not count twice.
-        for trial in tuner.oracle.trials.values():
-            if trial.status == kt.engine.trial.TrialStatus.RUNNING:
-                reason = "the search stopped before it recorded this attempt's result; the trial ran again"
-                tracker.end_trial_runs(trial.trial_id, "KILLED", reason, finished_too=True)
+        # Trials the oracle had not seen end run again, under the same ids when its state was
+        # never saved: a run one of them finished in the meantime (its result lost with the
+        # killed process) must not count twice.
+        reason = "the search stopped before it recorded this attempt's result; the trial ran again"
+        for trial_id in {r["trial_id"] for r in tracker.trial_records()} - set(tuner.oracle.end_order):
+            tracker.end_trial_runs(trial_id, "KILLED", reason, finished_too=True)
         seed_from_records(tuner, tracker.trial_records())
     train = data_module.subset(data.train, config.train_subset)
     try:

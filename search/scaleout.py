@@ -32,7 +32,7 @@ import numpy as np
 import ray
 
 from experiments import ConfigError, SearchConfig
-from search import interrupts, tracking
+from search import faults, interrupts, tracking
 from search.data import Split
 from search.robustness import heldout_probe
 from search.train import evaluation_dataset, training_dataset
@@ -248,6 +248,7 @@ class RayTrials:
             save_checkpoint(tuner, trial, outcome.weights)
         trial.status = kt.engine.trial.TrialStatus.FAILED if result.failed else kt.engine.trial.TrialStatus.COMPLETED
         trial.message = result.reason
+        faults.at("trial_run_ended")  # the worker ended the trial's run; the oracle has not saved it
         tuner.oracle.end_trial(trial)
         tuner.save()  # as Keras Tuner's own loop does after each trial: what a resume reloads
         if not result.failed:

@@ -22,7 +22,7 @@ import numpy as np
 
 from experiments import ConfigError, SearchConfig
 from model_zoo import CNNZoo, multiply_adds
-from search import interrupts
+from search import faults, interrupts
 from search.budget import Plan, RunBudget
 from search.data import Split
 from search.pruning import MedianStopping
@@ -130,13 +130,17 @@ class TrackedTuner:
         # the trial's failure. It is the interrupt: the trial stays open, as with
         # any interrupt, and runs again on resume.
         interrupts.raise_if_requested()
-        try:
-            super().on_trial_end(trial)  # the oracle scores the trial; NaN scores become failures
-        finally:
-            ended = self.oracle.get_trial(trial.trial_id)
-            failed = ended.status != kt.engine.trial.TrialStatus.COMPLETED
-            reason = failure_reason(ended.message) if failed else ""
-            self.trial_ended(self.lifecycle.end(failed, reason, None if failed else ended.score))
+        # The trial's run ends before the oracle saves the trial as ended, as on Ray (the
+        # worker ends it): a kill between the two leaves a trial the oracle runs again and
+        # a FINISHED run that the resume marks as run again, never a trial the oracle
+        # counts and MLflow lost.
+        best = self.lifecycle.best_logs.get("val_accuracy", math.nan) if self.lifecycle.best_logs else math.nan
+        failed = trial.status != kt.engine.trial.TrialStatus.COMPLETED or math.isnan(best)
+        reason = (failure_reason(trial.message) if trial.message else "no val_accuracy was measured") if failed else ""
+        result = self.lifecycle.end(failed, reason, None if failed else best)
+        faults.at("trial_run_ended")
+        super().on_trial_end(trial)
+        self.trial_ended(result)
 
 
 class TrialCosts:

@@ -6,7 +6,8 @@
   `tracking_wait_s` the search stops, naming the resume command;
 - a loss that goes NaN: the trial fails, with the same reason;
 - no room on disk: one line naming the resume command, and the resume finishes it;
-- the search's process killed (SIGKILL): the resume runs every trial once.
+- the search's process killed (SIGKILL): the resume runs every trial once, also when
+  the kill lands between a trial's run ending and the oracle saving the trial.
 """
 
 from __future__ import annotations
@@ -348,3 +349,25 @@ def test_a_killed_search_resumes_without_repeating_trials(tmp_path, server, exec
     finished_after = {r.data.tags["trial_id"]: r.info.run_id for r in trial_runs(client) if r.info.status == "FINISHED"}
     assert finished_before.items() <= finished_after.items()
     print(f"{executor.name}: killed with {len(finished_before)} trial(s) finished; after resume {dict(statuses)}")
+
+
+def test_a_search_killed_after_a_trial_run_ended_but_before_the_oracle_saved_it_runs_that_trial_again(
+    tmp_path, server, executor, mnist_12k
+):
+    """SIGKILL at the named point between the trial's run ending FINISHED and the oracle saving
+    the trial as ended: the resume marks that run as run again, reruns the trial, and every
+    trial ends FINISHED once, one version registered."""
+    killed = Executor(executor.name, executor.args, {**executor.env, "SEARCH_FAULT_AT": "trial_run_ended"})
+    search = Search(tmp_path, server, killed, mnist_12k, "run", *SMALL_SEARCH)
+    assert search.wait() == -signal.SIGKILL, search.output()
+    assert "fault point trial_run_ended: killed" in search.output()
+    client = mlflow.MlflowClient(server.url)
+    [parent] = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()]) if "trial_id" not in r.data.tags]
+    assert [r.info.status for r in trial_runs(client)].count("FINISHED") >= 1  # one the oracle never saw end
+    resumed = Search(tmp_path, server, executor, mnist_12k, "resume", parent.info.run_id)
+    assert resumed.wait() == 0, resumed.output()
+    assert_each_trial_finished_once_with_every_epoch(client, parent.info.run_id)
+    reasons = [r.data.tags.get("failure_reason", "") for r in trial_runs(client) if r.info.status == "KILLED"]
+    assert "the search stopped before it recorded this attempt's result; the trial ran again" in reasons, reasons
+    [version] = client.search_model_versions("name = 'mnist-cnn'")
+    assert str(client.get_model_version_by_alias("mnist-cnn", "champion").version) == str(version.version)
