@@ -19,6 +19,7 @@ from typing import Iterator, Mapping
 
 import mlflow
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
+from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 
 from .models import log_keras_with_pyfunc
@@ -174,7 +175,7 @@ class SearchTracker:
 
     def register(self, model_uri: str, name: str) -> str:
         """A new version of registered model `name` from `model_uri`; its version number."""
-        return str(patient(mlflow.register_model)(model_uri, name).version)
+        return str(patient(mlflow.register_model, find=lambda: self._version_of_this_run(name))(model_uri, name).version)
 
     def tag_version(self, name: str, version: str, tags: Mapping[str, str], description: str = "") -> None:
         for key, value in tags.items():
@@ -196,8 +197,12 @@ class SearchTracker:
     def registered_version(self, name: str) -> str | None:
         """The version of model `name` this search run registered already (a search
         stopped after registering), or None."""
+        version = self._version_of_this_run(name)
+        return str(version.version) if version else None
+
+    def _version_of_this_run(self, name: str) -> mlflow.entities.model_registry.ModelVersion | None:
         versions = self.client.search_model_versions(f"name = '{name}' and run_id = '{self.run_id}'")
-        return str(min(int(v.version) for v in versions)) if versions else None
+        return min(versions, key=lambda v: int(v.version)) if versions else None
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
@@ -219,10 +224,10 @@ def tracked_run(
     wait_for_server(server_wait_s)
     if resume_run_id:
         parent = patient(mlflow.start_run)(run_id=resume_run_id)
-    else:
-        if "MLFLOW_RUN_ID" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ:
-            mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", experiment_name))
+    elif "MLFLOW_RUN_ID" in os.environ:  # the run `mlflow run` made
         parent = patient(mlflow.start_run)(tags={COMMAND_TAG: command})
+    else:
+        parent = _start_new_run(experiment_name, {COMMAND_TAG: command})
     tracker = SearchTracker(parent)
     try:
         if resume_run_id:
@@ -243,6 +248,17 @@ def tracked_run(
         _end_parent(tracker, "FAILED")
         raise
     _end_parent(tracker, "FINISHED")
+
+
+def _start_new_run(experiment_name: str, tags: Mapping[str, str]) -> mlflow.ActiveRun:
+    """A new parent run, made the process's active run; created once even when the answer
+    to a creation is lost (PatientClient.create_run), as is its experiment."""
+    experiment_id = (
+        os.environ.get("MLFLOW_EXPERIMENT_ID")
+        or patient(mlflow.set_experiment)(os.environ.get("MLFLOW_EXPERIMENT_NAME", experiment_name)).experiment_id
+    )
+    run = PatientClient().create_run(experiment_id, tags=resolve_tags(tags))
+    return patient(mlflow.start_run)(run_id=run.info.run_id)
 
 
 def _end_parent(tracker: SearchTracker, status: str) -> None:

@@ -7,7 +7,9 @@ import os
 import sys
 import time
 import urllib.parse
+import uuid
 from pathlib import Path
+from typing import Mapping
 
 import mlflow
 
@@ -16,11 +18,12 @@ import mlflow
 LOCK_RETRY_DELAYS_S = (0.5, 1, 2, 4, 8)
 # The reachability probe gives up within ~30 s rather than MLflow's minutes of retries.
 PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-# During a search, MLflow's own HTTP retries give up within seconds, not its default minutes of
-# silence (their backoff doubles with each retry): the wait below, which says so, takes over, and
-# the search stops close to `tracking_wait_s`, not a retry cycle past it.
-SEARCH_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# During a search, MLflow does not retry a request itself: it would send a creation again after
+# its answer was lost, making a second run or version. `patient` retries instead, looking first
+# for what a lost attempt made, and waits as long as `tracking_wait_s`, saying so.
+SEARCH_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 SERVER_RETRY_DELAY_S = 3  # between attempts while the tracking server does not answer
+CREATE_KEY = "create_key"  # tag of a run: finds it when the answer to its creation was lost
 
 
 class TrackingError(RuntimeError):
@@ -144,21 +147,37 @@ class PatientClient:
         attribute = getattr(self._client, name)
         return patient(attribute) if callable(attribute) else attribute
 
+    def create_run(self, experiment_id: str, run_name: str | None = None, tags: Mapping[str, str] | None = None):
+        """A new run, created once even when the answer to its creation is lost: it carries
+        a fresh CREATE_KEY tag, looked for before the creation is tried again."""
+        key = uuid.uuid4().hex
 
-def patient(call):
+        def find():
+            runs = self._client.search_runs([experiment_id], f"tags.{CREATE_KEY} = '{key}'", max_results=1)
+            return runs[0] if runs else None
+
+        return patient(self._client.create_run, find)(experiment_id, run_name=run_name, tags={**(tags or {}), CREATE_KEY: key})
+
+
+def patient(call, find=None):
     """`call`, retried while another process holds the sqlite lock and while the tracking
-    server does not answer (SERVER says how long)."""
+    server does not answer (SERVER says how long). With `find`, an attempt the server may
+    have carried out before its answer was lost is looked for first: what `find()` returns,
+    unless None, is the result, so what a call creates is created once."""
 
     def patient_call(*args, **kwargs):
-        lock_delays, server_gone_since = iter(LOCK_RETRY_DELAYS_S), None
+        lock_delays, server_gone_since, maybe_done = iter(LOCK_RETRY_DELAYS_S), None, False
         while True:
             try:
-                result = call(*args, **kwargs)
+                found = find() if maybe_done and find is not None else None
+                result = found if found is not None else call(*args, **kwargs)
             except Exception as err:
                 if _lost_race(err) and (delay := next(lock_delays, None)) is not None:
                     time.sleep(delay)
                 elif _server_gone(err):
-                    server_gone_since = SERVER.wait(server_gone_since)
+                    if maybe_done:  # the first time, at once: one lost answer or stale connection is no outage
+                        server_gone_since = SERVER.wait(server_gone_since)
+                    maybe_done = True
                 else:
                     raise
                 continue
