@@ -262,3 +262,51 @@ def test_more_cpus_per_trial_than_any_node_has_is_refused_before_a_run_opens(tmp
         "error: cpus_per_trial=4, but the largest node of Ray cluster 'auto' has 2 CPU(s): no trial could start"
     ), output[-3000:]
     assert search_runs(tracking_server, "too-wide") == ([], [])
+
+
+LOCAL_CLUSTER = """
+import sys
+import ray
+from search import scaleout
+scaleout.connect("local")
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # until the test closes it
+ray.shutdown()
+"""
+
+JOIN = """
+import sys, ray
+try:
+    ray.init(address=sys.argv[1], configure_logging=False, log_to_driver=False)
+except Exception as err:
+    print(type(err).__name__, str(err)[:300])
+    sys.exit(3)
+"""
+
+
+@pytest.mark.e2e
+def test_a_local_cluster_refuses_a_process_without_its_token(tmp_path):
+    """Ray's servers listen on every interface, whatever address it is given (README); what
+    keeps others out of `ray=local` is the token Ray gives the cluster it starts: a process
+    with another token is refused."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)  # Ray keeps the token it generates under the home directory
+    cluster = subprocess.Popen(
+        [sys.executable, "-c", LOCAL_CLUSTER],
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        address = cluster.stdout.readline().strip()
+        assert address, "the local cluster printed no address"
+        (tmp_path / "stranger").mkdir()
+        stranger = {**env, "HOME": str(tmp_path / "stranger"), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}
+        joined = subprocess.run([sys.executable, "-c", JOIN, address], env=stranger, capture_output=True, text=True, timeout=300)
+        assert joined.returncode == 3 and "InvalidAuthToken" in joined.stderr, joined.stdout + joined.stderr[-2000:]
+    finally:
+        cluster.stdin.close()  # the cluster's driver shuts its cluster down
+        cluster.wait(timeout=120)
