@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--input", required=True, help="an image, a folder of images, or a .npy/.npz array of digits")
     predict.add_argument("--json", action="store_true", help="print JSON lines")
 
+    serve = commands.add_parser("serve", help="serve a model over REST, as `mlflow models serve` does, refusing oversized bodies unread")
+    serve.add_argument("--model-uri", default=champion_uri(), help=f"a logged or registered model (default: {champion_uri()})")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=5001, help="default: 5001")
+
     resume = commands.add_parser("resume", help="continue an interrupted search with the settings it logged")
     resume.add_argument(
         "run_id",
@@ -73,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             "resume": _resume,
             "evaluate": _evaluate,
             "predict": _predict,
+            "serve": _serve,
         }
         return commands[args.command](args)
     except KeyboardInterrupt:
@@ -134,6 +140,14 @@ def _predict(args: argparse.Namespace) -> int:
     model = tracking.load_pyfunc_model(args.model_uri)
     for prediction in predict.predict(model, names, digits):
         print(prediction.line(as_json=args.json))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from search import tracking
+    from search.serving.pyfunc_model import MAX_BODY_BYTES
+
+    tracking.serve(args.model_uri, args.host, args.port, MAX_BODY_BYTES)
     return 0
 
 

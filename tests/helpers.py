@@ -100,15 +100,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_listening(args: list[str], probe: str, cwd: Path, env: dict | None = None, timeout_s: float = 180) -> Iterator[str]:
-    """`python -m mlflow <args> --host 127.0.0.1 --port <free port>`, yielding its base URL once
+def mlflow_listening(
+    args: list[str], probe: str, cwd: Path, env: dict | None = None, timeout_s: float = 180, module: str = "mlflow"
+) -> Iterator[str]:
+    """`python -m <module> <args> --host 127.0.0.1 --port <free port>`, yielding its base URL once
     GET `probe` answers; stopped afterwards."""
     port = free_port()
     env = {**os.environ, **(env or {}), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     log_path = cwd / f"mlflow-{port}.log"
     with log_path.open("w") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", *args, "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", module, *args, "--host", "127.0.0.1", "--port", str(port)],
             cwd=cwd,
             env=env,
             stdout=log,
@@ -123,7 +125,7 @@ def mlflow_listening(args: list[str], probe: str, cwd: Path, env: dict | None = 
                 urllib.request.urlopen(url + probe, timeout=2)
                 break
             except OSError:
-                assert time.monotonic() < deadline, f"mlflow {args[0]} did not answer in {timeout_s:.0f} s"
+                assert time.monotonic() < deadline, f"{module} {args[0]} did not answer in {timeout_s:.0f} s"
                 time.sleep(0.5)
         yield url
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from search.serving.pyfunc_model import MAX_BODY_BYTES
 from tests.helpers import MLFLOW_RUN_ENV, REPO, mlflow_listening, new_sqlite_store, rest_predictions
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("registry")]  # one worker makes the module's search once
@@ -125,12 +127,28 @@ def post(url: str, body: str, content_type: str = "application/json") -> tuple[i
         return err.code, err.read().decode()
 
 
+def refused_unread(url: str, claimed_bytes: int) -> str:
+    """The answer to a POST whose headers claim `claimed_bytes` of body and which sends none:
+    a server that waited to read the body would not answer within the timeout."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as connection:
+        head = f"POST /invocations HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {claimed_bytes}\r\n\r\n"
+        connection.sendall(head.encode())
+        answer = b""
+        while data := connection.recv(65536):
+            answer += data
+            if b"\r\n\r\n" in answer and answer.endswith(b"}"):
+                break
+    return answer.decode()
+
+
 def test_served_model_answers_concurrent_clients_as_it_answers_one_and_bad_requests_with_4xx(registry, mnist_12k):
+    """`python -m search serve`: MLflow's scoring server behind the project's guard."""
     store, tmp = registry
-    serve = ["models", "serve", "-m", "models:/mnist-cnn@champion", "--env-manager", "local"]
+    serve = ["serve", "--model-uri", "models:/mnist-cnn@champion"]
     test = np.load(mnist_12k)
     batches = [json.dumps({"inputs": test["x_test"][i * 20 : (i + 1) * 20].tolist()}) for i in range(48)]
-    with mlflow_listening(serve, "/ping", tmp, {"MLFLOW_TRACKING_URI": store}) as url:
+    with mlflow_listening(serve, "/ping", tmp, {"MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(REPO)}, module="search") as url:
         alone = [post(url, body) for body in batches]
         assert all(status == 200 for status, _ in alone)
 
@@ -165,7 +183,12 @@ def test_served_model_answers_concurrent_clients_as_it_answers_one_and_bad_reque
             statuses[name] = status
             assert 400 <= status < 500, f"{name}: HTTP {status} {text[:300]}"
             assert names_the_problem in text, f"{name}: {text[:300]}"
+            assert "stack_trace" not in text and "Traceback" not in text, f"{name}: {text[:300]}"
             assert post(url, batches[0]) == alone[0], f"the server stopped serving after {name}"
+        oversized = refused_unread(url, MAX_BODY_BYTES + 1)
+        assert oversized.startswith("HTTP/1.1 413") and f"at most {MAX_BODY_BYTES:,}" in oversized, oversized
+        statuses["over the body limit, unread"] = 413
+        assert post(url, batches[0]) == alone[0], "the server stopped serving after an oversized body"
     record = REPO / "test-outputs" / "serving-load.json"
     record.parent.mkdir(exist_ok=True)
     record.write_text(json.dumps({**figures, "bad_requests": statuses}, indent=1) + "\n")

@@ -41,6 +41,7 @@ CHECK_MODULE = "mnist_digits_check"  # the name search/digits.py is shipped unde
 
 BATCH = 1024  # digits per forward pass
 MAX_DIGITS = 10_000  # per call: MNIST's whole test split fits; caps what one REST request may hold in memory
+MAX_BODY_BYTES = MAX_DIGITS * 28 * 28 * 12  # a REST body of MAX_DIGITS digits as JSON, 12 characters a value
 SPEC_SHAPE = [None, SIZE, SIZE, 1]
 
 
