@@ -157,12 +157,14 @@ def wait_until_mid_trial(client: mlflow.MlflowClient, search: Search) -> str:
     return wait_for(search, mid_trial, "a trial finished and another running")[0].data.tags["mlflow.parentRunId"]
 
 
-def assert_each_trial_finished_once_with_every_epoch(client: mlflow.MlflowClient, search_run_id: str, model_versions: int = 1) -> None:
+def assert_each_trial_finished_once_with_every_epoch(
+    client: mlflow.MlflowClient, search_run_id: str, model_versions: int = 1, trials: int = SMALL_SEARCH_TRIALS
+) -> None:
     search_run = client.get_run(search_run_id)
     assert search_run.info.status == "FINISHED"
     runs = [r for r in trial_runs(client) if r.data.tags["mlflow.parentRunId"] == search_run_id]
     finished = [run for run in runs if run.info.status == "FINISHED"]
-    assert sorted(run.data.tags["trial_id"] for run in finished) == [f"{i}" for i in range(SMALL_SEARCH_TRIALS)]  # each trial exactly once
+    assert sorted(run.data.tags["trial_id"] for run in finished) == [f"{i}" for i in range(trials)]  # each trial exactly once
     assert all(run.info.status in ("FINISHED", "KILLED", "FAILED") for run in runs)
     for run in finished:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
@@ -358,7 +360,7 @@ def test_a_search_killed_after_a_trial_run_ended_but_before_the_oracle_saved_it_
     the trial as ended: the resume marks that run as run again, reruns the trial, and every
     trial ends FINISHED once, one version registered."""
     killed = Executor(executor.name, executor.args, {**executor.env, "SEARCH_FAULT_AT": "trial_run_ended"})
-    search = Search(tmp_path, server, killed, mnist_12k, "run", *SMALL_SEARCH)
+    search = Search(tmp_path, server, killed, mnist_12k, "run", *SMALL_SEARCH, "max_trials=2")
     assert search.wait() == -signal.SIGKILL, search.output()
     assert "fault point trial_run_ended: killed" in search.output()
     client = mlflow.MlflowClient(server.url)
@@ -366,7 +368,7 @@ def test_a_search_killed_after_a_trial_run_ended_but_before_the_oracle_saved_it_
     assert [r.info.status for r in trial_runs(client)].count("FINISHED") >= 1  # one the oracle never saw end
     resumed = Search(tmp_path, server, executor, mnist_12k, "resume", parent.info.run_id)
     assert resumed.wait() == 0, resumed.output()
-    assert_each_trial_finished_once_with_every_epoch(client, parent.info.run_id)
+    assert_each_trial_finished_once_with_every_epoch(client, parent.info.run_id, trials=2)
     reasons = [r.data.tags.get("failure_reason", "") for r in trial_runs(client) if r.info.status == "KILLED"]
     assert "the search stopped before it recorded this attempt's result; the trial ran again" in reasons, reasons
     [version] = client.search_model_versions("name = 'mnist-cnn'")
