@@ -5,6 +5,7 @@ what the registry will serve; and `evaluate`, the same for any logged model."""
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +90,17 @@ def write_model_card(
     int8 = evaluation.int8_model
     served = pyfunc_model.DigitClassifier.from_tflite(int8) if int8 else pyfunc_model.DigitClassifier.float32(model)
     speed = model_card.measure_speed(served.predict, data.test.x)
-    tracker.log_metrics({"served_latency_ms_p50": speed.latency_ms_p50, "served_digits_per_second": speed.digits_per_second})
+    calibrated = evaluate.calibration(served.probabilities(data.test.x), data.test.y)
+    with tempfile.TemporaryDirectory() as folder:
+        tracker.log_artifact(evaluate.plot_reliability(calibrated, Path(folder) / "reliability.png"), "evaluation")
+    tracker.log_metrics(
+        {
+            "served_latency_ms_p50": speed.latency_ms_p50,
+            "served_digits_per_second": speed.digits_per_second,
+            "served_test_accuracy": calibrated.accuracy,
+            "served_expected_calibration_error": calibrated.expected_calibration_error,
+        }
+    )
     return model_card.write(
         data=data,
         hyperparameters=winner.trial.hyperparameters.values,
@@ -104,6 +115,8 @@ def write_model_card(
         search_run_id=tracker.run_id,
         settings=dataclasses.asdict(config),
         gates=gates,
+        served_accuracy=calibrated.accuracy,
+        calibration=calibrated,
         epochs_run=tracker.metric("final_epochs_run") if config.final_models == 1 else tracker.metric("final_0_epochs_run"),
     )
 

@@ -124,3 +124,45 @@ def plot_misclassified(test: Split, report: TestReport, path: Path, limit: int =
     total = int((report.predicted != test.y).sum())
     fig.suptitle(f"Misclassified test digits (true -> predicted): {len(wrong)} of {total}")
     return save(fig, path)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How far the served probabilities can be taken at their word: the top probability
+    (confidence) against how often that answer is right, in bins of confidence."""
+
+    accuracy: float  # of the served form's answers
+    expected_calibration_error: float  # sum over bins of |accuracy - confidence| weighted by the bin's share
+    bins: list[tuple[float, float, int, float, float]]  # (low, high, images, mean confidence, accuracy), non-empty bins
+
+
+def calibration(
+    probabilities: np.ndarray, labels: np.ndarray, edges: tuple[float, ...] = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0)
+) -> Calibration:
+    """The calibration of (N, 10) `probabilities` on `labels`; bins finer near 1, where most answers lie."""
+    confidence, right = probabilities.max(axis=1), probabilities.argmax(axis=1) == labels
+    index = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, len(edges) - 2)
+    bins, error = [], 0.0
+    for b in range(len(edges) - 1):
+        members = index == b
+        if members.any():
+            mean_confidence, accuracy = float(confidence[members].mean()), float(right[members].mean())
+            bins.append((edges[b], edges[b + 1], int(members.sum()), mean_confidence, accuracy))
+            error += members.mean() * abs(accuracy - mean_confidence)
+    return Calibration(float(right.mean()), float(error), bins)
+
+
+def plot_reliability(figures: Calibration, path: Path) -> Path:
+    """The reliability diagram: each bin's accuracy against its mean confidence."""
+    fig, ax = subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
+    confidence = [b[3] for b in figures.bins]
+    accuracy = [b[4] for b in figures.bins]
+    ax.plot(confidence, accuracy, marker="o", label="served model")
+    for _, _, images, x, y in figures.bins:
+        ax.annotate(f"{images:,}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability on the test set\n(ECE {figures.expected_calibration_error:.2%})")
+    ax.legend(loc="upper left", fontsize=8)
+    return save(fig, path)

@@ -7,7 +7,16 @@ import pytest
 
 from model_zoo import make_cnn
 from search.data import load_mnist
-from search.evaluate import compare, evaluate, mcnemar_p_value, plot_confusion_matrix, plot_misclassified, report
+from search.evaluate import (
+    calibration,
+    compare,
+    evaluate,
+    mcnemar_p_value,
+    plot_confusion_matrix,
+    plot_misclassified,
+    plot_reliability,
+    report,
+)
 from search.reporting import eda
 from tests.helpers import write_npz
 
@@ -84,3 +93,24 @@ def test_mcnemar_p_value_reference_values():
     assert mcnemar_p_value(5, 5) == 1.0
     assert mcnemar_p_value(10, 0) == pytest.approx(2 / 1024)
     assert mcnemar_p_value(30, 12) == pytest.approx(0.00792, abs=1e-5)  # exact binomial, as scipy's binomtest
+
+
+def test_calibration_is_zero_when_confidence_matches_accuracy_and_measures_overconfidence():
+    labels = np.zeros(1000, dtype=int)
+    probabilities = np.full((1000, 10), 0.1 / 9)
+    probabilities[:, 0] = 0.9  # every answer "0" with 90% confidence...
+    wrong = np.arange(1000) % 10 == 0
+    labels[wrong] = 1  # ...and right 90% of the time: calibrated
+    calibrated = calibration(probabilities, labels)
+    assert calibrated.accuracy == pytest.approx(0.9) and calibrated.expected_calibration_error == pytest.approx(0.0, abs=1e-9)
+    assert calibrated.bins == [(0.9, 0.95, 1000, pytest.approx(0.9), pytest.approx(0.9))]
+
+    labels[np.arange(1000) % 2 == 0] = 1  # now right half of the time, still 90% sure: 40 points overconfident
+    assert calibration(probabilities, labels).expected_calibration_error == pytest.approx(0.4)
+
+
+def test_the_reliability_diagram_is_written(tmp_path):
+    probabilities = np.random.default_rng(0).dirichlet(np.ones(10) * 0.2, size=500)
+    labels = np.random.default_rng(1).integers(0, 10, 500)
+    path = plot_reliability(calibration(probabilities, labels), tmp_path / "reliability.png")
+    assert path.read_bytes()[:8] == PNG_SIGNATURE

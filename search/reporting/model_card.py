@@ -4,11 +4,14 @@ description, so the registry page shows it."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable, Mapping, Protocol
 
@@ -34,6 +37,13 @@ class RobustnessFigures(Protocol):
     heldout_mean: float  # over the kinds of change no training imitates: the gated figure
     trained_mean: float  # over the kinds training may imitate
     rows: list[tuple[str, str, bool, float]]  # (kind, family, trained-on, accuracy)
+
+
+class CalibrationFigures(Protocol):
+    """What the card reads of the served form's calibration (search/evaluate.py's Calibration)."""
+
+    expected_calibration_error: float
+    bins: list[tuple[float, float, int, float, float]]  # (low, high, images, mean confidence, accuracy)
 
 
 TEMPLATE = Path(__file__).with_name("model_card.md.j2")
@@ -78,6 +88,20 @@ def measure_speed(predict: Callable[[np.ndarray], object], digits: np.ndarray, s
     return Speed(machine(), 1000 * statistics.median(latencies), len(digits) / (time.perf_counter() - started))
 
 
+def code_commit() -> str:
+    """The git commit of the code that runs, or "" outside a git checkout."""
+    try:
+        found = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return found.stdout.strip() if found.returncode == 0 else ""
+
+
+def framework_versions() -> dict[str, str]:
+    """The versions of what made and serves the model."""
+    return {name: version(name) for name in ("tensorflow", "keras", "keras-tuner", "mlflow", "numpy")}
+
+
 def write(
     *,
     data: MnistData,
@@ -93,6 +117,8 @@ def write(
     search_run_id: str,
     settings: Mapping[str, object],
     gates: Mapping[str, float],
+    served_accuracy: float,
+    calibration: CalibrationFigures,
     epochs_run: float | None = None,
 ) -> str:
     """The card as Markdown."""
@@ -121,4 +147,9 @@ def write(
         settings=settings,
         gates=gates,
         epochs_run=epochs_run,
+        served_accuracy=served_accuracy,
+        calibration=calibration,
+        made=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        commit=code_commit(),
+        frameworks=framework_versions(),
     )
