@@ -21,16 +21,17 @@ test: .venv/installed system-packages lint
 	$(VENV)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not alone"
 	$(VENV)/python -m pytest -m alone
 
-# The notebook, run top to bottom (a smoke search) into outputs/notebook/, outputs and figures kept;
-# to work in it instead: make lab
-notebook: .venv/installed
+# The notebook, run top to bottom (a smoke search) into outputs/notebook/, outputs and figures kept,
+# and an HTML copy to read without Jupyter; to work in it instead: make lab
+notebook: .venv/lab-installed
 	mkdir -p outputs/notebook
 	cp notebooks/mnist_pipeline.ipynb outputs/notebook/
 	$(VENV)/jupyter-execute --inplace --timeout=-1 outputs/notebook/mnist_pipeline.ipynb
-	@echo "executed: outputs/notebook/mnist_pipeline.ipynb"
+	$(VENV)/jupyter nbconvert --to html outputs/notebook/mnist_pipeline.ipynb
+	@echo "executed: outputs/notebook/mnist_pipeline.ipynb and .html"
 
 # The notebook in JupyterLab, on loopback, in this project's .venv and with MNIST_NPZ set.
-# JupyterLab goes into .venv on first use: running and testing the search do not need it.
+# JupyterLab (with nbconvert) goes into .venv on first use: running and testing the search do not need it.
 lab: .venv/lab-installed
 	$(VENV)/jupyter lab --ip 127.0.0.1 notebooks/mnist_pipeline.ipynb
 

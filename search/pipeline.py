@@ -401,7 +401,7 @@ def write_search_report(
     headline = {
         "Registry decision": decision.reason,
         "Winner": winner.describe().removeprefix("winner: "),
-        "Test accuracy": f"{evaluation.test.accuracy:.2%} of {len(evaluation.test.predicted):,} test digits, read once",
+        "Test accuracy": f"{evaluation.test.accuracy:.2%} of {len(evaluation.test.predicted):,} test digits, read after the search",
         "Held-out kinds of change (gated)": f"mean {evaluation.robust.heldout_mean:.2%} over {len(robustness.HELD_OUT)} kinds no training imitates, "
         f"the worst {worst} {worst_accuracy:.2%}",
         "Trained-on kinds of change": f"mean {evaluation.robust.trained_mean:.2%} over {len(robustness.TRAINED)} kinds training may imitate",
@@ -412,5 +412,15 @@ def write_search_report(
     curves = {
         f"{what} accuracy": tracker.history(f"{prefix}{key}") for what, key in (("training", "accuracy"), ("validation", "val_accuracy"))
     }
-    tracker.log_artifacts(report.write_report(records, config, headline, out, curves if config.final_epochs else None), "report")
+    folder = report.write_report(
+        records,
+        config,
+        headline,
+        out,
+        curves if config.final_epochs else None,
+        run_id=tracker.run_id,
+        recall=evaluation.test.recall,
+        card=tracker.version_description(config.model_name, decision.version) if decision.version else "",
+    )
+    tracker.log_artifacts(folder, "report")
     print(f"report: {tracker.artifact_uri('report/report.html')}")

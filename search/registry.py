@@ -33,7 +33,7 @@ class RegistryDecision:
 
 def shortfalls(scores: Mapping[str, float], gates: Mapping[str, float]) -> list[str]:
     """Each score below its gate, as `name score < gate`; empty: the model may be registered."""
-    return [f"{name} {scores[name]:.4f} < {gate:.4f}" for name, gate in gates.items() if scores[name] < gate]
+    return [f"{name} {scores[name]:.2%} < {gate:.2%}" for name, gate in gates.items() if scores[name] < gate]
 
 
 def register_if_better(
@@ -85,11 +85,11 @@ def register_if_better(
             "mcnemar_p_value": f"{comparison.p_value:.6g}",
         }
     tracker.tag_version(model_name, version, tags, description=card)
-    figures = ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
+    figures = ", ".join(f"{name} {value:.2%}" for name, value in scores.items())
     if comparison is not None and not comparison.challenger_wins:
         reason = (
             f"registered {model_name} version {version}; @{alias} stays version {previous}: it is not worse on both "
-            f"({figures}; the champion's {comparison.champion_accuracy:.4f} and {comparison.champion_robust_accuracy:.4f}, McNemar p={comparison.p_value:.3g})"
+            f"({figures}; the champion's {comparison.champion_accuracy:.2%} and {comparison.champion_robust_accuracy:.2%}, McNemar p={comparison.p_value:.3g})"
         )
         return _decided(tracker, RegistryDecision(True, reason, version))
     faults.at("compared")
@@ -109,7 +109,7 @@ def register_if_better(
     against = ""
     if comparison is not None:
         below = "" if comparison.champion_clears_gates else ", below today's gates"
-        against = f", replacing version {previous} ({comparison.champion_accuracy:.4f} and {comparison.champion_robust_accuracy:.4f}{below}, McNemar p={comparison.p_value:.3g})"
+        against = f", replacing version {previous} ({comparison.champion_accuracy:.2%} and {comparison.champion_robust_accuracy:.2%}{below}, McNemar p={comparison.p_value:.3g})"
     return _decided(
         tracker, RegistryDecision(True, f"registered {model_name} version {version} as @{alias} ({figures}{against})", version, True)
     )

@@ -336,15 +336,15 @@ class Winner:
     left_out: tuple[tuple[str, float, float], ...] = ()  # (trial id, score, epochs that fit) of better trials too costly to win
 
     def describe(self) -> str:
-        line = f"winner: trial {self.trial.trial_id}, val_accuracy {self.trial.score:.4f}, {self.multiply_adds / 1e6:.1f} M multiply-adds per digit"
+        line = f"winner: trial {self.trial.trial_id}, val_accuracy {self.trial.score:.2%}, {self.multiply_adds / 1e6:.1f} M multiply-adds per digit"
         if self.seconds_per_image is not None:
             line += f", {self.seconds_per_image * 1e6:.0f} us per training image here"
         if math.isfinite(self.final_epochs_fit):
             line += f", about {self.final_epochs_fit:.0f} final epochs fit"
         if self.trial is not self.best:
-            line += f"; the cheapest within {self.standard_error:.4f} of the best, trial {self.best.trial_id} ({self.best.score:.4f})"
+            line += f"; the cheapest within {100 * self.standard_error:.2f} points of the best, trial {self.best.trial_id} ({self.best.score:.2%})"
         for trial_id, score, fit in self.left_out:
-            line += f"; trial {trial_id} ({score:.4f}) left out: {fit:.1f} final epochs would fit"
+            line += f"; trial {trial_id} ({score:.2%}) left out: {fit:.1f} final epochs would fit"
         return line
 
 

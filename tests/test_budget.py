@@ -145,7 +145,7 @@ def test_the_cheaper_candidate_wins_where_the_costlier_cannot_train_enough_epoch
     winner = pick_winner(tuner, 512, within_se=0, epochs_that_fit=lambda s: cost.epochs_that_fit(seconds_left, s), min_epochs=8)
     assert winner.trial is small and winner.final_epochs_fit >= 8
     assert [trial_id for trial_id, _, fit in winner.left_out] == [large.trial_id] and winner.left_out[0][2] < 8
-    assert f"trial {large.trial_id} ({large.score:.4f}) left out" in winner.describe()
+    assert f"trial {large.trial_id} ({large.score:.2%}) left out" in winner.describe()
 
 
 def test_a_trial_too_costly_for_the_time_left_is_cut_in_its_first_epoch_and_the_search_stops_at_its_share(

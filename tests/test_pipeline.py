@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import mlflow
@@ -97,10 +98,17 @@ def test_report_is_logged_and_linked(smoke_search):
         "confusion_matrix.png",
         "misclassified.png",
         "robustness.png",
+        "model_card.md",
     }
-    assert all(size > 10_000 for size in files.values())
+    assert all(size > 10_000 for name, size in files.items() if name.endswith(".png"))
     page = Path(client.download_artifacts(parent.info.run_id, "report/report.html")).read_text()
     assert page.count("src='data:image/png;base64,") == 6 and "registered mnist-cnn version 1 as @champion" in page
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    title = re.search(r"<h1>(.*)</h1>", page).group(1)
+    assert title.startswith(f"MNIST CNN search (smoke profile): run {parent.info.run_id}, 20") and " UTC, commit " in title, title
+    assert commit[:12] in title or "commit unknown" in title, title  # the smoke search runs a copy of the project
+    assert '<a href="model_card.md">' in page and "recall per digit" in page
+    assert not re.search(r"\b0\.\d{4}\b", page.split("<h2>Settings")[0].split("<h2>The winner")[0]), "a fraction in the headline"
     assert f"report: {parent.info.artifact_uri}/report/report.html" in result.stdout
     # It leads with what its reader came for: the decision, the winner, its accuracy, time and machine; the settings last.
     text = re.sub(r"<img[^>]*>", "", page)
@@ -178,7 +186,7 @@ def test_below_threshold_nothing_is_registered_and_the_run_says_why(tmp_path, mn
     settings = ("threshold=0.999", "max_trials=1", "max_epochs=1")
     result = mlflow_run(fresh_project(tmp_path), store, mnist_12k, "profile=smoke", *SMALL_DATA, *settings)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "not registered: test_accuracy" in result.stdout and "< 0.9990" in result.stdout
+    assert "not registered: test_accuracy" in result.stdout and "< 99.90%" in result.stdout
     assert mlflow.MlflowClient(store).search_registered_models() == []
     (parent,) = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.tags["registry_decision"].startswith("not registered: test_accuracy")
@@ -328,8 +336,21 @@ def test_the_registered_version_carries_its_model_card(smoke_search, monkeypatch
     assert (
         parent.data.params["data_sha256"] in card
         and "| training images | 6,000: the model is the winning trial's checkpoint |" in card  # smoke: no final training
-        and "| test images (read once, after the search) | 10,000" in card
+        and "10,000 images, MNIST's test set" in card
+        and "again to compare it with the champion" in card  # not "read once"
     )
+    for section in ("Model details", "Intended use", "Factors", "Metrics", "Training data", "Evaluation data", "Quantitative analyses"):
+        assert f"\n## {section}\n" in card, section  # Mitchell et al.'s sections
+    assert "\n## Ethical considerations\n" in card and "\n## Caveats and recommendations\n" in card
+    assert f"tensorflow {metadata.version('tensorflow')}" in card and f"mlflow {metadata.version('mlflow')}" in card and "(UTC)" in card
+    assert f"The served form ({version.tags['served_form']}): **{100 * metrics['served_test_accuracy']:.2f}%**" in card
+    assert (
+        f"Expected calibration error of the served form on the test set: **{100 * metrics['served_expected_calibration_error']:.2f}%**"
+        in card
+    )
+    assert 0 <= metrics["served_expected_calibration_error"] < 0.2
+    reliability = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="evaluation/reliability.png")
+    assert Path(reliability).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| `family` | plain |" in card and f"{int(metrics['winner_multiply_adds']):,} multiply-adds per digit" in card
     assert f"**{100 * metrics['test_accuracy']:.2f}%** of 10,000 digits (95% interval " in card
     for digit in range(10):
@@ -340,7 +361,7 @@ def test_the_registered_version_carries_its_model_card(smoke_search, monkeypatch
     assert f"| inverted | intensity | held out | {100 * metrics['robust_accuracy_inverted']:.2f}% |" in card
     assert f"int8 weights: {100 * metrics['int8_test_accuracy']:.2f}% on the test set" in card
     assert f"{metrics['served_latency_ms_p50']:.2f} ms for one digit (median)" in card and metrics["served_digits_per_second"] > 100
-    assert parent.info.run_id in card and "## Known limits" in card
+    assert parent.info.run_id in card and "### Known limits" in card
 
 
 def test_a_model_below_the_robustness_gate_is_not_registered(tmp_path, mnist_12k):
@@ -352,7 +373,7 @@ def test_a_model_below_the_robustness_gate_is_not_registered(tmp_path, mnist_12k
     assert parent.data.metrics["test_accuracy"] >= 0.9 and parent.data.metrics["robust_heldout_accuracy_mean"] < 0.99
     assert (
         parent.data.tags["registry_decision"]
-        == f"not registered: robust_heldout_accuracy_mean {parent.data.metrics['robust_heldout_accuracy_mean']:.4f} < 0.9900"
+        == f"not registered: robust_heldout_accuracy_mean {parent.data.metrics['robust_heldout_accuracy_mean']:.2%} < 99.00%"
     )
     assert mlflow.MlflowClient(store).search_registered_models() == []
     # Nothing will serve it: no int8 form was made.

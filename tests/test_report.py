@@ -50,8 +50,10 @@ def test_figures_and_html(tmp_path):
     final = report.final_training({"validation accuracy": [(0, 0.97), (1, 0.99)]}, tmp_path / "final_training.png")
     assert_png(final, min_bytes=10_000)
     headline = {"Registry decision": "registered x version 1", "Winner": "trial 1"}
+    rows[0]["wall_time_s"] = None  # not logged (a run cut short): shown as such, never as 0
+    recall = [0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.905]
     page = report.write_html(
-        tmp_path / "report.html", "A search", headline, {"tuner": "random"}, rows, {"final": final}, figures
+        tmp_path / "report.html", "A search", headline, {"tuner": "random"}, rows, {"final": final}, figures, recall, card_linked=True
     ).read_text()
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
     assert len(re.findall(r"<img alt='[^']+' src='data:image/png;base64,", page)) == 4
@@ -59,8 +61,11 @@ def test_figures_and_html(tmp_path):
     assert page.index("registered x version 1") < page.index("alt='final'") < page.index("Top trials") < page.index("<h2>Settings")
     assert "registered x version 1" in page and "4 trial runs: 3 completed (1 of them pruned), 1 failed, 0 interrupted." in page
     assert "1 trials stopped below the median of the finished trials, saving 1 epochs." in page
-    assert "<tr><td>2</td><td>1</td><td>1</td><td>0.9500</td>" in page  # trial, stopped after epoch, epochs saved, score
-    assert page.index(">1</td><td>0.9800") < page.index(">0</td><td>0.9700")  # best first
+    assert "<tr><td>2</td><td>1</td><td>1</td><td>95.00%</td>" in page  # trial, stopped after epoch, epochs saved, score
+    assert page.index(">1</td><td>98.00%") < page.index(">0</td><td>97.00%")  # best first
+    assert "<tr><td>0</td><td>97.00%</td><td>50,000</td><td>not logged</td>" in page
+    assert "<tr><th>recall</th><td>99.00%</td><td>98.00%</td>" in page and "<td>90.50%</td></tr>" in page
+    assert '<a href="model_card.md">model_card.md</a>' in page
 
 
 def test_values_are_printed_as_people_read_them():

@@ -103,4 +103,4 @@ def test_a_model_trained_without_augmentation_is_refused_by_the_gate_for_its_hel
     scores = {"test_accuracy": clean, "robust_heldout_accuracy_mean": report.heldout_mean}
     refused = registry.shortfalls(scores, assessment.gates(SearchConfig()))
     assert clean >= 0.98, clean
-    assert refused == [f"robust_heldout_accuracy_mean {report.heldout_mean:.4f} < 0.9000"], (refused, report.rows)
+    assert refused == [f"robust_heldout_accuracy_mean {report.heldout_mean:.2%} < 90.00%"], (refused, report.rows)

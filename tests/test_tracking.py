@@ -160,9 +160,9 @@ def test_registry_gates_champion_and_previous_champion(tracking_store):
         assert not below.registered and client.search_registered_models() == []
         assert (
             mlflow.get_run(tracker.run_id).data.tags["registry_decision"]
-            == "not registered: test_accuracy 0.8500 < 0.9000, robust_heldout_accuracy_mean 0.8000 < 0.9000"
+            == "not registered: test_accuracy 85.00% < 90.00%, robust_heldout_accuracy_mean 80.00% < 90.00%"
         )
-        assert register(0.95, robust=0.89).reason == "not registered: robust_heldout_accuracy_mean 0.8900 < 0.9000"
+        assert register(0.95, robust=0.89).reason == "not registered: robust_heldout_accuracy_mean 89.00% < 90.00%"
 
         first = register(0.95)
         worse = register(0.93, against_champion(0.93, 0.95))
@@ -171,7 +171,7 @@ def test_registry_gates_champion_and_previous_champion(tracking_store):
     assert (worse.version, worse.champion) == ("2", False)
     assert worse.reason == (
         "registered digits version 2; @champion stays version 1: it is not worse on both "
-        "(test_accuracy 0.9300, robust_heldout_accuracy_mean 0.9500; the champion's 0.9500 and 0.9400, McNemar p=0.0079)"
+        "(test_accuracy 93.00%, robust_heldout_accuracy_mean 95.00%; the champion's 95.00% and 94.00%, McNemar p=0.0079)"
     )
     assert (better.version, better.champion) == ("3", True)
     assert str(client.get_model_version_by_alias("digits", "champion").version) == "3"

@@ -47,7 +47,7 @@ def test_the_cheapest_trial_within_one_standard_error_of_the_best_wins(tuner):
     assert (winner.trial.trial_id, winner.best.trial_id) == ("01", "00")
     assert winner.standard_error == pytest.approx(0.00214, abs=1e-5)
     assert winner.multiply_adds == multiply_adds(BatchNormCNN().build(winner.trial.hyperparameters.copy()))
-    assert "trial 01" in winner.describe() and "trial 00 (0.9717)" in winner.describe()
+    assert "trial 01" in winner.describe() and "trial 00 (97.17%)" in winner.describe()
 
 
 def test_with_zero_standard_errors_the_best_score_wins(tuner):

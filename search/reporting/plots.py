@@ -19,5 +19,5 @@ def save(fig: Figure, path: Path) -> Path:
     """Write `fig` as a PNG at `path` (parents created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # the image grows to hold long titles and labels rather than cut them
     return path

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import base64
 import csv
+import datetime
 import math
 import shutil
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jinja2
 import numpy as np
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from experiments import SearchConfig, to_params
+from search.reporting.model_card import code_commit
 from search.reporting.plots import save, subplots
 from search.reporting.progress import completed, describe, readable
 
@@ -28,11 +30,17 @@ def write_report(
     headline: Mapping[str, str],
     out: Path,
     final_curves: Mapping[str, list[tuple[int, float]]] | None = None,
+    *,
+    run_id: str,
+    recall: Sequence[float],
+    card: str = "",
 ) -> Path:
     """`out/report/`: report.html and its figures. It leads with what its reader came for:
     `headline` (the registry decision first, then the winner and why, its accuracy, the time
     and the machine), the final training's `final_curves` (metric -> [(epoch, value)]) and the
-    winner's evaluation figures (drawn under `out/evaluation/`); then the trials; the settings last."""
+    winner's evaluation figures (drawn under `out/evaluation/`) and its `recall` per digit; then the
+    trials; the settings last. The title names the run, the date and the code's commit; a
+    registered model's `card` is written beside the page as model_card.md, and linked."""
     folder = out / "report"
     folder.mkdir(parents=True, exist_ok=True)
     winner = {}
@@ -49,7 +57,12 @@ def write_report(
         "Accuracy against model cost": accuracy_vs_cost(records, folder / "accuracy_vs_cost.png"),
     }
     settings = {k.removeprefix("config."): readable(v) for k, v in to_params(config).items()}
-    write_html(folder / "report.html", f"MNIST CNN search ({config.profile} profile)", headline, settings, records, winner, trials)
+    if card:
+        (folder / "model_card.md").write_text(card)
+    commit = code_commit()
+    made = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    title = f"MNIST CNN search ({config.profile} profile): run {run_id}, {made} UTC, commit {commit[:12] if commit else 'unknown'}"
+    write_html(folder / "report.html", title, headline, settings, records, winner, trials, list(recall), bool(card))
     return folder
 
 
@@ -74,7 +87,7 @@ def learning_curves(records: list[dict], path: Path, top: int = 5) -> Path:
     fig, ax = subplots(figsize=(7, 4.5))
     for r in completed(records)[:top]:
         steps, values = zip(*r["curve"]) if r["curve"] else ((), ())
-        ax.plot([s + 1 for s in steps], values, marker="o", label=f"trial {r['trial_id']} ({r['val_accuracy']:.4f})")
+        ax.plot([s + 1 for s in steps], values, marker="o", label=f"trial {r['trial_id']} ({r['val_accuracy']:.2%})")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
@@ -153,6 +166,8 @@ def write_html(
     records: list[dict],
     winner_figures: Mapping[str, Path],
     trial_figures: Mapping[str, Path],
+    recall: list[float] | None = None,
+    card_linked: bool = False,
 ) -> Path:
     """One page, images embedded, so it can be mailed or opened from the MLflow UI: the
     `headline` rows, the winner's figures, the trials and their figures, the settings."""
@@ -174,6 +189,8 @@ def write_html(
         killed=sum(r["status"] == "KILLED" for r in records),  # interrupted, then run again on resume
         winner_images=embed(winner_figures),
         trial_images=embed(trial_figures),
+        recall=list(enumerate(recall or [])),
+        card_linked=card_linked,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page)

@@ -187,6 +187,10 @@ class SearchTracker:
         """Tag `key` of version `version` of model `name`, or None."""
         return self.client.get_model_version(name, version).tags.get(key)
 
+    def version_description(self, name: str, version: str) -> str:
+        """The description of version `version` of model `name` (its model card)."""
+        return self.client.get_model_version(name, version).description or ""
+
     def alias_version(self, name: str, alias: str) -> str | None:
         """The version `alias` of model `name` points to, or None (no such model or alias)."""
         try:
