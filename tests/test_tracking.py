@@ -317,6 +317,9 @@ def test_searches_logging_the_same_new_dataset_at_once_all_log_it(tracking_store
     """Two sqlite writers that both miss the new dataset row and both insert it: the loser's
     insert breaks the unique constraint, and its retry finds the winner's row."""
     os.environ.pop("MLFLOW_RUN_ID", None)
+    # Made here: racers that both create it would race in mlflow.set_experiment, whose loser
+    # returns the experiment without making it the active one.
+    mlflow.MlflowClient().create_experiment("racing")
     start, racers, rounds = time.time() + 15, 4, 5
     processes = [
         subprocess.Popen(
