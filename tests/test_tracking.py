@@ -414,3 +414,14 @@ def test_a_search_against_a_server_with_basic_auth_keeps_the_credentials_out_of_
         finally:
             os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
             os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
+
+
+def test_a_description_longer_than_mlflow_holds_is_cut_at_a_line_saying_where_the_rest_is():
+    from search.tracking.runs import DESCRIPTION_CUT, MAX_DESCRIPTION, fit_description
+
+    short = "# card\n" * 10
+    assert fit_description(short) == short
+    long = "".join(f"line {i}\n" for i in range(2000))
+    cut = fit_description(long)
+    assert len(cut) <= MAX_DESCRIPTION and cut.endswith(DESCRIPTION_CUT)
+    assert long.startswith(cut.removesuffix(DESCRIPTION_CUT) + "\n")  # whole lines only

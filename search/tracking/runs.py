@@ -27,6 +27,8 @@ from .store import DEFAULT_SERVER_WAIT_S, PatientClient, TrackingError, Tracking
 
 KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"  # where keras.datasets.mnist reads
 COMMAND_TAG = "command"  # of a parent run: search (resumable) or evaluate
+MAX_DESCRIPTION = 5000  # characters of a model version's description (MLflow's column)
+DESCRIPTION_CUT = "\n\n(The rest: `model_card.md` among the model's files.)\n"
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "val_heldout_accuracy")
 
 
@@ -181,7 +183,7 @@ class SearchTracker:
         for key, value in tags.items():
             self.client.set_model_version_tag(name, version, key, value)
         if description:
-            self.client.update_model_version(name, version, description=description)
+            self.client.update_model_version(name, version, description=fit_description(description))
 
     def version_tag(self, name: str, version: str, key: str) -> str | None:
         """Tag `key` of version `version` of model `name`, or None."""
@@ -210,6 +212,16 @@ class SearchTracker:
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
+
+
+def fit_description(text: str) -> str:
+    """`text` as a version's description: MLflow's stores hold at most MAX_DESCRIPTION
+    characters (PostgreSQL refuses more), so a longer text is cut at a line and says where
+    the whole is."""
+    if len(text) <= MAX_DESCRIPTION:
+        return text
+    kept = text[: MAX_DESCRIPTION - len(DESCRIPTION_CUT)].rsplit("\n", 1)[0]
+    return kept + DESCRIPTION_CUT
 
 
 @contextlib.contextmanager
