@@ -255,9 +255,11 @@ def search(
         # never saved: a run one of them finished in the meantime (its result lost with the
         # killed process) must not count twice.
         reason = "the search stopped before it recorded this attempt's result; the trial ran again"
-        for trial_id in {r["trial_id"] for r in tracker.trial_records()} - set(tuner.oracle.end_order):
+        records = tracker.trial_records()
+        unrecorded = {r["trial_id"] for r in records} - set(tuner.oracle.end_order)
+        for trial_id in unrecorded:
             tracker.end_trial_runs(trial_id, "KILLED", reason, finished_too=True)
-        seed_from_records(tuner, tracker.trial_records())
+        seed_from_records(tuner, tracker.trial_records() if unrecorded else records)
     train = data_module.subset(data.train, config.train_subset)
     try:
         try:

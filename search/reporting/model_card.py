@@ -97,6 +97,11 @@ def code_commit() -> str:
     return found.stdout.strip() if found.returncode == 0 else ""
 
 
+def utc_now() -> str:
+    """This minute in UTC, as the card and the report date themselves."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
 def framework_versions() -> dict[str, str]:
     """The versions of what made and serves the model."""
     return {name: version(name) for name in ("tensorflow", "keras", "keras-tuner", "mlflow", "numpy")}
@@ -149,7 +154,7 @@ def write(
         epochs_run=epochs_run,
         served_accuracy=served_accuracy,
         calibration=calibration,
-        made=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        made=utc_now(),
         commit=code_commit(),
         frameworks=framework_versions(),
     )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import datetime
 import math
 import shutil
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from experiments import SearchConfig, to_params
-from search.reporting.model_card import code_commit
+from search.reporting.model_card import code_commit, utc_now
 from search.reporting.plots import save, subplots
 from search.reporting.progress import completed, describe, readable
 
@@ -60,8 +59,7 @@ def write_report(
     if card:
         (folder / "model_card.md").write_text(card)
     commit = code_commit()
-    made = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    title = f"MNIST CNN search ({config.profile} profile): run {run_id}, {made} UTC, commit {commit[:12] if commit else 'unknown'}"
+    title = f"MNIST CNN search ({config.profile} profile): run {run_id}, {utc_now()} UTC, commit {commit[:12] if commit else 'unknown'}"
     write_html(folder / "report.html", title, headline, settings, records, winner, trials, list(recall), bool(card))
     return folder
 
