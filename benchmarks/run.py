@@ -190,7 +190,7 @@ def tracking_overhead(data, pairs: int, tmp: Path) -> dict:
     from experiments import resolve  # noqa: PLC0415
     from search import tracking  # noqa: PLC0415
     from search.data import subset  # noqa: PLC0415
-    from search.executors import InProcess  # noqa: PLC0415
+    from search.in_process import InProcess  # noqa: PLC0415
     from search.tuner import make_tuner  # noqa: PLC0415
 
     config = resolve("smoke", precision="float32")

@@ -15,7 +15,7 @@ from experiments import SearchConfig
 from search import data as data_module
 from search import evaluate, registry, robustness, tracking
 from search.data import Split
-from search.reporting import model_card
+from search.reporting import model_card, report
 from search.serving import pyfunc_model
 
 
@@ -183,3 +183,47 @@ def int8_tflite(keras_model: keras.Model) -> bytes | None:
         return converter.convert()
     except Exception:  # TensorFlow's ConverterError, not public: a graph it cannot convert is served in float32
         return None
+
+
+def write_search_report(
+    tracker: tracking.SearchTracker,
+    config: SearchConfig,
+    *,
+    decision: registry.RegistryDecision,
+    records: list[dict],
+    out: Path,
+    winner: str,
+    evaluation: Evaluation,
+    run_time: str,
+    machine: str,
+) -> None:
+    """report.html under `report/`, leading with the decision, the winner (described) and why,
+    its accuracy, the final training's curve, and the time the run took (`run_time`) on
+    `machine`; then the trials."""
+    worst, worst_accuracy = evaluation.robust.worst
+    headline = {
+        "Registry decision": decision.reason,
+        "Winner": winner,
+        "Test accuracy": f"{evaluation.test.accuracy:.2%} of {len(evaluation.test.predicted):,} test digits, read after the search",
+        "Held-out kinds of change (gated)": f"mean {evaluation.robust.heldout_mean:.2%} over {len(robustness.HELD_OUT)} kinds no training imitates, "
+        f"the worst {worst} {worst_accuracy:.2%}",
+        "Trained-on kinds of change": f"mean {evaluation.robust.trained_mean:.2%} over {len(robustness.TRAINED)} kinds training may imitate",
+        "Time": run_time,
+        "Machine": machine,
+    }
+    prefix = "final_" if config.final_models == 1 else "final_0_"
+    curves = {
+        f"{what} accuracy": tracker.history(f"{prefix}{key}") for what, key in (("training", "accuracy"), ("validation", "val_accuracy"))
+    }
+    folder = report.write_report(
+        records,
+        config,
+        headline,
+        out,
+        curves if config.final_epochs else None,
+        run_id=tracker.run_id,
+        recall=evaluation.test.recall,
+        card=tracker.version_description(config.model_name, decision.version) if decision.version else "",
+    )
+    tracker.log_artifacts(folder, "report")
+    print(f"report: {tracker.artifact_uri('report/report.html')}")

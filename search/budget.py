@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+import keras
 
 # Inference of an image against one training step of it (forward only, large batches).
 INFERENCE_SHARE = 0.35
@@ -27,6 +31,9 @@ END_MARGIN = 0.03
 # figures and logging, which the run times first, and more where TensorFlow gets one core
 # (the conversion and saving slow down with it, the figures do not).
 AFTER_TRAINING_PER_SETUP = 8.0
+# A budgeted training's last epoch may end this far past its budget: timing noise
+# must not cut the cosine short of its end.
+OVERRUN = 1.03
 # After the final training the model is traced again: the evaluation's predictions, the
 # int8 conversion, the registry's copy. Each costs about what the final training's first
 # epoch spent over the others (its tracing and warm-up), measured then, on this model.
@@ -52,6 +59,11 @@ class RunBudget:
         self.total_s = minutes * 60
         self.search_share = search_share
         self.started = process_started() if started is None else started
+
+    @classmethod
+    def of(cls, config, started: float | None = None) -> RunBudget:
+        """The budget a search's settings give it (`budget_minutes`, `search_share`), from `started`."""
+        return cls(config.budget_minutes, config.search_share, started)
 
     @property
     def limited(self) -> bool:
@@ -182,6 +194,101 @@ class TrainingClock:
     @property
     def measured(self) -> bool:
         return self.seconds_per_image is not None
+
+
+class EpochBudget(keras.callbacks.Callback):
+    """How many epochs a training gets in its time, settled for `schedule` (a learning-rate
+    schedule whose `epochs` it sets, and which follows them); every epoch timed.
+
+    With `budget_s`, the epochs are settled once the first is timed: as many as fit
+    in the budget (at most the schedule's own), so that the cosine still ends at
+    zero; should later epochs run slower, the count shrinks to the epochs that still
+    fit. `seconds_left(validation_s, warmup_s)` instead of `budget_s`: the seconds
+    left for training once the first epoch is done, told what one validation pass
+    took then and what the first epoch spent over the others (tracing and warm-up),
+    so that the caller keeps time for the inference and tracing after the training,
+    measured on this model. Comes after the schedule among the callbacks.
+    """
+
+    def __init__(self, schedule, budget_s: float = 0.0, seconds_left: Callable[[float, float], float] | None = None):
+        super().__init__()
+        self.schedule, self.budget_s, self.seconds_left_after_first = schedule, budget_s, seconds_left
+
+    @property
+    def epochs(self) -> int:
+        return self.schedule.epochs
+
+    def on_train_begin(self, logs=None) -> None:
+        self.steps_per_epoch = int(self.params["steps"])
+        self.started = time.perf_counter()
+        self.most: int | None = None  # the schedule's own epochs, the most a budget allows
+        self.epoch_seconds: list[float] = []
+        self.estimate_s: float | None = None  # seconds per epoch, from the first one
+        self.training_s = self.validation_started = None
+        self.validation_batches = 0
+        self.validation_s: float | None = None  # one validation pass, timed in the first epoch
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        if self.most is None:
+            self.most = self.schedule.epochs
+        self.epoch_started = self.timed_from = time.perf_counter()
+        self.timed_batches = self.steps_per_epoch
+
+    # Begin hooks only: a batch-end hook turns off Keras' asynchronous dispatch of each batch's logs.
+    def on_train_batch_begin(self, batch: int, logs=None) -> None:
+        warm = TrainingClock.WARM
+        if batch == warm and self.training_s is None and self.steps_per_epoch > 2 * warm:
+            self.timed_from, self.timed_batches = time.perf_counter(), self.steps_per_epoch - warm
+
+    def on_test_begin(self, logs=None) -> None:
+        if self.training_s is None:  # the first epoch's training, its first batches left out
+            self.training_s = (time.perf_counter() - self.timed_from) * self.steps_per_epoch / self.timed_batches
+            self.validation_started = self.validation_timed_from = time.perf_counter()
+            self.validation_batches = 0
+
+    def on_test_batch_begin(self, batch: int, logs=None) -> None:
+        if self.estimate_s is None and self.validation_started is not None:
+            self.validation_batches = batch + 1
+            if batch == 1:  # the first validation batch traces the evaluation: left out too
+                self.validation_timed_from = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        now = time.perf_counter()
+        self.epoch_seconds.append(now - self.epoch_started)
+        if (self.budget_s or self.seconds_left_after_first) and self.estimate_s is None:
+            self.validation_s = 0.0
+            if self.training_s is None:  # no validation: the whole first epoch
+                self.estimate_s = self.epoch_seconds[0]
+            else:
+                timed = self.validation_batches - 1
+                self.validation_s = (
+                    (now - self.validation_timed_from) * self.validation_batches / timed if timed > 0 else now - self.validation_started
+                )
+                self.estimate_s = self.training_s + self.validation_s
+            if self.seconds_left_after_first:
+                warmup_s = max(0.0, self.epoch_seconds[0] - self.estimate_s)
+                self.budget_s = now - self.started + max(0.0, self.seconds_left_after_first(self.validation_s, warmup_s))
+            # The first epoch (tracing included) is spent; the rest run at the estimate.
+            self.schedule.epochs = max(1, min(self.epochs, 1 + int((self.budget_s - self.epoch_seconds[0]) / self.estimate_s)))
+        done = len(self.epoch_seconds)
+        if self.budget_s and done > 1:
+            # Later epochs run at their own pace (the first one's warm-up can mislead): the
+            # second epoch settles the count again, either way; after it, the count only
+            # shrinks to the epochs that still fit, so that the cosine still ends at zero in
+            # time. A last epoch that would end just past the budget (timing noise) still runs.
+            next_s = statistics.median(self.epoch_seconds[1:])
+            elapsed = now - self.started
+            fit = done + int((self.budget_s - elapsed) / next_s)
+            if fit <= done and elapsed + next_s <= OVERRUN * self.budget_s:
+                fit = done + 1
+            most = self.most if done == 2 else self.epochs
+            self.schedule.epochs = min(most, max(fit, done))
+        if done >= self.epochs:
+            self.model.stop_training = True
+
+    def seconds_left(self) -> float:
+        """The epochs still planned, at the median epoch time so far."""
+        return max(0, self.epochs - len(self.epoch_seconds)) * statistics.median(self.epoch_seconds)
 
 
 def too_costly(seconds_per_image: float, limit: float) -> str:

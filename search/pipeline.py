@@ -20,10 +20,11 @@ from experiments import SearchConfig, champion_uri, to_params
 from model_zoo import CNNZoo, precision_policy
 from search import assessment, evaluate, faults, locking, registry, robustness, tracking
 from search import data as data_module
-from search.assessment import Evaluation, evaluate_once, keras_predict, write_model_card
+from search.assessment import Evaluation, evaluate_once, keras_predict, write_model_card, write_search_report
 from search.budget import AFTER_TRAINING_PER_SETUP, CostModel, Plan, RunBudget, duration
 from search.data import DataError
 from search.executors import Executor, executor_for
+from search.hyperparameters import fixed_hyperparameters
 from search.outputs import check_writable, naming_a_full_disk
 from search.precision import Precision, choose_precision
 from search.reporting import eda, report
@@ -34,7 +35,6 @@ from search.trial import SearchStopped, failure_reason
 from search.tuner import (
     Winner,
     failed_in_a_row,
-    fixed_hyperparameters,
     make_tuner,
     pick_winner,
     seed_from_records,
@@ -77,12 +77,12 @@ def run_search(
     started: float | None = None,
 ) -> SearchResult:
     """Run the whole search described by `config` (or continue one) and return what it found,
-    within `config.budget_minutes` counted from `started` (a `time.monotonic()`; default: now).
+    within its time budget (search/budget.py) counted from `started` (a `time.monotonic()`; default: now).
 
     The trials run where `executor_for(config)` runs them (here, or as Ray tasks);
     everything else happens here, once.
     """
-    budget = RunBudget(config.budget_minutes, config.search_share, time.monotonic() if started is None else started)
+    budget = RunBudget.of(config, time.monotonic() if started is None else started)
     # Keras' progress bars and Keras Tuner's tables in a terminal; in logs, our lines only.
     verbose = (1 if sys.stdout.isatty() else 0) if verbose is None else verbose
     data = prepare_data(config, resume)
@@ -127,10 +127,10 @@ def run_search(
             decision=decision,
             records=records,
             out=out,
-            winner=winner,
+            winner=winner.describe().removeprefix("winner: "),
             evaluation=evaluation,
-            planned=planned,
-            precision=precision,
+            run_time=planned.budget.status(),
+            machine=f"{machine()}, {precision.policy}",
         )
         tracker.log_metrics({"run_seconds": budget.elapsed()})
         print(f"done: {budget.status()}", flush=True)
@@ -383,46 +383,3 @@ def promote(
         f"test_accuracy {scores['test_accuracy']:.4f}, robust_heldout_accuracy_mean {scores['robust_heldout_accuracy_mean']:.4f} - {decision.reason}"
     )
     return decision
-
-
-def write_search_report(
-    tracker: tracking.SearchTracker,
-    config: SearchConfig,
-    *,
-    decision: registry.RegistryDecision,
-    records: list[dict],
-    out: Path,
-    winner: Winner,
-    evaluation: Evaluation,
-    planned: Plan,
-    precision: Precision,
-) -> None:
-    """report.html under `report/`, leading with the decision, the winner and why, its accuracy,
-    the final training's curve, and the time the run took on this machine; then the trials."""
-    worst, worst_accuracy = evaluation.robust.worst
-    headline = {
-        "Registry decision": decision.reason,
-        "Winner": winner.describe().removeprefix("winner: "),
-        "Test accuracy": f"{evaluation.test.accuracy:.2%} of {len(evaluation.test.predicted):,} test digits, read after the search",
-        "Held-out kinds of change (gated)": f"mean {evaluation.robust.heldout_mean:.2%} over {len(robustness.HELD_OUT)} kinds no training imitates, "
-        f"the worst {worst} {worst_accuracy:.2%}",
-        "Trained-on kinds of change": f"mean {evaluation.robust.trained_mean:.2%} over {len(robustness.TRAINED)} kinds training may imitate",
-        "Time": planned.budget.status(),
-        "Machine": f"{machine()}, {precision.policy}",
-    }
-    prefix = "final_" if config.final_models == 1 else "final_0_"
-    curves = {
-        f"{what} accuracy": tracker.history(f"{prefix}{key}") for what, key in (("training", "accuracy"), ("validation", "val_accuracy"))
-    }
-    folder = report.write_report(
-        records,
-        config,
-        headline,
-        out,
-        curves if config.final_epochs else None,
-        run_id=tracker.run_id,
-        recall=evaluation.test.recall,
-        card=tracker.version_description(config.model_name, decision.version) if decision.version else "",
-    )
-    tracker.log_artifacts(folder, "report")
-    print(f"report: {tracker.artifact_uri('report/report.html')}")

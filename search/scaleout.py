@@ -45,9 +45,9 @@ from search.trial import (
     check_room,
     checkpoint_bytes,
     failure_reason,
+    trial_callbacks,
     weight_bytes,
 )
-from search.tuner import trial_callbacks
 
 PACKAGES = ("experiments", "model_zoo", "search")  # shipped to every worker: no shared file system
 CONNECT_TIMEOUT_S = 10  # an address that does not answer fails within this

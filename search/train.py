@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import math
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -17,6 +16,7 @@ import tensorflow as tf
 from experiments import SearchConfig
 from model_zoo.cnn import average_of
 from search.augment import augmenter
+from search.budget import EpochBudget, duration
 from search.data import MnistData, Split
 from search.evaluate import evaluate
 
@@ -76,51 +76,26 @@ def _fixed(dataset: tf.data.Dataset) -> tf.data.Dataset:
     return dataset.with_options(options)
 
 
-# A budgeted training's last epoch may end this far past its budget: timing noise
-# must not cut the cosine short of its end.
-OVERRUN = 1.03
-
-
 class WarmupCosine(keras.callbacks.Callback):
     """A one-cycle learning rate, set before every batch: a linear warm-up over the
     first epoch from a tenth of the peak to the peak, then a cosine to zero by the
-    end of the last epoch.
+    end of the last of `epochs`.
 
     `peak` None: the rate the model was compiled with (a trial's searched
     `learning_rate`); `epochs` None: the epochs of the `fit` call, counted from
     the first one it runs (a Hyperband round that continues a trial runs a
-    schedule of its own). With `budget_s`, the epochs are settled once the first
-    is timed: as many as fit in the budget (at most `epochs`), so the cosine
-    still ends at zero; should later epochs run slower, the schedule shrinks to the epochs that still
-    fit. `seconds_left(validation_s, warmup_s)` instead of
-    `budget_s`: the seconds left for training once the first epoch is done, told
-    what one validation pass took then and what the first epoch spent over the
-    others (tracing and warm-up), so that the caller can keep time for the
-    inference and tracing after the training, measured on this model.
+    schedule of its own). The schedule follows `epochs` as it stands at each
+    batch: a training's time budget (search/budget.py's `EpochBudget`) settles it.
     """
 
-    WARM_BATCHES = 3  # batches left out of the timing: tracing and warm-up
-
-    def __init__(
-        self,
-        peak: float | None = None,
-        epochs: int | None = None,
-        budget_s: float = 0.0,
-        seconds_left: Callable[[float, float], float] | None = None,
-    ):
+    def __init__(self, peak: float | None = None, epochs: int | None = None):
         super().__init__()
-        self.peak, self.most, self.budget_s, self.seconds_left_after_first = peak, epochs, budget_s, seconds_left
+        self.peak, self.most = peak, epochs
 
     def on_train_begin(self, logs=None) -> None:
         self.steps_per_epoch = int(self.params["steps"])
         self.rate_peak = self.peak or float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         self.first_epoch, self.step = None, 0
-        self.started = time.perf_counter()
-        self.epoch_seconds: list[float] = []
-        self.estimate_s: float | None = None  # seconds per epoch, from the first one
-        self.training_s = self.validation_started = None
-        self.validation_batches = 0
-        self.validation_s: float | None = None  # one validation pass, timed in the first epoch
 
     def rate(self, step: int) -> float:
         total = max(1, self.epochs * self.steps_per_epoch)
@@ -135,65 +110,10 @@ class WarmupCosine(keras.callbacks.Callback):
             self.first_epoch = epoch
             # Keras Tuner's Hyperband passes epochs=final epoch with initial_epoch: count what this fit runs.
             self.epochs = self.most or int(self.params["epochs"]) - epoch
-        self.epoch_started = self.timed_from = time.perf_counter()
-        self.timed_batches = self.steps_per_epoch
 
-    # Begin hooks only: a batch-end hook turns off Keras' asynchronous dispatch of each batch's logs.
     def on_train_batch_begin(self, batch: int, logs=None) -> None:
-        if batch == self.WARM_BATCHES and self.training_s is None and self.steps_per_epoch > 2 * self.WARM_BATCHES:
-            self.timed_from, self.timed_batches = time.perf_counter(), self.steps_per_epoch - self.WARM_BATCHES
         self.model.optimizer.learning_rate.assign(self.rate(self.step))
         self.step += 1
-
-    def on_test_begin(self, logs=None) -> None:
-        if self.training_s is None:  # the first epoch's training, its first batches left out
-            self.training_s = (time.perf_counter() - self.timed_from) * self.steps_per_epoch / self.timed_batches
-            self.validation_started = self.validation_timed_from = time.perf_counter()
-            self.validation_batches = 0
-
-    def on_test_batch_begin(self, batch: int, logs=None) -> None:
-        if self.estimate_s is None and self.validation_started is not None:
-            self.validation_batches = batch + 1
-            if batch == 1:  # the first validation batch traces the evaluation: left out too
-                self.validation_timed_from = time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs=None) -> None:
-        now = time.perf_counter()
-        self.epoch_seconds.append(now - self.epoch_started)
-        if (self.budget_s or self.seconds_left_after_first) and self.estimate_s is None:
-            self.validation_s = 0.0
-            if self.training_s is None:  # no validation: the whole first epoch
-                self.estimate_s = self.epoch_seconds[0]
-            else:
-                timed = self.validation_batches - 1
-                self.validation_s = (
-                    (now - self.validation_timed_from) * self.validation_batches / timed if timed > 0 else now - self.validation_started
-                )
-                self.estimate_s = self.training_s + self.validation_s
-            if self.seconds_left_after_first:
-                warmup_s = max(0.0, self.epoch_seconds[0] - self.estimate_s)
-                self.budget_s = now - self.started + max(0.0, self.seconds_left_after_first(self.validation_s, warmup_s))
-            # The first epoch (tracing included) is spent; the rest run at the estimate.
-            self.epochs = max(1, min(self.epochs, 1 + int((self.budget_s - self.epoch_seconds[0]) / self.estimate_s)))
-        done = len(self.epoch_seconds)
-        if self.budget_s and done > 1:
-            # Later epochs run at their own pace (the first one's warm-up can mislead): the
-            # second epoch settles the schedule again, either way; after it, the schedule only
-            # shrinks to the epochs that still fit, so that its cosine still ends at zero in
-            # time. A last epoch that would end just past the budget (timing noise) still runs.
-            next_s = statistics.median(self.epoch_seconds[1:])
-            elapsed = now - self.started
-            fit = done + int((self.budget_s - elapsed) / next_s)
-            if fit <= done and elapsed + next_s <= OVERRUN * self.budget_s:
-                fit = done + 1
-            most = (self.most or self.epochs) if done == 2 else self.epochs
-            self.epochs = min(most, max(fit, done))
-        if done >= self.epochs:
-            self.model.stop_training = True
-
-    def seconds_left(self) -> float:
-        """The epochs still planned, at the median epoch time so far."""
-        return max(0, self.epochs - len(self.epoch_seconds)) * statistics.median(self.epoch_seconds)
 
 
 @dataclass(frozen=True)
@@ -224,7 +144,7 @@ def train_final(
     The learning rate follows `WarmupCosine`, peaking at `peak_learning_rate`
     (0: the configuration's searched learning rate), over as many epochs as
     fit in `budget_s` seconds (0: no limit; or as `seconds_left` says after the
-    first epoch: see `WarmupCosine`); the training digits are augmented
+    first epoch: see search/budget.py's `EpochBudget`); the training digits are augmented
     as `augment` says (search/augment.py), except in the last `clean_epochs` epochs (at most
     half of them: a schedule the budget cut to one epoch is augmented) of
     the schedule. The weights of the best validation epoch are kept.
@@ -232,17 +152,19 @@ def train_final(
     """
     keras.utils.set_random_seed(seed)
     model = hypermodel.build(hyperparameters.copy())
-    schedule = WarmupCosine(peak_learning_rate or None, epochs, budget_s, seconds_left)
+    schedule = WarmupCosine(peak_learning_rate or None, epochs)
+    timing = EpochBudget(schedule, budget_s, seconds_left)
     augmenting = tf.Variable(True, trainable=False)
     callbacks = [
         schedule,
-        # After the schedule's hook: the first epoch settles how many epochs there are.
+        timing,  # after the schedule's hooks: it settles the epochs the schedule then follows
+        # After the budget's hook: the first epoch settles how many epochs there are.
         keras.callbacks.LambdaCallback(
             on_epoch_begin=lambda epoch, logs: augmenting.assign(epoch < augmented_epochs(schedule.epochs, clean_epochs))
         ),
         keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end),
         # After the schedule's own hook, which settles how many epochs fit the budget.
-        keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: print(final_progress(schedule, epoch, logs), flush=True)),
+        keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: print(final_progress(timing, epoch, logs), flush=True)),
         # Patience = epochs: never stops early (the schedule must run to its
         # end), but restores the best validation epoch's weights.
         keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=epochs, restore_best_weights=True),
@@ -255,7 +177,7 @@ def train_final(
         shuffle=False,  # the dataset shuffles
         verbose=2,
     )
-    return FinalTraining(model, len(schedule.epoch_seconds), schedule.estimate_s, tuple(schedule.epoch_seconds))
+    return FinalTraining(model, len(timing.epoch_seconds), timing.estimate_s, tuple(timing.epoch_seconds))
 
 
 def augmented_epochs(epochs: int, clean_epochs: int) -> int:
@@ -264,12 +186,11 @@ def augmented_epochs(epochs: int, clean_epochs: int) -> int:
     return epochs - min(clean_epochs, epochs // 2)
 
 
-def final_progress(schedule: WarmupCosine, epoch: int, logs: dict) -> str:
+def final_progress(timing: EpochBudget, epoch: int, logs: dict) -> str:
     """The terminal's line after each epoch of the final training: where it is and the time left."""
-    seconds = round(schedule.seconds_left())
-    left = f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+    left = duration(timing.seconds_left())
     return (
-        f"final training: epoch {epoch + 1}/{schedule.epochs}, val_accuracy {logs.get('val_accuracy', float('nan')):.4f}, about {left} left"
+        f"final training: epoch {epoch + 1}/{timing.epochs}, val_accuracy {logs.get('val_accuracy', float('nan')):.4f}, about {left} left"
     )
 
 

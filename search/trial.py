@@ -26,10 +26,13 @@ import keras
 import keras_tuner as kt
 import numpy as np
 
+from experiments import SearchConfig
 from model_zoo import multiply_adds
 from search.budget import TrainingClock, too_costly
+from search.data import Split
 from search.pruning import MedianStopping
 from search.tracking import SearchTracker
+from search.train import WarmupCosine
 
 CHECKPOINT_HEADROOM_BYTES = 1 << 20  # beyond the weights: HDF5's own structures, the tuner's JSON files
 
@@ -228,3 +231,34 @@ class LifecycleCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         if self.lifecycle.epoch_ends(epoch, logs, self.model):
             self.best_weights = self.model.get_weights()
+
+
+def trial_callbacks(config: SearchConfig, heldout: Split | None = None) -> list[keras.callbacks.Callback]:
+    """Per-trial callbacks (Keras Tuner deep-copies them for every trial): the trial's own
+    learning-rate schedule, stop on NaN, stop early, and `val_heldout_accuracy` measured on
+    `heldout` (search/robustness.py's heldout_probe) every epoch, before the epoch is logged."""
+    callbacks = [keras.callbacks.TerminateOnNaN()]
+    if heldout is not None:
+        callbacks.append(HeldoutProbe(heldout))
+    if config.trial_schedule:
+        callbacks.insert(0, WarmupCosine())  # peaks at the trial's learning_rate, over its own epochs
+    if config.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=config.objective, mode="max", patience=config.early_stopping_patience))
+    return callbacks
+
+
+class HeldoutProbe(keras.callbacks.Callback):
+    """Adds `val_heldout_accuracy` to each epoch's logs: the trial's accuracy on validation
+    digits under kinds of change no training imitates. Shown per trial, never scored: the
+    held-out kinds measure, they do not choose."""
+
+    def __init__(self, digits: Split):
+        super().__init__()
+        self.digits = digits
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        if logs is not None:
+            # Called eagerly, in chunks: `predict` would trace a function for each trial's model.
+            chunks = [self.model(self.digits.x[i : i + 256], training=False) for i in range(0, len(self.digits), 256)]
+            predicted = np.concatenate([np.asarray(c).argmax(1) for c in chunks])
+            logs["val_heldout_accuracy"] = float((predicted == self.digits.y).mean())

@@ -8,7 +8,6 @@ deep-copies for every trial.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import math
 import statistics
@@ -16,19 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import keras
 import keras_tuner as kt
-import numpy as np
 
-from experiments import ConfigError, SearchConfig
+from experiments import SearchConfig
 from model_zoo import CNNZoo, multiply_adds
 from search import faults, interrupts
 from search.budget import Plan, RunBudget
-from search.data import Split
+from search.hyperparameters import active_values, fixed_hyperparameters
 from search.pruning import MedianStopping
 from search.reporting.progress import Progress
 from search.tracking import SearchTracker
-from search.train import WarmupCosine
 from search.trial import SearchStopped, TrialLifecycle, TrialResult, TrialSpec, failure_reason
 from search.tuner_state import keep_good_copy
 
@@ -242,89 +238,6 @@ def make_tuner(
     return tuner
 
 
-def fixed_hyperparameters(hypermodel: kt.HyperModel, pins: tuple[str, ...]) -> kt.HyperParameters:
-    """`name=value` pins as Keras Tuner `Fixed` hyperparameters; a name not in the space raises.
-
-    A pin is declared under the same conditions as the hyperparameter it pins
-    (conv_filters_1 exists only when conv_blocks >= 2): Keras Tuner treats a
-    `Fixed` without them as another hyperparameter and goes on sampling the
-    conditional one.
-    """
-    space = kt.HyperParameters()
-    hypermodel.build(space)
-    specs = {hp.name: hp for hp in space.space}
-    values = {}
-    for pin in pins:
-        name, text = (part.strip() for part in pin.split("="))
-        if name not in specs:
-            raise ConfigError(f"fixed hyperparameter {name!r} is not in the search space: known are {', '.join(sorted(specs))}")
-        values[name] = _value(text)
-        if isinstance(values[name], float) and not math.isfinite(values[name]):
-            raise ConfigError(f"fixed hyperparameter {name}={text} is not a finite number")
-        if isinstance(specs[name], kt.engine.hyperparameters.Int) and not isinstance(values[name], int):
-            raise ConfigError(f"fixed hyperparameter {name}={text} is not a whole number")
-    # The whole space, in the hypermodel's order, with the pins as Fixed: the
-    # oracle samples in this order, and a child sampled before its parent is
-    # sampled wrongly (with only the parents declared, conv_filters_1 came
-    # out 128 in every trial).
-    fixed = kt.HyperParameters()
-    for spec in space.space:
-        with contextlib.ExitStack() as scopes:
-            for condition in spec.conditions:
-                scopes.enter_context(fixed.conditional_scope(condition.name, condition.values))
-            if spec.name in values:
-                fixed.Fixed(spec.name, values[spec.name])
-            else:
-                fixed.merge([spec])  # the public way to declare a copy of a spec
-    try:  # a pin the hypermodel cannot build with (head=foo) is refused before a run opens
-        hypermodel.build(fixed.copy())
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"fixed hyperparameters {', '.join(pins)} cannot build a model: {str(err).splitlines()[0]}") from None
-    return fixed
-
-
-def _value(text: str) -> object:
-    if text in ("True", "False"):
-        return text == "True"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def trial_callbacks(config: SearchConfig, heldout: Split | None = None) -> list[keras.callbacks.Callback]:
-    """Per-trial callbacks (Keras Tuner deep-copies them for every trial): the trial's own
-    learning-rate schedule, stop on NaN, stop early, and `val_heldout_accuracy` measured on
-    `heldout` (search/robustness.py's heldout_probe) every epoch, before the epoch is logged."""
-    callbacks = [keras.callbacks.TerminateOnNaN()]
-    if heldout is not None:
-        callbacks.append(HeldoutProbe(heldout))
-    if config.trial_schedule:
-        callbacks.insert(0, WarmupCosine())  # peaks at the trial's learning_rate, over its own epochs
-    if config.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor=config.objective, mode="max", patience=config.early_stopping_patience))
-    return callbacks
-
-
-class HeldoutProbe(keras.callbacks.Callback):
-    """Adds `val_heldout_accuracy` to each epoch's logs: the trial's accuracy on validation
-    digits under kinds of change no training imitates. Shown per trial, never scored: the
-    held-out kinds measure, they do not choose."""
-
-    def __init__(self, digits: Split):
-        super().__init__()
-        self.digits = digits
-
-    def on_epoch_end(self, epoch: int, logs=None) -> None:
-        if logs is not None:
-            # Called eagerly, in chunks: `predict` would trace a function for each trial's model.
-            chunks = [self.model(self.digits.x[i : i + 256], training=False) for i in range(0, len(self.digits), 256)]
-            predicted = np.concatenate([np.asarray(c).argmax(1) for c in chunks])
-            logs["val_heldout_accuracy"] = float((predicted == self.digits.y).mean())
-
-
 @dataclass(frozen=True)
 class Winner:
     trial: kt.engine.trial.Trial  # the configuration the pipeline keeps
@@ -410,11 +323,6 @@ def planned_epochs(trial: kt.engine.trial.Trial, max_epochs: int) -> int:
     return int(trial.hyperparameters.values.get("tuner/epochs", max_epochs))
 
 
-def active_values(hp: kt.HyperParameters) -> dict[str, object]:
-    """The trial's hyperparameter values, without those its choices switched off."""
-    return {name: value for name, value in hp.values.items() if hp.is_active(name)}
-
-
 def failed_in_a_row(oracle: kt.Oracle) -> bool:
     """Whether the oracle's last `max_consecutive_failed_trials` trials all failed: the state in
     which Keras Tuner stops a search (with a plain RuntimeError, so it is told by the state)."""
@@ -425,10 +333,21 @@ def failed_in_a_row(oracle: kt.Oracle) -> bool:
 
 
 def planned_trials(oracle: kt.Oracle, max_trials: int) -> int:
-    """How many trials the oracle will run: Hyperband's own schedule (its brackets and
-    rounds, capped at max_trials), else max_trials. What the progress lines count down."""
+    """How many trials the oracle will run: Hyperband's schedule (its brackets and rounds,
+    capped at max_trials), else max_trials. What the progress lines count down."""
     if isinstance(oracle, kt.oracles.HyperbandOracle):
-        brackets = range(oracle._get_num_brackets())  # Keras Tuner's own schedule (tests/test_tuner.py runs it)
-        per_iteration = sum(oracle._get_size(b, r) for b in brackets for r in range(oracle._get_num_rounds(b)))
+        per_iteration = hyperband_trials(oracle.max_epochs, oracle.min_epochs, oracle.factor)
         return min(max_trials, per_iteration * oracle.hyperband_iterations)
     return max_trials
+
+
+def hyperband_trials(max_epochs: int, min_epochs: int, factor: int) -> int:
+    """The trials of one Hyperband iteration (Li et al., as Keras Tuner schedules it): a bracket
+    for each division of max_epochs by factor down to min_epochs; bracket b starts
+    ceil(s / (b + 1) * factor**b) trials, s = ceil(1 + log_factor(max_epochs)), and each of
+    its b later rounds a factor fewer. tests/test_tuner.py counts what a real oracle creates."""
+    brackets, epochs = 0, max_epochs
+    while epochs >= min_epochs:
+        epochs, brackets = epochs / factor, brackets + 1
+    first = math.ceil(1 + math.log(max_epochs, factor))
+    return sum(math.ceil(first / (b + 1) * factor ** (b - r)) for b in range(brackets) for r in range(b + 1))

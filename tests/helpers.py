@@ -163,3 +163,11 @@ def new_sqlite_store(folder: Path) -> str:
         _STORE_TEMPLATE.append(template)
     shutil.copy(_STORE_TEMPLATE[0], folder / "mlflow.db")
     return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def all_runs(store: str) -> list:
+    """Every run of every experiment in `store`."""
+    import mlflow
+
+    client = mlflow.MlflowClient(store)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)

@@ -21,6 +21,7 @@ from search.budget import (
     INFERENCE_SHARE,
     TRACINGS_AFTER_TRAINING,
     CostModel,
+    EpochBudget,
     Plan,
     RunBudget,
     TrainingClock,
@@ -29,9 +30,36 @@ from search.budget import (
     too_costly,
 )
 from search.data import Split
-from search.executors import InProcess
+from search.in_process import InProcess
+from search.train import WarmupCosine
 from search.tuner import make_tuner, pick_winner
 from tests.helpers import MLFLOW_RUN_ENV, REPO, mnist_subset, new_sqlite_store
+
+
+def fit_under_a_budget(seconds_left: float, epochs: int = 5) -> tuple[EpochBudget, list[float]]:
+    """A real fit of `epochs` epochs of 8 batches under the schedule and a budget that, after the
+    first epoch, leaves `seconds_left` to train: the budget and the rate of every batch."""
+    model = make_cnn(conv_filters=(4,), learning_rate=2e-3)
+    schedule = WarmupCosine(peak=1e-2)
+    timing = EpochBudget(schedule, seconds_left=lambda validation_s, warmup_s: seconds_left)
+    rates = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_begin=lambda batch, logs: rates.append(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)))
+    )
+    x, y = keras.random.uniform((128, 28, 28, 1), seed=0), keras.ops.arange(128) % 10
+    model.fit(x, y, batch_size=16, epochs=epochs, validation_data=(x[:32], y[:32]), callbacks=[schedule, timing, record], verbose=0)
+    return timing, rates
+
+
+def test_the_budget_settles_the_epochs_and_the_schedule_follows_them():
+    """No time left after the first epoch: the training stops there, the schedule settled to
+    one epoch. Time to spare: every epoch the fit asked for, the cosine at zero by the last batch."""
+    stopped, rates = fit_under_a_budget(seconds_left=0.0)
+    assert stopped.schedule.epochs == stopped.epochs == 1 and len(stopped.epoch_seconds) == 1 and len(rates) == 8
+    assert stopped.estimate_s is not None and stopped.validation_s is not None and stopped.seconds_left() == 0
+    ample, rates = fit_under_a_budget(seconds_left=1e9)
+    assert ample.schedule.epochs == 5 and len(ample.epoch_seconds) == 5 and len(rates) == 40
+    assert rates[8] == pytest.approx(1e-2) and rates[-1] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_the_budget_counts_from_its_start_and_keeps_the_searchs_share():

@@ -47,7 +47,7 @@ def test_pinned_hyperparameters_hold_in_every_trial_the_oracle_creates(name):
     import keras_tuner as kt
 
     from model_zoo import CNNZoo
-    from search.tuner import _value, fixed_hyperparameters
+    from search.hyperparameters import fixed_hyperparameters, pinned_value
 
     config = resolve(name)
     zoo = CNNZoo(config.families)
@@ -59,7 +59,7 @@ def test_pinned_hyperparameters_hold_in_every_trial_the_oracle_creates(name):
     )
     oracle._set_project_dir(str(__import__("tempfile").mkdtemp()), "pins")
     oracle.update_space(space)
-    pins = {pin.split("=")[0]: _value(pin.split("=")[1]) for pin in config.fixed}
+    pins = {pin.split("=")[0]: pinned_value(pin.split("=")[1]) for pin in config.fixed}
     searched = {}
     for tuner_id in range(5):
         trial = oracle.create_trial(f"tuner{tuner_id}")
@@ -82,7 +82,7 @@ def test_pinned_hyperparameters_hold_in_every_trial_the_oracle_creates(name):
 
 def test_a_pinned_hyperparameter_outside_the_space_raises():
     from model_zoo import CNNZoo
-    from search.tuner import fixed_hyperparameters
+    from search.hyperparameters import fixed_hyperparameters
 
     with pytest.raises(ConfigError, match="fixed hyperparameter 'width' is not in the search space"):
         fixed_hyperparameters(CNNZoo(), ("width=3",))

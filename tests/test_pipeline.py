@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import mlflow
@@ -16,26 +14,20 @@ import numpy as np
 import pytest
 
 from search import robustness
-from search.tracking.runs import DESCRIPTION_CUT
-from tests.helpers import REPO, SECRET, fresh_project, mlflow_run, new_sqlite_store
+from tests.helpers import REPO, SECRET, all_runs, fresh_project, mlflow_run, new_sqlite_store
 
 pytestmark = pytest.mark.e2e
 
 
-def runs(store):
-    client = mlflow.MlflowClient(store)
-    return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
-
-
 def test_one_parent_and_one_finished_child_per_trial(smoke_search):
     store, _ = smoke_search
-    all_runs = runs(store)
-    parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
+    every = all_runs(store)
+    parents = [r for r in every if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1
     parent = parents[0]
-    children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == len(all_runs) - 1 == 3  # smoke: max_trials 3
-    assert {r.info.status for r in all_runs} == {"FINISHED"}
+    children = [r for r in every if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(every) - 1 == 3  # smoke: max_trials 3
+    assert {r.info.status for r in every} == {"FINISHED"}
     # The UI's Dataset column: the data as an input of the search run and of every trial run.
     assert parent.info.run_name.startswith("search-smoke-random-")
     for run in (parent, *children):
@@ -54,7 +46,7 @@ def test_one_parent_and_one_finished_child_per_trial(smoke_search):
 
 def test_parent_run_records_settings_data_figures_and_results(smoke_search):
     store, _ = smoke_search
-    parent = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags][0]
+    parent = [r for r in all_runs(store) if "mlflow.parentRunId" not in r.data.tags][0]
     params = parent.data.params
     assert params["profile"] == "smoke"  # as given to `mlflow run`
     assert params["config.tuner"] == "random" and params["config.max_trials"] == "3" and params["config.threshold"] == "0.9"
@@ -86,62 +78,9 @@ def test_parent_run_records_settings_data_figures_and_results(smoke_search):
     assert trials_csv[0].startswith("trial_id,status,val_accuracy,best_step") and len(trials_csv) == 4
 
 
-def test_report_is_logged_and_linked(smoke_search):
-    store, result = smoke_search
-    parent = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags][0]
-    client = mlflow.MlflowClient(store)
-    files = {Path(a.path).name: a.file_size for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert set(files) == {
-        "report.html",
-        "learning_curves.png",
-        "hyperparameters.png",
-        "accuracy_vs_cost.png",
-        "confusion_matrix.png",
-        "misclassified.png",
-        "robustness.png",
-        "model_card.md",
-    }
-    assert all(size > 10_000 for name, size in files.items() if name.endswith(".png"))
-    page = Path(client.download_artifacts(parent.info.run_id, "report/report.html")).read_text()
-    assert page.count("src='data:image/png;base64,") == 6 and "registered mnist-cnn version 1 as @champion" in page
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    title = re.search(r"<h1>(.*)</h1>", page).group(1)
-    assert title.startswith(f"MNIST CNN search (smoke profile): run {parent.info.run_id}, 20") and " UTC, commit " in title, title
-    assert commit[:12] in title or "commit unknown" in title, title  # the smoke search runs a copy of the project
-    assert '<a href="model_card.md">' in page and "recall per digit" in page
-    assert not re.search(r"\b0\.\d{4}\b", page.split("<h2>Settings")[0].split("<h2>The winner")[0]), "a fraction in the headline"
-    assert f"report: {parent.info.artifact_uri}/report/report.html" in result.stdout
-    # It leads with what its reader came for: the decision, the winner, its accuracy, time and machine; the settings last.
-    text = re.sub(r"<img[^>]*>", "", page)
-    order = [
-        text.index(s)
-        for s in (
-            "Registry decision",
-            "Winner",
-            "Test accuracy",
-            "Held-out kinds of change (gated)",
-            "Trained-on kinds of change",
-            "Time",
-            "Machine",
-            "Top trials",
-            "Settings",
-        )
-    ]
-    assert order == sorted(order) and "<th>Time</th><td>run " in text
-    # Numbers as people read them: no hyperparameter or setting value with more than 4 significant digits.
-    values = re.findall(r"[\w/]+=(-?[0-9][0-9.eE+-]*)", text) + re.findall(
-        r"<td>(-?\d+\.\d+(?:e-?\d+)?)</td>", text.split("<h2>Settings")[1]
-    )
-    assert values and all(len(re.sub(r"e.*|[-.]", "", v).strip("0")) <= 4 for v in values), values
-    # Progress: a line per trial start and end, and the top trials table.
-    assert len(re.findall(r"\] trial \d/3 \(id \d\): family=plain", result.stdout)) == 3
-    assert len(re.findall(r"\] trial \d/3 \(id \d\) val_accuracy 0\.\d{4} in \d+s; best so far", result.stdout)) == 3
-    assert "top 3 trials" in result.stdout
-
-
 def test_nothing_from_the_environment_is_logged(smoke_search):
     store, _ = smoke_search
-    for run in runs(store):
+    for run in all_runs(store):
         logged = {**run.data.params, **run.data.tags}
         assert not [key for key, value in logged.items() if SECRET in value]
 
@@ -150,7 +89,7 @@ def test_best_model_is_registered_as_champion_and_loads_in_a_fresh_process(smoke
     store, result = smoke_search
     assert "registered mnist-cnn version 1 as @champion" in result.stdout
     version = mlflow.MlflowClient(store).get_model_version_by_alias("mnist-cnn", "champion")
-    parent = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags][0]
+    parent = [r for r in all_runs(store) if "mlflow.parentRunId" not in r.data.tags][0]
     assert version.tags["search_run_id"] == parent.info.run_id
     assert float(version.tags["test_accuracy"]) == pytest.approx(parent.data.metrics["test_accuracy"], abs=1e-6)
     assert float(version.tags["robust_heldout_accuracy_mean"]) == pytest.approx(
@@ -189,7 +128,7 @@ def test_below_threshold_nothing_is_registered_and_the_run_says_why(tmp_path, mn
     assert result.returncode == 0, result.stderr[-3000:]
     assert "not registered: test_accuracy" in result.stdout and "< 99.90%" in result.stdout
     assert mlflow.MlflowClient(store).search_registered_models() == []
-    (parent,) = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags]
+    (parent,) = [r for r in all_runs(store) if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.tags["registry_decision"].startswith("not registered: test_accuracy")
     assert parent.info.status == "FINISHED"
 
@@ -324,55 +263,12 @@ def test_a_short_default_search_tries_different_architectures(tracking_store, tm
     assert len({tuple(c.data.params.get(name) for name in architecture) for c in children}) == 8  # 8 distinct networks
 
 
-def test_the_registered_version_carries_its_model_card(smoke_search, monkeypatch):
-    store, _ = smoke_search
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    client = mlflow.MlflowClient(store)
-    version = client.get_model_version_by_alias("mnist-cnn", "champion")
-    parent = client.get_run(version.tags["search_run_id"])
-    card = Path(mlflow.artifacts.download_artifacts(f"models:/mnist-cnn/{version.version}")).joinpath("model_card.md").read_text()
-    # The description holds what PostgreSQL's column does: the card up to its appendix, at least.
-    assert len(version.description) <= 5000 and card.startswith(version.description.removesuffix(DESCRIPTION_CUT))
-    assert "## Caveats and recommendations" in version.description
-    metrics = parent.data.metrics
-    # What it saw, what it is, how well, how fast, where from.
-    assert (
-        parent.data.params["data_sha256"] in card
-        and "| training images | 6,000: the model is the winning trial's checkpoint |" in card  # smoke: no final training
-        and "10,000 images, MNIST's test set" in card
-        and "again to compare it with the champion" in card  # not "read once"
-    )
-    for section in ("Model details", "Intended use", "Factors", "Metrics", "Training data", "Evaluation data", "Quantitative analyses"):
-        assert f"\n## {section}\n" in card, section  # Mitchell et al.'s sections
-    assert "\n## Ethical considerations\n" in card and "\n## Caveats and recommendations\n" in card
-    assert f"tensorflow {metadata.version('tensorflow')}" in card and f"mlflow {metadata.version('mlflow')}" in card and "(UTC)" in card
-    assert f"The served form ({version.tags['served_form']}): **{100 * metrics['served_test_accuracy']:.2f}%**" in card
-    assert (
-        f"Expected calibration error of the served form on the test set: **{100 * metrics['served_expected_calibration_error']:.2f}%**"
-        in card
-    )
-    assert 0 <= metrics["served_expected_calibration_error"] < 0.2
-    reliability = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="evaluation/reliability.png")
-    assert Path(reliability).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "`family`=plain" in card and f"{int(metrics['winner_multiply_adds']):,} multiply-adds per digit" in card
-    assert f"**{100 * metrics['test_accuracy']:.2f}%** of 10,000 digits (95% interval " in card
-    recall = "| recall |" + "".join(f" {100 * metrics[f'test_recall_digit_{d}']:.2f}% |" for d in range(10))
-    assert recall in card
-    assert f"held-out kinds (unseen in training, gated): mean **{100 * metrics['robust_heldout_accuracy_mean']:.2f}%**" in card
-    assert f"trained-on kinds (training may imitate them): mean {100 * metrics['robust_trained_accuracy_mean']:.2f}%" in card
-    assert f"| gaussian_noise | noise | may be imitated | {100 * metrics['robust_accuracy_gaussian_noise']:.2f}% |" in card
-    assert f"| inverted | intensity | held out | {100 * metrics['robust_accuracy_inverted']:.2f}% |" in card
-    assert f"int8 weights: {100 * metrics['int8_test_accuracy']:.2f}% on the test set" in card
-    assert f"{metrics['served_latency_ms_p50']:.2f} ms for one digit (median)" in card and metrics["served_digits_per_second"] > 100
-    assert parent.info.run_id in card and "### Known limits" in card
-
-
 def test_a_model_below_the_robustness_gate_is_not_registered(tmp_path, mnist_12k):
     """A real two-epoch model of clean digits that clears the clean gate but not a robust one of 99%."""
     store = new_sqlite_store(tmp_path)
     result = mlflow_run(fresh_project(tmp_path), store, mnist_12k, "profile=smoke", *SMALL_DATA, "robust_threshold=0.99", "max_trials=1")
     assert result.returncode == 0, result.stderr[-3000:]
-    (parent,) = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags]
+    (parent,) = [r for r in all_runs(store) if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.metrics["test_accuracy"] >= 0.9 and parent.data.metrics["robust_heldout_accuracy_mean"] < 0.99
     assert (
         parent.data.tags["registry_decision"]
@@ -394,7 +290,7 @@ def test_the_fast_profile_registers_a_champion_that_loads_by_name(tmp_path, mnis
     result = mlflow_run(fresh_project(tmp_path), store, mnist_npz, "profile=fast")
     wall_s = time.monotonic() - started
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (parent,) = [r for r in runs(store) if "mlflow.parentRunId" not in r.data.tags]
+    (parent,) = [r for r in all_runs(store) if "mlflow.parentRunId" not in r.data.tags]
     metrics = parent.data.metrics
     # The budget counts from the search's process; `mlflow run` around it adds its own start.
     assert metrics["run_seconds"] <= 60 * 1.1 and wall_s <= 60 * 1.2, (metrics["run_seconds"], wall_s)

@@ -169,3 +169,22 @@ def test_the_served_pyfunc_does_one_job_and_the_check_of_digits_sits_below_data_
     # Trials run the same lifecycle on either executor; the pipeline gets its executor and names neither.
     assert "search.trial" in graph["search.tuner"] and "search.trial" in graph["search.scaleout"]
     assert "search.scaleout" not in graph["search.pipeline"] and "search.executors" in graph["search.pipeline"]
+
+
+def test_the_trial_backends_import_neither_the_tuner_nor_each_other():
+    """In this process or on Ray, a trial runs through search/trial.py; the backends share
+    nothing else, and neither reaches the tuner, which only books what they report."""
+    graph = project_graph()
+    backends = {"search.in_process", "search.scaleout"}
+    for backend in backends:
+        assert "search.trial" in graph[backend], backend
+        assert not graph[backend] & (backends | {"search.tuner", "search.executors", "search.pipeline"}), (backend, graph[backend])
+
+
+def test_the_budget_is_read_in_one_module_and_no_private_keras_tuner_api_is_used():
+    sources = [p for folder in ("experiments", "model_zoo", "search") for p in (REPO / folder).rglob("*.py")]
+    readers = {str(p.relative_to(REPO)) for p in sources if re.search(r"\bbudget_minutes\b", p.read_text())}
+    assert readers == {"experiments/__init__.py", "search/budget.py"}
+    for path in sources:
+        assert not [m for m in imported_modules(path) if m.startswith("keras_tuner.src")], path
+        assert not re.search(r"\b(oracle|tuner|hypermodel)\._[a-z]", path.read_text()), path

@@ -10,7 +10,7 @@ import numpy as np
 from experiments import resolve
 from search import tracking
 from search.data import Split
-from search.executors import InProcess
+from search.in_process import InProcess
 from search.pruning import MedianStopping
 from search.reporting.report import write_trials_csv
 from search.tuner import make_tuner

@@ -17,7 +17,16 @@ import numpy as np
 import pytest
 
 from search.precision import AUTO_PRECISION_ENV, cpu_has_bf16
-from tests.helpers import MLFLOW_RUN_ENV, REPO, SMALL_SEARCH, SMALL_SEARCH_TRIALS, mlflow_listening, new_sqlite_store, rest_predictions
+from tests.helpers import (
+    MLFLOW_RUN_ENV,
+    REPO,
+    SMALL_SEARCH,
+    SMALL_SEARCH_TRIALS,
+    all_runs,
+    mlflow_listening,
+    new_sqlite_store,
+    rest_predictions,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -32,12 +41,6 @@ def search_env(store: str, mnist_npz: Path) -> dict:
 def start(args: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
     with log.open("a") as out:
         return subprocess.Popen([sys.executable, "-m", "search", *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def all_runs(store: str):
-    return mlflow.MlflowClient(store).search_runs(
-        [e.experiment_id for e in mlflow.MlflowClient(store).search_experiments()], max_results=1000
-    )
 
 
 def wait_until_mid_trial(store: str, process: subprocess.Popen, finished_at_least: int = 1, timeout_s: float = 300) -> str:

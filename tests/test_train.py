@@ -93,8 +93,9 @@ def test_the_final_training_budget_comes_from_the_first_epoch_and_holds():
     )
     budget_s = unlimited.epoch_seconds[0] + 1.5 * later  # two epochs' worth
     limited = train(budget_s)
-    # Settled from the first epoch; fewer if later epochs ran slower than it.
-    assert 1 <= limited.epochs <= max(1, min(4, 1 + int((budget_s - limited.epoch_seconds[0]) / limited.epoch_estimate_s)))
+    # Settled from the first epoch, then again from the second (search/budget.py's EpochBudget):
+    # whatever the count, the training ends within its budget.
+    assert limited.epoch_estimate_s is not None and 1 <= limited.epochs
     assert sum(limited.epoch_seconds) <= 1.25 * budget_s
     # The cosine still ended at zero: the schedule was settled to the epochs that fit. Only
     # where later epochs ran much slower than the first one's estimate (another process took

@@ -72,7 +72,7 @@ def test_neighbouring_seeds_draw_different_trials(tmp_path):
 
 @pytest.mark.parametrize("max_epochs, factor", [(2, 3), (9, 3), (8, 2)])
 def test_progress_counts_down_hyperbands_own_schedule(tmp_path, max_epochs, factor):
-    """planned_trials reads Keras Tuner's private schedule: driving a real Hyperband oracle
+    """planned_trials computes Hyperband's schedule: driving a real Hyperband oracle
     to its end (scores without training) must create exactly that many trials."""
     config = resolve("smoke", tuner="hyperband", max_epochs=max_epochs, hyperband_factor=factor, max_trials=1_000)
     oracle = make_tuner(config, None, tmp_path, "tuner").oracle
