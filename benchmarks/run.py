@@ -190,7 +190,11 @@ def tracking_overhead(data, pairs: int, tmp: Path) -> dict:
     from experiments import resolve  # noqa: PLC0415
     from search import tracking  # noqa: PLC0415
     from search.data import subset  # noqa: PLC0415
+    from search.driver import drive  # noqa: PLC0415
     from search.in_process import InProcess  # noqa: PLC0415
+    from search.robustness import heldout_probe  # noqa: PLC0415
+    from search.train import evaluation_dataset, training_dataset  # noqa: PLC0415
+    from search.trial import trial_callbacks  # noqa: PLC0415
     from search.tuner import make_tuner  # noqa: PLC0415
 
     config = resolve("smoke", precision="float32")
@@ -202,9 +206,16 @@ def tracking_overhead(data, pairs: int, tmp: Path) -> dict:
         with contextlib.redirect_stdout(io.StringIO()):
             if tracked:
                 with tracking.tracked_run("benchmark-tracking") as tracker:
-                    InProcess(config).run(make_tuner(config, tracker, folder, "tuner"), train, data.validation)
-            else:
-                InProcess(config).run(make_tuner(config, None, folder, "tuner"), train, data.validation)
+                    drive(make_tuner(config, tracker, folder, "tuner"), InProcess(config), config, train, data.validation)
+            else:  # Keras Tuner's own loop, the same trials' training, nothing logged
+                make_tuner(config, None, folder, "tuner").search(
+                    training_dataset(train, config.batch_size, config.seed),
+                    validation_data=evaluation_dataset(data.validation, config.batch_size),
+                    epochs=config.max_epochs,
+                    callbacks=trial_callbacks(config, heldout_probe(data.validation, config.seed)),
+                    shuffle=False,
+                    verbose=0,
+                )
 
     search(False)  # warm-up: TensorFlow's first graphs, MLflow's store creation
     search(True)

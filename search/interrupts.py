@@ -2,8 +2,8 @@
 
 The handler raises KeyboardInterrupt, as Python's own does, and also records
 the request: Python drops an exception raised while a finalizer or weakref
-callback runs ("Exception ignored in ..."), so the tuner's hooks call
-`raise_if_requested()` to stop at the next batch all the same.
+callback runs ("Exception ignored in ..."), so the driver and each trial's
+callback call `raise_if_requested()` to stop at the next batch all the same.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ from search import data as data_module
 from search.assessment import Evaluation, evaluate_once, keras_predict, write_model_card, write_search_report
 from search.budget import AFTER_TRAINING_PER_SETUP, CostModel, Plan, RunBudget, duration
 from search.data import DataError
-from search.executors import Executor, executor_for
+from search.driver import Backend, drive
+from search.executors import executor_for
 from search.hyperparameters import fixed_hyperparameters
 from search.outputs import check_writable, naming_a_full_disk
 from search.precision import Precision, choose_precision
@@ -232,7 +233,7 @@ def search(
     dtype_policy: str,
     resume: Resume | None,
     hypermodel: kt.HyperModel | None,
-    executor: Executor,
+    executor: Backend,
     out: Path,
     planned: Plan | None = None,
 ) -> tuple[kt.Tuner, list[dict]]:
@@ -263,7 +264,7 @@ def search(
     train = data_module.subset(data.train, config.train_subset)
     try:
         try:
-            executor.run(tuner, train, data.validation)
+            drive(tuner, executor, config, train, data.validation)
         except SearchStopped as err:
             if isinstance(err.error, (tracking.TrackingUnavailable, OSError)):
                 raise err.error from None

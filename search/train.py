@@ -163,7 +163,7 @@ def train_final(
             on_epoch_begin=lambda epoch, logs: augmenting.assign(epoch < augmented_epochs(schedule.epochs, clean_epochs))
         ),
         keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end),
-        # After the schedule's own hook, which settles how many epochs fit the budget.
+        # After the budget's hook, which settles how many epochs fit the budget.
         keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: print(final_progress(timing, epoch, logs), flush=True)),
         # Patience = epochs: never stops early (the schedule must run to its
         # end), but restores the best validation epoch's weights.

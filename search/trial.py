@@ -1,5 +1,5 @@
-"""One trial's lifecycle, the same wherever the trial trains: in this process (the tuner's
-hooks drive it) or in a Ray worker (a Keras callback drives it).
+"""One trial, the same wherever it trains, in this process or in a Ray worker: `run_trial`,
+its lifecycle driven by a Keras callback.
 
 `begin` opens the trial's nested run. In the first epoch its training is timed
 until its cost per image is measured; a trial too costly for the final training
@@ -18,9 +18,10 @@ import errno
 import math
 import shutil
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Protocol
 
 import keras
 import keras_tuner as kt
@@ -28,18 +29,18 @@ import numpy as np
 
 from experiments import SearchConfig
 from model_zoo import multiply_adds
+from search import interrupts
 from search.budget import TrainingClock, too_costly
 from search.data import Split
-from search.pruning import MedianStopping
 from search.tracking import SearchTracker
-from search.train import WarmupCosine
+from search.train import WarmupCosine, evaluation_dataset, training_dataset
 
 CHECKPOINT_HEADROOM_BYTES = 1 << 20  # beyond the weights: HDF5's own structures, the tuner's JSON files
 
 
 class SearchStopped(kt.errors.FatalError):
-    """An error inside a trial that must stop the search, not just fail the trial (Keras
-    Tuner lets only a FatalError through): a tracking call that failed, a full disk.
+    """An error inside a trial that must stop the search, not just fail the trial: a tracking
+    call that failed, a full disk (a FatalError, as Keras Tuner names what stops a search).
     `error` is the original (Keras drops the exception's cause)."""
 
     def __init__(self, trial_id: str, error: Exception, what: str):
@@ -75,6 +76,16 @@ def failure_reason(traceback_text: str) -> str:
     return lines[-1][:300]
 
 
+class MedianRule(Protocol):
+    """search/pruning.py's `MedianStopping`, or a Ray worker's handle to the driver's."""
+
+    def report(self, trial_id: str, epoch: int, value: float, last: bool = False) -> bool:
+        """Record the trial's val_accuracy after `epoch`; whether it should stop there."""
+
+    def end(self, trial_id: str, failed: bool = False) -> None:
+        """The trial ended: its curve is a reference for the next trials, unless it `failed`."""
+
+
 @dataclass(frozen=True)
 class TrialSpec:
     """What a trial's lifecycle needs to know, from the tuner (picklable: it travels to Ray workers)."""
@@ -84,7 +95,8 @@ class TrialSpec:
     planned_epochs: int
     batch_size: int
     max_seconds_per_image: float = math.inf  # costlier, and the trial is cut in its first epoch
-    pruner: MedianStopping | None = None  # the median rule; a Ray worker gets its own copy
+    # The median rule, live: the driver's own (search/pruning.py), or on Ray a handle to it.
+    pruner: MedianRule | None = None
 
 
 @dataclass
@@ -102,17 +114,93 @@ class TrialResult:
     seconds_per_image: float | None = None  # training, measured in its first epoch
 
 
-class TrialLifecycle:
-    """One trial from its run's start to its end; `checkpoint_folder`: where this process
-    writes the trial's checkpoints (None: elsewhere, checked there)."""
+@dataclass(frozen=True)
+class TrialData:
+    """The digits every trial trains and is scored on, and the held-out kinds' probe."""
 
-    def __init__(self, tracker: SearchTracker, spec: TrialSpec, checkpoint_folder: Path | None = None):
-        self.tracker, self.spec, self.checkpoint_folder = tracker, spec, checkpoint_folder
+    train: Split
+    validation: Split
+    probe: Split  # validation digits under held-out kinds of change (search/robustness.py)
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    """What one trial needs besides the data (picklable: it travels to Ray workers)."""
+
+    spec: TrialSpec  # what its lifecycle needs
+    hyperparameters: kt.HyperParameters
+    hypermodel: kt.HyperModel
+    config: SearchConfig
+    weights: list[np.ndarray] | None = None  # Hyperband: the earlier round's weights it continues
+    verbose: int = 0  # Keras' progress bars (in a terminal, in this process)
+    parent_run_id: str = ""  # the search run a Ray worker logs under
+    # The tracking store's credentials, as task arguments: Ray lists a job's runtime_env
+    # (`ray list jobs`), not its tasks' arguments.
+    credentials: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class TrialOutcome:
+    """How a trial ended, its best epoch and that epoch's weights, or the fault that must
+    stop the search (`stopped`)."""
+
+    result: TrialResult
+    metrics: dict[str, float] = field(default_factory=dict)  # at the best val_accuracy epoch
+    best_epoch: int = 0
+    weights: list[np.ndarray] | None = None  # of the best epoch
+    stopped: Exception | None = None  # a fault that stops the search (SearchStopped.error)
+
+
+def run_trial(job: TrialJob, data: TrialData, tracker: SearchTracker) -> TrialOutcome:
+    """One trial, the same wherever it runs: its lifecycle around its training. The run stays
+    open when a fault stops the search: the resume ends it and runs the trial again."""
+    settings, spec = job.config, job.spec
+    keras.backend.clear_session()  # a process runs many trials: free the last one's graph
+    lifecycle = TrialLifecycle(tracker, spec)
+    try:
+        lifecycle.begin()
+        failed, reason, watch = True, "", LifecycleCallback(lifecycle)
+        try:
+            keras.utils.set_random_seed(settings.seed)
+            model = job.hypermodel.build(job.hyperparameters.copy())
+            if job.weights is not None:
+                model.set_weights(job.weights)
+            history = job.hypermodel.fit(  # Keras Tuner's hook: model.fit, unless the hypermodel says otherwise
+                job.hyperparameters,
+                model,
+                training_dataset(data.train, settings.batch_size, settings.seed),
+                validation_data=evaluation_dataset(data.validation, settings.batch_size),
+                initial_epoch=int(job.hyperparameters.values.get("tuner/initial_epoch", 0)),
+                epochs=spec.planned_epochs,
+                callbacks=[*trial_callbacks(settings, data.probe), watch],
+                verbose=job.verbose,
+            )
+            lifecycle.check_losses(getattr(history, "history", {}).get("loss", []))
+            failed = False
+        except SearchStopped:
+            raise
+        except Exception:
+            # A Ctrl-C that lands inside TensorFlow can come out as another exception (seen:
+            # TypeError from convert_to_tensor). It is the interrupt, not the trial's failure.
+            interrupts.raise_if_requested()
+            reason = failure_reason(traceback.format_exc())
+        result = lifecycle.end(failed, reason, None if failed else lifecycle.best_logs["val_accuracy"])
+    except SearchStopped as stop:
+        return TrialOutcome(TrialResult(spec.trial_id, True, str(stop)), stopped=stop.error)
+    return TrialOutcome(result, lifecycle.best_logs, lifecycle.best_epoch, watch.best_weights)
+
+
+class TrialLifecycle:
+    """One trial from its run's start to its end."""
+
+    def __init__(self, tracker: SearchTracker, spec: TrialSpec):
+        self.tracker, self.spec = tracker, spec
         self.clock = TrainingClock(spec.batch_size)
         self.curve: dict[int, float] = {}
         self.best_logs: dict[str, float] = {}
         self.best_epoch = 0
         self.cut = ""
+        self.pruned: int | None = None  # epochs trained when the median rule stopped it
         self.param_count = self.multiply_adds = self.checkpoint_bytes = None
         self._judged, self._batches = False, 0
 
@@ -133,8 +221,8 @@ class TrialLifecycle:
         self._judge_cost(model)
 
     def epoch_ends(self, epoch: int, logs: Mapping[str, float] | None, model: keras.Model) -> bool:
-        """Log the epoch, check the room for its checkpoint, keep the curve, ask the median
-        rule; whether this epoch is the trial's best so far."""
+        """Log the epoch, keep the curve, ask the median rule; whether this epoch is the
+        trial's best so far."""
         logs = {key: float(value) for key, value in (logs or {}).items()}
         self.clock.epoch_ends(time.perf_counter() - self._epoch_started, self._batches * self.spec.batch_size)
         self._judge_cost(model)
@@ -142,11 +230,6 @@ class TrialLifecycle:
             self.param_count, self.multiply_adds = model.count_params(), multiply_adds(model)
             self.checkpoint_bytes = checkpoint_bytes(weight_bytes(model))
         self._tracked(self.tracker.log_epoch, self.spec.trial_id, epoch, logs)
-        if self.checkpoint_folder is not None:  # before the checkpoint is written, after this hook
-            try:
-                check_room(self.checkpoint_folder, self.checkpoint_bytes)
-            except OSError as full:
-                raise SearchStopped(self.spec.trial_id, full, "no space left on device") from full
         value = logs.get("val_accuracy", math.nan)
         if math.isnan(value):
             return False
@@ -156,6 +239,7 @@ class TrialLifecycle:
             self.best_logs, self.best_epoch = logs, epoch
         last = epoch + 1 >= self.spec.planned_epochs
         if self.spec.pruner and not self.cut and self.spec.pruner.report(self.spec.trial_id, epoch, value, last):
+            self.pruned = epoch + 1
             model.stop_training = True  # Keras ends the fit after this epoch
         return best
 
@@ -168,10 +252,7 @@ class TrialLifecycle:
 
     def end(self, failed: bool, reason: str = "", score: float | None = None) -> TrialResult:
         """Log the trial's summary and close its run; how it ended."""
-        pruner = self.spec.pruner
-        if pruner:
-            pruner.end(self.spec.trial_id, failed or bool(self.cut))  # a cut trial's partial epoch is no reference
-        pruned = pruner.pruned.get(self.spec.trial_id) if pruner else None
+        pruned = self.pruned
         seconds = time.perf_counter() - self._started
         summary = {
             "best_val_accuracy": None if failed else score,
@@ -214,8 +295,8 @@ class TrialLifecycle:
 
 
 class LifecycleCallback(keras.callbacks.Callback):
-    """A trial's lifecycle driven by Keras' own callbacks (a Ray worker has no tuner), keeping
-    the best epoch's weights, which it returns to the tuner."""
+    """A trial's lifecycle driven by Keras' own callbacks, keeping the best epoch's weights,
+    which the trial returns to the driver."""
 
     def __init__(self, lifecycle: TrialLifecycle):
         super().__init__()
@@ -226,6 +307,7 @@ class LifecycleCallback(keras.callbacks.Callback):
 
     # A begin hook: a batch-end hook turns off Keras' asynchronous dispatch of each batch's logs.
     def on_train_batch_begin(self, batch: int, logs=None) -> None:
+        interrupts.raise_if_requested()  # Ctrl-C in this process: stop at the next batch
         self.lifecycle.batch_begins(batch, self.model)
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:

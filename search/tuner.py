@@ -1,14 +1,14 @@
-"""Keras Tuner's tuners with MLflow tracking in their hooks, and the trials table.
+"""Keras Tuner's tuners, keeping the search's books, and the choice of the winner.
 
-The hypermodel decides what to build, the oracle what to try next, the tuner
-runs the trials; tracking belongs in the tuner's hooks (`on_trial_begin`,
-`on_epoch_end`, `on_trial_end`), not in Keras callbacks, which Keras Tuner
-deep-copies for every trial.
+The hypermodel decides what to build, the oracle what to try next; the driver
+(search/driver.py) runs the trials on a backend. The tuner keeps the books: what
+each trial is told before it starts (`trial_spec`), what it cost and how it ended
+(`trial_ended`), when the search's share of the budget is spent, and a copy of
+its state that a half-written file cannot damage.
 """
 
 from __future__ import annotations
 
-import errno
 import math
 import statistics
 from dataclasses import dataclass
@@ -19,29 +19,25 @@ import keras_tuner as kt
 
 from experiments import SearchConfig
 from model_zoo import CNNZoo, multiply_adds
-from search import faults, interrupts
 from search.budget import Plan, RunBudget
 from search.hyperparameters import active_values, fixed_hyperparameters
 from search.pruning import MedianStopping
 from search.reporting.progress import Progress
 from search.tracking import SearchTracker
-from search.trial import SearchStopped, TrialLifecycle, TrialResult, TrialSpec, failure_reason
+from search.trial import MedianRule, TrialResult, TrialSpec
 from search.tuner_state import keep_good_copy
 
 
 class TrackedTuner:
-    """Mixin: each trial's lifecycle (search/trial.py) in the tuner's hooks: a nested MLflow
-    run through `tracker`, a line per trial (its `progress`, counting down `trials` or
-    Hyperband's own schedule), hopeless trials stopped by `pruner`. `trial_epochs`: a
-    trial's epochs where Hyperband does not set them.
+    """Mixin: the books of a search whose trials log under `tracker`'s run: a line per trial
+    (its `progress`, counting down `trials` or Hyperband's own schedule), the median rule
+    (`pruner`, which the driver shares with the trials), each trial's cost. `trial_epochs`:
+    a trial's epochs where Hyperband does not set them.
 
     With a `plan` of a limited budget, no trial starts that would end past the
     search's share of it, and a trial whose measured cost per image would leave its
     final training fewer than the plan's `min_final_epochs` in the time after the
-    search is cut in its first epoch: it cannot win (`pick_winner`).
-
-    Trials that run elsewhere (search/scaleout.py) go through the same lifecycle and are
-    booked here the same way: `trial_spec` before, `trial_ended` after."""
+    search is cut in its first epoch: it cannot win (`pick_winner`)."""
 
     def __init__(
         self,
@@ -59,6 +55,9 @@ class TrackedTuner:
         self.progress = Progress(planned_trials(self.oracle, trials), budget=plan.budget if plan else None)
         self.costs = TrialCosts()
 
+    def search(self, *args, **kwargs) -> None:
+        raise TypeError("a tracked tuner's trials run in search/driver.py's loop: drive(tuner, backend, config, train, validation)")
+
     def pre_create_trial(self) -> None:
         super().pre_create_trial()
         budget = self.plan.budget if self.plan else None
@@ -73,70 +72,20 @@ class TrackedTuner:
         super().save()
         keep_good_copy(Path(self.project_dir))
 
-    def trial_spec(self, trial: kt.engine.trial.Trial, pruner: MedianStopping | None = None) -> TrialSpec:
+    def trial_spec(self, trial: kt.engine.trial.Trial, pruner: MedianRule | None = None) -> TrialSpec:
         """What the trial's lifecycle needs, the progress line said; `pruner`: the median rule
-        it reports to (default: this tuner's own)."""
+        as the trial reaches it (search/driver.py)."""
         values = active_values(trial.hyperparameters)
         self.progress.trial_started(trial.trial_id, values)
         max_cost = self.plan.max_seconds_per_image() if self.plan else math.inf
-        return TrialSpec(trial.trial_id, values, planned_epochs(trial, self.max_epochs), self.batch_size, max_cost, pruner or self.pruner)
+        return TrialSpec(trial.trial_id, values, planned_epochs(trial, self.max_epochs), self.batch_size, max_cost, pruner)
 
     def trial_ended(self, result: TrialResult) -> None:
-        """Book how a trial ended: its cost, its curve as the median rule's reference, the progress line."""
+        """Book how a trial ended: its cost, the progress line."""
         if result.cut:
             self.costs.cut[result.trial_id] = result.cut
         self.costs.trial_ended(result.trial_id, result.seconds, result.seconds_per_image)
-        if self.pruner and not result.failed and not result.cut and result.curve:
-            self.pruner.seed(result.trial_id, result.curve, result.pruned)
         self.progress.trial_ended(result.trial_id, result.score, result.seconds, result.reason, result.pruned, result.cut)
-
-    # --- the lifecycle of a trial run in this process, in Keras Tuner's hooks ---
-    def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
-        interrupts.raise_if_requested()
-        super().on_trial_begin(trial)
-        self.lifecycle = TrialLifecycle(self.tracker, self.trial_spec(trial), Path(self.project_dir))
-        self.lifecycle.begin()
-
-    def run_trial(self, trial, *args, **kwargs):
-        try:
-            histories = super().run_trial(trial, *args, **kwargs)
-        except OSError as err:
-            if err.errno == errno.ENOSPC:  # every later trial would fail the same way
-                raise SearchStopped(trial.trial_id, err, "no space left on device") from err
-            raise
-        for history in histories:
-            self.lifecycle.check_losses(getattr(history, "history", {}).get("loss", []))
-        return histories
-
-    def on_epoch_begin(self, trial, model, epoch, logs=None) -> None:
-        super().on_epoch_begin(trial, model, epoch, logs)
-        self.lifecycle.epoch_begins()
-
-    def on_batch_begin(self, trial, model, batch, logs=None) -> None:
-        interrupts.raise_if_requested()
-        self.lifecycle.batch_begins(batch, model)
-
-    def on_epoch_end(self, trial, model, epoch, logs=None) -> None:
-        super().on_epoch_end(trial, model, epoch, logs)
-        self.lifecycle.epoch_ends(epoch, logs, model)
-
-    def on_trial_end(self, trial: kt.engine.trial.Trial) -> None:
-        # A Ctrl-C that lands inside TensorFlow can come out as another exception
-        # (seen: TypeError from convert_to_tensor), which Keras Tuner records as
-        # the trial's failure. It is the interrupt: the trial stays open, as with
-        # any interrupt, and runs again on resume.
-        interrupts.raise_if_requested()
-        # The trial's run ends before the oracle saves the trial as ended, as on Ray (the
-        # worker ends it): a kill between the two leaves a trial the oracle runs again and
-        # a FINISHED run that the resume marks as run again, never a trial the oracle
-        # counts and MLflow lost.
-        best = self.lifecycle.best_logs.get("val_accuracy", math.nan) if self.lifecycle.best_logs else math.nan
-        failed = trial.status != kt.engine.trial.TrialStatus.COMPLETED or math.isnan(best)
-        reason = (failure_reason(trial.message) if trial.message else "no val_accuracy was measured") if failed else ""
-        result = self.lifecycle.end(failed, reason, None if failed else best)
-        faults.at("trial_run_ended")
-        super().on_trial_end(trial)
-        self.trial_ended(result)
 
 
 class TrialCosts:

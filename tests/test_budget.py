@@ -30,6 +30,7 @@ from search.budget import (
     too_costly,
 )
 from search.data import Split
+from search.driver import drive
 from search.in_process import InProcess
 from search.train import WarmupCosine
 from search.tuner import make_tuner, pick_winner
@@ -149,7 +150,7 @@ def small_and_large_trials(tracking_store, tmp_path, mnist_npz, plan=None, max_t
     config = resolve("smoke", fixed=(), max_trials=max_trials, max_epochs=max_epochs, early_stopping_patience=0, prune=False)
     with tracking.tracked_run("budget") as tracker:
         tuner = make_tuner(config, tracker, tmp_path, "tuner", hypermodel=TwoSizes(), plan=plan)
-        InProcess(config).run(tuner, digits(mnist_npz, 2_560), digits(mnist_npz, 512, offset=50_000))
+        drive(tuner, InProcess(config), config, digits(mnist_npz, 2_560), digits(mnist_npz, 512, offset=50_000))
     return tuner, tracker.run_id
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from experiments import resolve
 from search import tracking
 from search.data import Split
+from search.driver import drive
 from search.in_process import InProcess
 from search.pruning import MedianStopping
 from search.reporting.report import write_trials_csv
@@ -63,7 +64,7 @@ def test_a_real_trial_that_is_clearly_worse_is_stopped_and_logged_as_pruned(trac
                 "smoke", max_trials=trials, max_epochs=3, early_stopping_patience=0, fixed=(*pins, f"learning_rate={learning_rate}")
             )
             tuner = make_tuner(config, tracker, tmp_path / name, "tuner", pruner=rule)
-            InProcess(config).run(tuner, train, validation)
+            drive(tuner, InProcess(config), config, train, validation)
         records = tracker.trial_records()
     (hopeless,) = [r for r in records if r["pruned"]]
     assert rule.pruned == {hopeless["trial_id"]: 1}

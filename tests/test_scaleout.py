@@ -13,31 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import keras_tuner as kt
 import mlflow
-import numpy as np
 import pytest
 
-from experiments import resolve
-from model_zoo import PlainCNN
 from search import scaleout
-from search.tuner import make_tuner
+from search.trial import TrialJob
 from tests.helpers import MLFLOW_RUN_ENV, REPO, SMALL_SEARCH, free_port, fresh_project, mlflow_listening
-
-
-def test_a_trial_checkpoint_is_where_keras_tuner_loads_it_also_for_hyperbands_next_round(tmp_path):
-    config = resolve("smoke", tuner="hyperband", max_epochs=3, hyperband_factor=3)
-    tuner = make_tuner(config, None, tmp_path, "tuner", hypermodel=PlainCNN())
-    trial = tuner.oracle.create_trial("ray-0")
-    model = tuner.hypermodel.build(trial.hyperparameters.copy())
-    weights = [np.full(w.shape, 0.5, w.dtype) for w in model.get_weights()]
-    scaleout.save_checkpoint(tuner, trial, weights)
-    assert all(np.array_equal(a, b) for a, b in zip(tuner.load_model(trial).get_weights(), weights))
-    # A next round's trial names the one it continues; Keras Tuner builds it from that one's files.
-    later = kt.engine.trial.Trial(trial.hyperparameters.copy(), trial_id="9")
-    later.hyperparameters.values["tuner/trial_id"] = trial.trial_id
-    scaleout.save_checkpoint(tuner, later, [w * 2 for w in weights])
-    assert all(np.array_equal(a, 2 * b) for a, b in zip(tuner.load_model(later).get_weights(), weights))
 
 
 def test_a_trial_worker_gets_threads_for_its_cpus_and_the_absolute_tracking_uri(tracking_store, monkeypatch):
@@ -57,7 +38,7 @@ def test_credentials_travel_with_each_task_and_never_in_the_jobs_environment(mon
     env = scaleout.worker_environment(1)
     assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000" and not [v for v in env.values() if "s3cret" in v]
     assert scaleout.tracking_credentials() == {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "s3cret@x"}
-    assert "s3cret" not in repr(scaleout.TrialJob(None, None, None, "run", None, credentials=scaleout.tracking_credentials()))
+    assert "s3cret" not in repr(TrialJob(None, None, None, None, credentials=scaleout.tracking_credentials()))
 
 
 @pytest.mark.parametrize(
@@ -191,7 +172,7 @@ def test_two_trials_at_once_on_a_ray_cluster_log_every_trial_once_under_one_pare
     parent = parents[0]
     assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parent.info.run_id}
     assert sorted(t.data.tags["trial_id"] for t in trials) == ["0", "1", "2", "3"]  # each trial once
-    assert {t.info.status for t in trials} == {"FINISHED"}
+    assert {t.info.status for t in trials} == {"FINISHED"}, [(t.data.params, t.data.tags.get("failure_reason")) for t in trials]
     [node] = {t.data.tags["ray_node"] for t in trials}  # the cluster's one node, by its IP address
     assert node.count(".") == 3
     assert all(t.data.metrics["best_val_accuracy"] > 0.6 and t.data.metrics["cpu_seconds"] > 0 for t in trials)
@@ -234,7 +215,7 @@ def _wait_for_a_running_trial(server: str, experiment: str, search: subprocess.P
         assert search.poll() is None, (tmp_path / "search.log").read_text()[-3000:]
         _, trials = search_runs(server, experiment)
         if any(t.info.status == "RUNNING" and "loss" in t.data.metrics for t in trials):
-            workers = _pids_of("ray::run_trial")
+            workers = _pids_of("ray::ray_trial")
             if workers:
                 return workers[0]
         time.sleep(0.5)
@@ -310,3 +291,74 @@ def test_a_local_cluster_refuses_a_process_without_its_token(tmp_path):
     finally:
         cluster.stdin.close()  # the cluster's driver shuts its cluster down
         cluster.wait(timeout=120)
+
+
+# A search of two trials at once on Ray, whose hypermodel is defined in the script (Ray sends it
+# by value): a learning configuration that ends quickly, and a frozen one (learning rate 0) whose
+# first epoch reports only after `pause` seconds, long after the other has finished.
+LIVE_MEDIAN = """
+import dataclasses, json, sys, time
+from pathlib import Path
+import keras, keras_tuner as kt, numpy as np
+from experiments import resolve
+from model_zoo import make_cnn
+from search import tracking
+from search.data import Split
+from search.driver import drive
+from search.scaleout import RayTrials
+from search.tuner import make_tuner
+
+class FrozenIsSlow(kt.HyperModel):
+    def __init__(self, pause_s):
+        super().__init__()
+        self.pause_s = pause_s  # the worker's own sys.argv is Ray's
+
+    def build(self, hp):
+        return make_cnn(conv_filters=(8,), learning_rate=0.0 if hp.Boolean("frozen") else 1e-2)
+
+    def fit(self, hp, model, *args, callbacks=(), **kwargs):
+        if hp.get("frozen"):
+            pause = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: time.sleep(self.pause_s) if epoch == 0 else None)
+            callbacks = [pause, *callbacks]
+        return model.fit(*args, callbacks=callbacks, **kwargs)
+
+with np.load(sys.argv[2]) as d:
+    x, y = (d["x_train"][:1500, ..., None] / 255.0).astype("float32"), d["y_train"][:1500]
+config = resolve("smoke", ray="auto", parallel_trials=2, max_trials=2, max_epochs=2, prune_min_trials=1, prune_grace_epochs=1)
+config = dataclasses.replace(config, fixed=())
+with tracking.tracked_run("live-median") as tracker:
+    tuner = make_tuner(config, tracker, Path(sys.argv[1]), "tuner", hypermodel=FrozenIsSlow(float(sys.argv[3])))
+    drive(tuner, RayTrials(config), config, Split(x[:1000], y[:1000]), Split(x[1000:], y[1000:]))
+print(json.dumps(tracker.run_id))
+"""
+
+
+@pytest.mark.e2e
+def test_a_ray_trial_is_pruned_by_the_live_median_of_trials_that_finished_after_it_was_sent(
+    tmp_path, ray_cluster, tracking_server, mnist_12k
+):
+    """The median rule is the driver's, asked live: the frozen trial, sent with the other
+    before any trial had finished, is stopped after its first epoch against the curve of the
+    trial that finished meanwhile. (A copy of the rule taken when it was sent held no curve.)"""
+    env = {**os.environ, **ray_cluster, "MLFLOW_TRACKING_URI": tracking_server, "PYTHONPATH": str(REPO)}
+    for var in MLFLOW_RUN_ENV:
+        env.pop(var, None)
+    done = subprocess.run(
+        [sys.executable, "-c", LIVE_MEDIAN, str(tmp_path / "tuner"), str(mnist_12k), "20"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_server)
+    parent_id = done.stdout.strip().splitlines()[-1].strip('"')
+    trials = client.search_runs([client.get_run(parent_id).info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    [frozen] = [t for t in trials if t.data.params["frozen"] == "True"]
+    [learning] = [t for t in trials if t.data.params["frozen"] == "False"]
+    assert {t.info.status for t in trials} == {"FINISHED"}, [(t.data.params, t.data.tags.get("failure_reason")) for t in trials]
+    assert frozen.info.start_time < learning.info.end_time, "the frozen trial was sent after the other had finished"
+    assert frozen.data.tags.get("pruned") == "1", (frozen.data.tags, frozen.data.metrics)
+    assert "pruned" not in learning.data.tags
+    assert frozen.data.metrics["best_val_accuracy"] < learning.data.metrics["best_val_accuracy"]

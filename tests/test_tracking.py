@@ -18,23 +18,28 @@ import pytest
 from experiments import resolve
 from model_zoo import PlainCNN, make_cnn
 from search import interrupts, tracking
+from search.data import Split
+from search.driver import drive
 from search.hyperparameters import active_values
+from search.in_process import InProcess
 from search.pipeline import SearchFailed, run_search
 from search.tuner import make_tuner
 from tests.helpers import MLFLOW_RUN_ENV, REPO, SMALL_SEARCH, free_port, mlflow_listening, mnist_subset
 
 
 class FailsOnSecondTrial(kt.HyperModel):
-    """PlainCNN whose second trial cannot build: a trial that raises."""
+    """PlainCNN that cannot build the second configuration it is asked for: a trial that raises."""
 
     def __init__(self):
         super().__init__()
-        self.trial_builds = None  # counting starts once the tuner has read the space
+        self.configurations = None  # counting starts once the tuner has read the space
 
     def build(self, hp):
-        if self.trial_builds is not None:
-            self.trial_builds += 1
-            if self.trial_builds == 2:
+        if self.configurations is not None:
+            configuration = sorted(hp.values.items())
+            if configuration not in self.configurations:
+                self.configurations.append(configuration)
+            if self.configurations.index(configuration) == 1:
                 raise ValueError("cannot build this one")
         return PlainCNN().build(hp)
 
@@ -52,8 +57,8 @@ def run_tiny_search(tmp_path, small_mnist, hypermodel, max_trials=3):
     with tracking.tracked_run("tiny") as tracker:
         tuner = make_tuner(config, tracker, tmp_path / "tuner", "tiny", hypermodel=hypermodel)
         if isinstance(hypermodel, FailsOnSecondTrial):
-            hypermodel.trial_builds = 0
-        tuner.search(x, y, validation_data=(xv, yv), epochs=2, batch_size=64, verbose=0)
+            hypermodel.configurations = []
+        drive(tuner, InProcess(config), config, Split(x, y), Split(xv, yv))
     return tracker.run_id, tuner
 
 
@@ -160,7 +165,7 @@ def test_a_trial_whose_loss_goes_nan_is_failed(tracking_store, tmp_path, small_m
     assert len(children) == 2
     for run in children:
         assert run.info.status == "FAILED"
-        assert run.data.tags["failure_reason"].endswith("loss became NaN after 2 epoch(s)")
+        assert run.data.tags["failure_reason"] == "FailedTrialError: loss became NaN after 1 epoch(s)"  # TerminateOnNaN
 
 
 def test_when_every_trial_fails_the_search_fails(tracking_store, tmp_path, mnist_npz):
