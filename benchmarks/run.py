@@ -252,9 +252,8 @@ def inference_throughput(data, batch_size: int = 1_000, passes: int = 3) -> dict
     served = {}
     for form, int8_model in (("int8", int8_tflite(model)), ("float32", None)):
         with contextlib.redirect_stdout(io.StringIO()), tracking.tracked_run("benchmark-inference") as tracker:
-            registry.register_if_better(
-                tracker, model, {"test_accuracy": 1.0}, {"test_accuracy": 0.5}, f"benchmark-cnn-{form}", "champion", None, int8_model
-            )
+            candidate = registry.Candidate(model, {"test_accuracy": 1.0}, int8_model=int8_model)
+            registry.register_if_better(tracker, candidate, registry.Promotion(f"benchmark-cnn-{form}", "champion", {"test_accuracy": 0.5}))
         served[form] = tracking.load_pyfunc_model(f"models:/benchmark-cnn-{form}@champion")
     digits = np.round(data.test.x[..., 0] * 255).astype(np.uint8)
     predicted = {}

@@ -12,10 +12,13 @@ import dataclasses
 import math
 import posixpath
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
-TUNERS = ("hyperband", "bayesian", "random")
-FAMILIES = ("plain", "batchnorm", "residual")  # the CNN families of model_zoo
+from model_zoo.families import FAMILIES  # the CNN families, by name: model_zoo/families.py
+
+# Each tuner by name, and the Keras Tuner class that runs it (search/tuner.py tracks it).
+TUNERS = {"hyperband": "Hyperband", "bayesian": "BayesianOptimization", "random": "RandomSearch"}
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 AUGMENTATIONS = ("none", "jitter", "robust", "pixels")  # of the final training: search/augment.py
 
@@ -41,7 +44,7 @@ class SearchConfig:
     # hyperparameters in a few minutes; Bayesian optimisation would spend its
     # first 3 x (hyperparameters) trials sampling at random anyway.
     tuner: str = "random"
-    families: tuple[str, ...] = FAMILIES  # CNN families the search chooses among
+    families: tuple[str, ...] = tuple(FAMILIES)  # CNN families the search chooses among
     # Hyperparameters pinned to one value, as "name=value"; the search tunes the
     # rest. The default pins nothing: family, blocks, convolutions per block,
     # filters per block, kernel size, dropout, dense units and learning rate are searched.
@@ -352,6 +355,6 @@ def _check_registry_names(model_name: str, alias: str) -> None:
         )
 
 
-def _check_choice(what: str, value: str, valid: tuple[str, ...]) -> None:
+def _check_choice(what: str, value: str, valid: Collection[str]) -> None:
     if value not in valid:
         raise ConfigError(f"unknown {what} {value!r}: choose one of {', '.join(valid)}")

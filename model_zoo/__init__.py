@@ -1,18 +1,30 @@
-"""CNN hypermodels for 28x28 digit classification."""
+"""CNN hypermodels for 28x28 digit classification.
 
-from model_zoo.cnn import FusedBatchNormalization, average_of, make_cnn, multiply_adds, precision_policy, with_keras_layers
-from model_zoo.hypermodels import FAMILIES, BatchNormCNN, CNNZoo, PlainCNN, ResidualCNN
+Names are loaded on first use, so that `model_zoo.families` (what the settings
+read) imports without TensorFlow.
+"""
 
-__all__ = [
-    "FAMILIES",
-    "BatchNormCNN",
-    "CNNZoo",
-    "FusedBatchNormalization",
-    "PlainCNN",
-    "ResidualCNN",
-    "average_of",
-    "make_cnn",
-    "multiply_adds",
-    "precision_policy",
-    "with_keras_layers",
-]
+import importlib
+
+_HOMES = {
+    "FAMILIES": "families",
+    "Family": "families",
+    "FusedBatchNormalization": "cnn",
+    "average_of": "cnn",
+    "make_cnn": "cnn",
+    "multiply_adds": "cnn",
+    "precision_policy": "cnn",
+    "with_keras_layers": "cnn",
+    "BatchNormCNN": "hypermodels",
+    "CNNZoo": "hypermodels",
+    "PlainCNN": "hypermodels",
+    "ResidualCNN": "hypermodels",
+    "ZooHyperModel": "hypermodels",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'model_zoo' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"model_zoo.{_HOMES[name]}"), name)

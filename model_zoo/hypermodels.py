@@ -10,6 +10,7 @@ import keras
 import keras_tuner as kt
 
 from model_zoo.cnn import HEADS, INPUT_NORMS, make_cnn
+from model_zoo.families import FAMILIES
 
 MAX_CONV_BLOCKS = 3  # 28 -> 14 -> 7 -> 3 pixels: a fourth pooling leaves 1
 # Filters per block double with depth; the choices are bounded so that the
@@ -49,48 +50,36 @@ def pick_convs_per_block(hp: kt.HyperParameters) -> int:
 
 
 class ZooHyperModel(kt.HyperModel):
-    """A hypermodel of one family of `make_cnn`, built under `dtype_policy` (None: Keras' global policy).
-    A family is its name and its layout: what `make_cnn` builds given the convolutions per block."""
+    """A hypermodel of one family of `make_cnn` (model_zoo/families.py), built under
+    `dtype_policy` (None: Keras' global policy)."""
 
     family = "plain"
-    batch_norm = residual = False
-    stacked = False  # one convolution per block, whatever is drawn
 
-    @classmethod
-    def layout(cls, convs: int) -> dict:
-        return {"convs_per_block": convs if cls.stacked else 1, "batch_norm": cls.batch_norm, "residual": cls.residual}
-
-    def __init__(self, dtype_policy: str | None = None, **kwargs):
+    def __init__(self, dtype_policy: str | None = None, family: str | None = None, **kwargs):
         super().__init__(**kwargs)
         self.dtype_policy = dtype_policy
+        self.family = family or self.family
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}: choose from {', '.join(FAMILIES)}")
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
+        family = FAMILIES[self.family]
         choices = pick_architecture(hp)
-        convs = pick_convs_per_block(hp) if self.stacked else 1
-        return make_cnn(**choices, **self.layout(convs), dtype_policy=self.dtype_policy)
+        convs = pick_convs_per_block(hp) if family.stacked else 1
+        return make_cnn(**choices, **family.layout(convs), dtype_policy=self.dtype_policy)
 
 
+# The families the tests and benchmarks name; ZooHyperModel(family=...) builds any.
 class PlainCNN(ZooHyperModel):
-    """Keras' `mnist_convnet`, generalised: blocks of conv -> relu -> max-pool."""
-
     family = "plain"
 
 
 class BatchNormCNN(ZooHyperModel):
-    """Blocks of one or two batch-normalised convolutions."""
-
     family = "batchnorm"
-    batch_norm = stacked = True
 
 
 class ResidualCNN(ZooHyperModel):
-    """Blocks of one or two batch-normalised convolutions with a skip connection around them."""
-
     family = "residual"
-    batch_norm = stacked = residual = True
-
-
-FAMILIES: dict[str, type[ZooHyperModel]] = {cls.family: cls for cls in (PlainCNN, BatchNormCNN, ResidualCNN)}
 
 
 class CNNZoo(ZooHyperModel):

@@ -377,8 +377,9 @@ def promote(
         )
     if clears:
         card = write_model_card(tracker, config, data, winner, model, evaluation, gates)
+    candidate = registry.Candidate(model, scores, comparison, evaluation.int8_model, card)
     decision = registry.register_if_better(
-        tracker, model, scores, gates, config.model_name, config.champion_alias, comparison, evaluation.int8_model, card, registered
+        tracker, candidate, registry.Promotion(config.model_name, config.champion_alias, gates), registered
     )
     print(
         f"test_accuracy {scores['test_accuracy']:.4f}, robust_heldout_accuracy_mean {scores['robust_heldout_accuracy_mean']:.4f} - {decision.reason}"

@@ -36,24 +36,41 @@ def shortfalls(scores: Mapping[str, float], gates: Mapping[str, float]) -> list[
     return [f"{name} {scores[name]:.2%} < {gate:.2%}" for name, gate in gates.items() if scores[name] < gate]
 
 
+@dataclass(frozen=True)
+class Promotion:
+    """Where a model may go: the registered model, the alias of its champion, and the
+    gate each named score must reach."""
+
+    model_name: str
+    alias: str
+    gates: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A model the search offers the registry, with what it is judged by."""
+
+    model: object  # the Keras model
+    scores: Mapping[str, float]
+    comparison: Comparison | None = None  # against the current champion; None: there is none
+    int8_model: bytes | None = None  # a TFLite flatbuffer the pyfunc serves; None: the float32 model
+    card: str = ""  # Markdown: `model_card.md` beside the model and the version's description
+
+
 def register_if_better(
-    tracker: SearchTracker,
-    model,
-    scores: Mapping[str, float],
-    gates: Mapping[str, float],
-    model_name: str,
-    alias: str,
-    comparison: Comparison | None,
-    int8_model: bytes | None = None,
-    card: str = "",
-    registered: str | None = None,
+    tracker: SearchTracker, candidate: Candidate, promotion: Promotion, registered: str | None = None
 ) -> RegistryDecision:
-    """Register `model` if each of its `scores` named in `gates` reaches its gate; move
-    `alias` to it if it beats the champion. `comparison` is the challenger against the
-    current champion (None: there is none). `int8_model` (a TFLite flatbuffer) is what
-    the pyfunc serves; None: the float32 model. `card` (Markdown) travels with the model
-    as `model_card.md` and becomes the version's description. `registered`: the version
+    """Register the candidate if each of its scores named in the promotion's gates reaches its
+    gate; move the promotion's alias to it if it beats the champion. `registered`: the version
     this search registered before it was stopped, completed instead of a new one."""
+    model, scores, comparison, int8_model, card = (
+        candidate.model,
+        candidate.scores,
+        candidate.comparison,
+        candidate.int8_model,
+        candidate.card,
+    )
+    model_name, alias, gates = promotion.model_name, promotion.alias, promotion.gates
     failed = shortfalls(scores, gates)
     if failed:
         return _decided(tracker, RegistryDecision(False, "not registered: " + ", ".join(failed)))

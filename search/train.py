@@ -124,36 +124,55 @@ class FinalTraining:
     epoch_seconds: tuple[float, ...]  # measured, each
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How the final training trains a configuration (the settings' final_* values, one model's seed)."""
+
+    epochs: int  # at most; the budget may settle fewer
+    batch_size: int
+    augment: str = "none"  # search/augment.py
+    seed: int = 0
+    peak_learning_rate: float = 0.0  # 0: the configuration's searched learning_rate
+    clean_epochs: int = 0  # last epochs on the original digits (at most half of them)
+    budget_s: float = 0.0  # seconds the training may take (0: no limit; see seconds_left)
+
+    @classmethod
+    def of(cls, config: SearchConfig, model_index: int = 0) -> Recipe:
+        """The settings' recipe for the `model_index`-th model the final training averages."""
+        return cls(
+            epochs=config.final_epochs,
+            batch_size=config.batch_size,
+            augment=config.augment,
+            seed=config.seed + model_index,
+            peak_learning_rate=config.final_learning_rate,
+            clean_epochs=config.clean_final_epochs,
+        )
+
+
 def train_final(
     hypermodel: kt.HyperModel,
     hyperparameters: kt.HyperParameters,
     train: Split,
     validation: Split,
-    epochs: int,
-    batch_size: int,
-    augment: str,
-    seed: int,
-    on_epoch_end: Callable[[int, dict], None],
-    peak_learning_rate: float = 0.0,
-    budget_s: float = 0.0,
-    clean_epochs: int = 0,
+    recipe: Recipe,
+    on_epoch_end: Callable[[int, dict], None] = lambda epoch, logs: None,
     seconds_left: Callable[[float, float], float] | None = None,
 ) -> FinalTraining:
-    """A fresh model of the best configuration, trained for up to `epochs` epochs on `train`.
+    """A fresh model of the best configuration, trained as `recipe` says on `train`.
 
-    The learning rate follows `WarmupCosine`, peaking at `peak_learning_rate`
-    (0: the configuration's searched learning rate), over as many epochs as
-    fit in `budget_s` seconds (0: no limit; or as `seconds_left` says after the
-    first epoch: see search/budget.py's `EpochBudget`); the training digits are augmented
-    as `augment` says (search/augment.py), except in the last `clean_epochs` epochs (at most
-    half of them: a schedule the budget cut to one epoch is augmented) of
-    the schedule. The weights of the best validation epoch are kept.
-    `on_epoch_end(epoch, logs)` sees every epoch, for tracking.
+    The learning rate follows `WarmupCosine`, peaking at the recipe's `peak_learning_rate`,
+    over as many of its `epochs` as fit in its `budget_s` seconds (or as `seconds_left`
+    says after the first epoch: see search/budget.py's `EpochBudget`); the training digits
+    are augmented as its `augment` says, except in the last `clean_epochs` epochs (at most
+    half of them: a schedule the budget cut to one epoch is augmented) of the schedule.
+    The weights of the best validation epoch are kept. `on_epoch_end(epoch, logs)` sees
+    every epoch, for tracking.
     """
+    epochs, clean_epochs, seed = recipe.epochs, recipe.clean_epochs, recipe.seed
     keras.utils.set_random_seed(seed)
     model = hypermodel.build(hyperparameters.copy())
-    schedule = WarmupCosine(peak_learning_rate or None, epochs)
-    timing = EpochBudget(schedule, budget_s, seconds_left)
+    schedule = WarmupCosine(recipe.peak_learning_rate or None, epochs)
+    timing = EpochBudget(schedule, recipe.budget_s, seconds_left)
     augmenting = tf.Variable(True, trainable=False)
     callbacks = [
         schedule,
@@ -170,8 +189,8 @@ def train_final(
         keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=epochs, restore_best_weights=True),
     ]
     model.fit(
-        training_dataset(train, batch_size, seed, augment, augmenting),
-        validation_data=evaluation_dataset(validation, batch_size),
+        training_dataset(train, recipe.batch_size, seed, recipe.augment, augmenting),
+        validation_data=evaluation_dataset(validation, recipe.batch_size),
         epochs=epochs,
         callbacks=callbacks,
         shuffle=False,  # the dataset shuffles
@@ -226,13 +245,8 @@ def retrain_winner(
             hyperparameters,
             data.train,
             data.validation,
-            config.final_epochs,
-            config.batch_size,
-            config.augment,
-            config.seed + i,
+            Recipe.of(config, model_index=i),
             on_epoch_end=lambda epoch, logs, prefix=prefix: log_metrics({prefix + k: v for k, v in logs.items()}, step=epoch),
-            peak_learning_rate=config.final_learning_rate,
-            clean_epochs=config.clean_final_epochs,
             seconds_left=share,
         )
         timing = {prefix + "epochs_run": run.epochs, prefix + "epoch_seconds": sum(run.epoch_seconds) / run.epochs}

@@ -9,6 +9,7 @@ its state that a half-written file cannot damage.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Callable
 
 import keras_tuner as kt
 
-from experiments import SearchConfig
+from experiments import TUNERS, SearchConfig
 from model_zoo import CNNZoo, multiply_adds
 from search.budget import Plan, RunBudget
 from search.hyperparameters import active_values, fixed_hyperparameters
@@ -117,23 +118,17 @@ class TrialCosts:
         return budget.search_left() < statistics.median(self.wall_seconds)
 
 
-class TrackedHyperband(TrackedTuner, kt.Hyperband):
-    pass
-
-
-class TrackedBayesianOptimization(TrackedTuner, kt.BayesianOptimization):
-    pass
-
-
-class TrackedRandomSearch(TrackedTuner, kt.RandomSearch):
-    pass
-
-
 TUNER_SEED_STRIDE = 10_007  # a prime larger than any search's trial count
 
-TUNER_CLASSES = {"hyperband": TrackedHyperband, "bayesian": TrackedBayesianOptimization, "random": TrackedRandomSearch}
-# Keras Tuner's own classes: the same search with tracking switched off (benchmarks).
-UNTRACKED_CLASSES = {"hyperband": kt.Hyperband, "bayesian": kt.BayesianOptimization, "random": kt.RandomSearch}
+
+@functools.cache
+def tuner_class(name: str, tracked: bool = True) -> type[kt.Tuner]:
+    """The tuner named `name` in experiments' TUNERS: Keras Tuner's own class, or
+    (`tracked`) that class with this module's bookkeeping mixed in."""
+    keras_tuner_class = getattr(kt, TUNERS[name])
+    if not tracked:
+        return keras_tuner_class
+    return type(f"Tracked{keras_tuner_class.__name__}", (TrackedTuner, keras_tuner_class), {})
 
 
 def make_tuner(
@@ -178,12 +173,12 @@ def make_tuner(
             batch_size=config.batch_size,
             plan=plan,
         )
-    classes = TUNER_CLASSES if tracker else UNTRACKED_CLASSES
+    tuner_type = tuner_class(config.tuner, tracked=tracker is not None)
     if config.tuner == "hyperband":
-        tuner = classes["hyperband"](max_epochs=config.max_epochs, factor=config.hyperband_factor, **common)
+        tuner = tuner_type(max_epochs=config.max_epochs, factor=config.hyperband_factor, **common)
         tuner.oracle.max_trials = config.max_trials  # Hyperband has no trial cap of its own
     else:
-        tuner = classes[config.tuner](max_trials=config.max_trials, **common)
+        tuner = tuner_type(max_trials=config.max_trials, **common)
     return tuner
 
 

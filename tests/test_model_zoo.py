@@ -11,6 +11,7 @@ from model_zoo import (
     FusedBatchNormalization,
     PlainCNN,
     ResidualCNN,
+    ZooHyperModel,
     average_of,
     make_cnn,
     with_keras_layers,
@@ -27,6 +28,9 @@ SHARED_DEFAULTS = {
     "dense_units": 0,
     "learning_rate": 1e-3,
 }
+
+
+SHARED_DEFAULTS_CONVS_PER_BLOCK = 2  # convs_per_block's default, for the families that draw it
 
 
 def active(hp):
@@ -52,6 +56,21 @@ def test_builds_from_empty_hyperparameters_with_defaults(hypermodel, extra):
     assert model.output_shape == (None, 10)
     probabilities = model.predict(np.zeros((2, 28, 28, 1), np.float32), verbose=0)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_of_the_table_builds_its_layout_from_empty_hyperparameters(family):
+    import keras
+
+    model = ZooHyperModel(family=family).build(kt.HyperParameters())
+    layers = [type(layer) for layer in model.layers]
+    # 1x1 convolutions are the residual family's projections of its skip connections.
+    convolutions = sum(isinstance(layer, keras.layers.Conv2D) and layer.kernel_size != (1, 1) for layer in model.layers)
+    expected = FAMILIES[family].layout(SHARED_DEFAULTS_CONVS_PER_BLOCK)["convs_per_block"] * SHARED_DEFAULTS["conv_blocks"]
+    assert convolutions == expected
+    assert (FusedBatchNormalization in layers or keras.layers.BatchNormalization in layers) == FAMILIES[family].batch_norm
+    assert (keras.layers.Add in layers) == FAMILIES[family].residual
+    assert model.output_shape == (None, 10)
 
 
 def test_space_covers_architecture_not_just_learning_rate():

@@ -15,6 +15,7 @@ from search.evaluate import Comparison
 from search.serving import pyfunc_model
 
 GATES = {"test_accuracy": 0.90, "robust_heldout_accuracy_mean": 0.90}
+DIGITS = registry.Promotion("digits", "champion", GATES)
 
 
 def test_registry_gates_champion_and_previous_champion(tracking_store):
@@ -29,7 +30,7 @@ def test_registry_gates_champion_and_previous_champion(tracking_store):
     def register(test_accuracy, comparison=None, robust=0.95):
         scores = {"test_accuracy": test_accuracy, "robust_heldout_accuracy_mean": robust}
         tracker.log_metrics(scores)  # as the pipeline logs its evaluation before the registry decides
-        return registry.register_if_better(tracker, model, scores, GATES, "digits", "champion", comparison, card="# card")
+        return registry.register_if_better(tracker, registry.Candidate(model, scores, comparison, card="# card"), DIGITS)
 
     with tracking.tracked_run("registry") as tracker:
         below = register(0.85, robust=0.80)
@@ -92,9 +93,8 @@ def test_a_model_registered_with_its_int8_form_serves_that_form(tracking_store):
     model = make_cnn(conv_filters=(4,), batch_norm=True)
     int8_model = int8_tflite(model)
     with tracking.tracked_run("registry") as tracker:
-        registry.register_if_better(
-            tracker, model, {"test_accuracy": 0.95}, {"test_accuracy": 0.90}, "digits", "champion", None, int8_model
-        )
+        candidate = registry.Candidate(model, {"test_accuracy": 0.95}, int8_model=int8_model)
+        registry.register_if_better(tracker, candidate, registry.Promotion("digits", "champion", {"test_accuracy": 0.90}))
     assert mlflow.MlflowClient().get_model_version("digits", "1").tags["served_form"] == "int8"
     digits = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
     served = mlflow.pyfunc.load_model("models:/digits@champion").predict(digits)

@@ -15,7 +15,7 @@ import keras_tuner as kt
 import mlflow
 import pytest
 
-from experiments import resolve
+from experiments import TUNERS, resolve
 from model_zoo import PlainCNN, make_cnn
 from search import interrupts, tracking
 from search.data import Split
@@ -50,9 +50,9 @@ def small_mnist(mnist):
     return data.train.x[:600], data.train.y[:600], data.validation.x[:300], data.validation.y[:300]
 
 
-def run_tiny_search(tmp_path, small_mnist, hypermodel, max_trials=3):
+def run_tiny_search(tmp_path, small_mnist, hypermodel, max_trials=3, tuner="random"):
     # These hypermodels have spaces of their own: none of the smoke profile's pins.
-    config = dataclasses.replace(resolve("smoke", max_trials=max_trials, max_epochs=2), fixed=())
+    config = dataclasses.replace(resolve("smoke", max_trials=max_trials, max_epochs=2, tuner=tuner), fixed=())
     x, y, xv, yv = small_mnist
     with tracking.tracked_run("tiny") as tracker:
         tuner = make_tuner(config, tracker, tmp_path / "tuner", "tiny", hypermodel=hypermodel)
@@ -82,6 +82,16 @@ def test_one_nested_run_per_trial_with_hyperparameters_and_epoch_metrics(trackin
         assert run.data.metrics["best_val_accuracy"] == pytest.approx(trial.score)
         assert run.data.metrics["param_count"] > 1000
         assert run.data.metrics["wall_time_s"] > 0
+
+
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_every_tuner_the_settings_name_runs_a_tracked_search(tracking_store, tmp_path, small_mnist, tuner):
+    parent_id, keras_tuner = run_tiny_search(tmp_path, small_mnist, PlainCNN(), max_trials=2, tuner=tuner)
+    assert type(keras_tuner).__name__ == "Tracked" + TUNERS[tuner]
+    assert mlflow.get_run(parent_id).info.status == "FINISHED"
+    runs = child_runs(parent_id)
+    assert runs and {run.info.status for run in runs} == {"FINISHED"}
+    assert {run.data.tags["trial_id"] for run in runs} == set(keras_tuner.oracle.trials)
 
 
 def test_a_trial_that_raises_is_a_failed_run_with_its_reason(tracking_store, tmp_path, small_mnist):

@@ -10,7 +10,7 @@ import pytest
 from model_zoo import PlainCNN, make_cnn, precision_policy
 from search.augment import jitter, robust
 from search.data import Split
-from search.train import WarmupCosine, evaluation_dataset, train_final, training_dataset
+from search.train import Recipe, WarmupCosine, evaluation_dataset, train_final, training_dataset
 
 
 def random_split(n: int = 256) -> Split:
@@ -28,10 +28,7 @@ def test_train_final_reports_every_epoch_and_keeps_a_working_model(capsys):
         hp,
         split,
         Split(split.x[:64], split.y[:64]),
-        epochs=3,
-        batch_size=64,
-        augment="robust",
-        seed=1,
+        Recipe(epochs=3, batch_size=64, augment="robust", seed=1),
         on_epoch_end=lambda epoch, logs: seen.append((epoch, sorted(logs))),
     )
     assert [epoch for epoch, _ in seen] == [0, 1, 2] and run.epochs == 3 and len(run.epoch_seconds) == 3
@@ -80,9 +77,7 @@ def test_the_final_training_budget_comes_from_the_first_epoch_and_holds():
     validation = Split(split.x[:1024], split.y[:1024])
 
     def train(budget_s: float):
-        return train_final(
-            PlainCNN(), kt.HyperParameters(), split, validation, 4, 64, "none", seed=0, on_epoch_end=lambda *_: None, budget_s=budget_s
-        )
+        return train_final(PlainCNN(), kt.HyperParameters(), split, validation, Recipe(epochs=4, batch_size=64, budget_s=budget_s))
 
     unlimited = train(budget_s=1e6)
     # The estimate (the first epoch with its first batches left out) is the epoch time later epochs measure.
@@ -198,10 +193,7 @@ class _SeeingHyperModel(kt.HyperModel):
 def test_the_last_clean_epochs_of_the_final_training_see_unchanged_digits():
     split = random_split(64)
     hypermodel = _SeeingHyperModel(split.x)
-    run = train_final(
-        hypermodel, kt.HyperParameters(), split, split, epochs=4, batch_size=16, augment="robust", seed=0,
-        on_epoch_end=lambda epoch, logs: None, clean_epochs=1,
-    )  # fmt: skip
+    run = train_final(hypermodel, kt.HyperParameters(), split, split, Recipe(epochs=4, batch_size=16, augment="robust", clean_epochs=1))
     assert run.model.clean == [False] * 12 + [True] * 4  # 4 batches per epoch: only the last epoch's are the originals
 
 

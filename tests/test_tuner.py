@@ -94,10 +94,3 @@ def test_a_checkpoint_without_room_on_disk_is_refused_before_it_is_written(tmp_p
         check_room(tmp_path, free + checkpoint_bytes(0))
     assert full.value.errno == errno.ENOSPC and full.value.filename == str(tmp_path)
     assert "MB checkpoint" in full.value.strerror
-
-
-def test_every_tuner_the_settings_accept_has_a_tracked_and_an_untracked_class():
-    from experiments import TUNERS
-    from search.tuner import TUNER_CLASSES, UNTRACKED_CLASSES
-
-    assert set(TUNERS) == set(TUNER_CLASSES) == set(UNTRACKED_CLASSES)
