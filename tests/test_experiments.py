@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import PROFILES, TUNERS, ConfigError, SearchConfig, from_params, parse_setting, resolve, resolve_text, to_params
+from experiments import FAMILIES, PROFILES, TUNERS, ConfigError, SearchConfig, from_params, parse_setting, resolve, resolve_text, to_params
 
 
 def test_defaults_are_the_documented_ones():
@@ -16,7 +16,7 @@ def test_defaults_are_the_documented_ones():
     assert (config.profile, config.tuner, config.objective) == ("default", "random", "val_accuracy")
     assert (config.threshold, config.model_name, config.champion_alias) == (0.90, "mnist-cnn", "champion")
     assert config.validation_size == 6_000
-    assert config.families == ("plain", "batchnorm", "residual")
+    assert config.families == tuple(FAMILIES)  # every family of model_zoo/families.py
     assert (config.prune, config.prune_min_trials, config.prune_grace_epochs, config.trial_schedule) == (True, 3, 1, True)
     assert (config.final_epochs, config.augment) == (40, "pixels")
     assert (config.robust_threshold, config.robust_size) == (0.90, 10_000)

@@ -89,7 +89,7 @@ def test_space_covers_architecture_not_just_learning_rate():
         "dense_units",
         "learning_rate",
     } <= names
-    assert [p for p in hp.space if p.name == "family"][0].values == ["plain", "batchnorm", "residual"]
+    assert [p for p in hp.space if p.name == "family"][0].values == list(FAMILIES)
     assert hp.get("learning_rate") == 1e-3
     assert [p for p in hp.space if p.name == "learning_rate"][0].sampling == "log"
 
