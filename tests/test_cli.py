@@ -11,6 +11,7 @@ import mlflow
 import numpy as np
 import pytest
 
+from experiments import FAMILIES, TUNERS
 from search.cli import main
 from tests.helpers import REPO, free_port, write_npz
 
@@ -41,8 +42,8 @@ def bad_input(case: str, tmp_path) -> tuple[list[str], str]:
         "threshold above 1": (["--threshold", "1.5"], "threshold must be in (0, 1], got 1.5"),
         "threshold below 0": (["--threshold", "-0.5"], "threshold must be in (0, 1], got -0.5"),
         "unknown profile": (["--profile", "huge"], "unknown profile 'huge': choose one of default, fast, thorough, smoke"),
-        "unknown tuner": (["--tuner", "grid"], "unknown tuner 'grid': choose one of hyperband, bayesian, random"),
-        "unknown model family": (["--families", "plain,resnet"], "unknown model family 'resnet': choose one of plain, batchnorm"),
+        "unknown tuner": (["--tuner", "annealing"], "unknown tuner 'annealing': choose one of " + ", ".join(TUNERS)),
+        "unknown model family": (["--families", "plain,resnet"], "unknown model family 'resnet': choose one of " + ", ".join(FAMILIES)),
         "negative max_trials": (["--max-trials", "-2"], "max_trials must be a positive integer, got -2"),
         "negative max_epochs": (["--max-epochs", "-1"], "max_epochs must be a positive integer, got -1"),
         "unreachable tracking server": ([], "is unreachable"),
