@@ -12,7 +12,7 @@ from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from search.data import Split
-from search.reporting.plots import save, subplots
+from search.reporting.plots import mosaic, save, subplots
 
 
 @dataclass(frozen=True)
@@ -115,12 +115,9 @@ def plot_misclassified(test: Split, report: TestReport, path: Path, limit: int =
     """The first `limit` misclassified test digits, titled true -> predicted."""
     wrong = np.flatnonzero(report.predicted != test.y)[:limit]
     rows = max(1, math.ceil(len(wrong) / cols))
-    fig, axes = subplots(rows, cols, figsize=(cols * 1.1, rows * 1.3), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, wrong):
-        ax.imshow(test.x[i, :, :, 0], cmap="gray", vmin=0.0, vmax=1.0)
-        ax.set_title(f"{test.y[i]} -> {report.predicted[i]}", fontsize=9, color="crimson")
+    fig, ax = subplots(figsize=(cols * 1.1, rows * 1.3))
+    mosaic(ax, test.x[wrong, :, :, 0], cols, [f"{test.y[i]} -> {report.predicted[i]}" for i in wrong], color="crimson")
+    ax.axis("off")
     total = int((report.predicted != test.y).sum())
     fig.suptitle(f"Misclassified test digits (true -> predicted): {len(wrong)} of {total}")
     return save(fig, path)

@@ -23,7 +23,7 @@ from PIL import Image
 from scipy import ndimage
 
 from search.data import Split
-from search.reporting.plots import save, subplots
+from search.reporting.plots import mosaic, save, subplots
 
 SIZE = 28
 CENTRE = (SIZE - 1) / 2
@@ -348,14 +348,11 @@ def evaluate(predict: Callable[[np.ndarray], np.ndarray], corrupted: dict[str, S
 def plot_examples(corrupted: dict[str, Split], report: RobustnessReport, path: Path, per_row: int = 10) -> Path:
     """A row of example digits per kind of change, labelled with its family, whether it is
     held out, and the model's accuracy on it."""
-    fig, axes = subplots(len(corrupted), per_row, figsize=(per_row * 0.9 + 1.6, len(corrupted) * 1.0), squeeze=False)
-    for row, (name, split) in zip(axes, corrupted.items()):
-        for i, ax in enumerate(row):
-            ax.imshow(split.x[i, :, :, 0], cmap="gray", vmin=0.0, vmax=1.0)
-            ax.set_xticks([])
-            ax.set_yticks([])
+    fig, axes = subplots(len(corrupted), 1, figsize=(per_row * 0.9 + 1.6, len(corrupted) * 1.0), squeeze=False)
+    for ax, (name, split) in zip(axes[:, 0], corrupted.items()):
+        mosaic(ax, split.x[:per_row, :, :, 0], per_row)
         status = "trained-on" if KINDS[name].trained else "held out"
         label = f"{name}\n{KINDS[name].family}, {status}\n{report.accuracy[name]:.2%}"
-        row[0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
     fig.suptitle(f"Changed test digits: held-out kinds {report.heldout_mean:.2%}, trained-on kinds {report.trained_mean:.2%}", fontsize=10)
     return save(fig, path)

@@ -7,17 +7,15 @@ from pathlib import Path
 import numpy as np
 
 from search.data import MnistData, Split
-from search.reporting.plots import save, subplots
+from search.reporting.plots import mosaic, save, subplots
 
 
 def sample_grid(split: Split, path: Path, seed: int, rows: int = 4, cols: int = 8) -> Path:
     """A grid of random images of `split`, each titled with its label."""
     picks = np.random.default_rng(seed).choice(len(split), size=rows * cols, replace=False)
-    fig, axes = subplots(rows, cols, figsize=(cols * 1.2, rows * 1.4))
-    for ax, i in zip(axes.flat, picks):
-        ax.imshow(split.x[i, :, :, 0], cmap="gray", vmin=0.0, vmax=1.0)
-        ax.set_title(f"label {split.y[i]}", fontsize=9)
-        ax.axis("off")
+    fig, ax = subplots(figsize=(cols * 1.2, rows * 1.4))
+    mosaic(ax, split.x[picks, :, :, 0], cols, [f"label {split.y[i]}" for i in picks])
+    ax.axis("off")
     fig.suptitle(f"{rows * cols} random training digits")
     return save(fig, path)
 
