@@ -14,10 +14,9 @@ VENV := .venv/bin
 search: .venv/installed
 	PATH="$(CURDIR)/$(VENV):$$PATH" mlflow run . --env-manager local -P profile=$(PROFILE)
 
-# Most tests wait on processes, servers and clusters, and a search's process keeps less than
-# one core busy: three workers overlap that waiting on two cores. The tests that time
-# themselves against a budget (marked alone) run afterwards, one at a time.
-TEST_WORKERS ?= 3
+# Most tests wait on processes, servers and clusters: two workers overlap that waiting. The
+# tests that time themselves against a budget (marked alone) run afterwards, one at a time.
+TEST_WORKERS ?= 2
 test: .venv/installed system-packages lint
 	$(VENV)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not alone"
 	$(VENV)/python -m pytest -m alone
