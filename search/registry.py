@@ -63,34 +63,27 @@ def register_if_better(
     """Register the candidate if each of its scores named in the promotion's gates reaches its
     gate; move the promotion's alias to it if it beats the champion. `registered`: the version
     this search registered before it was stopped, completed instead of a new one."""
-    model, scores, comparison, int8_model, card = (
-        candidate.model,
-        candidate.scores,
-        candidate.comparison,
-        candidate.int8_model,
-        candidate.card,
-    )
-    model_name, alias, gates = promotion.model_name, promotion.alias, promotion.gates
-    failed = shortfalls(scores, gates)
+    comparison, model_name, alias = candidate.comparison, promotion.model_name, promotion.alias
+    failed = shortfalls(candidate.scores, promotion.gates)
     if failed:
         return _decided(tracker, RegistryDecision(False, "not registered: " + ", ".join(failed)))
     previous = tracker.alias_version(model_name, alias)
     if registered:
         version = registered
     else:
-        files = {pyfunc_model.TFLITE_FILE: int8_model} if int8_model else {}
+        files = {pyfunc_model.TFLITE_FILE: candidate.int8_model} if candidate.int8_model else {}
         loader_config = {"output": "table"}  # load_model(..., model_config={"output": "digit"}) for the digits alone
         code = {
             PYFUNC_MODULE: Path(pyfunc_model.__file__),
             pyfunc_model.CHECK_MODULE: Path(digits.__file__),
         }  # the pyfunc and its check of digits
-        model_uri = tracker.log_model(with_keras_layers(model), code, PYFUNC_MODULE, files, card, loader_config)
+        model_uri = tracker.log_model(with_keras_layers(candidate.model), code, PYFUNC_MODULE, files, candidate.card, loader_config)
         version = tracker.register(model_uri, model_name)
         faults.at("registered")
     tags = {
-        **{name: f"{value:.6f}" for name, value in scores.items()},
+        **{name: f"{value:.6f}" for name, value in candidate.scores.items()},
         "search_run_id": tracker.run_id,
-        "served_form": "int8" if int8_model else "float32",
+        "served_form": "int8" if candidate.int8_model else "float32",
     }
     if comparison is not None:
         tags |= {
@@ -101,8 +94,8 @@ def register_if_better(
             "mcnemar_champion_only_right": str(comparison.champion_only_right),
             "mcnemar_p_value": f"{comparison.p_value:.6g}",
         }
-    tracker.tag_version(model_name, version, tags, description=card)
-    figures = ", ".join(f"{name} {value:.2%}" for name, value in scores.items())
+    tracker.tag_version(model_name, version, tags, description=candidate.card)
+    figures = ", ".join(f"{name} {value:.2%}" for name, value in candidate.scores.items())
     if comparison is not None and not comparison.challenger_wins:
         reason = (
             f"registered {model_name} version {version}; @{alias} stays version {previous}: it is not worse on both "

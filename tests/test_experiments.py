@@ -129,7 +129,7 @@ def test_bad_text_settings_raise_one_clear_error(settings, message):
         ({"profile": "nope"}, "unknown profile 'nope': choose one of default, fast, thorough, smoke"),
         ({"fixed": ("conv_blocks",)}, "fixed hyperparameter 'conv_blocks' is not of the form name=value"),
         ({"tuner": "annealing"}, "unknown tuner 'annealing': choose one of " + ", ".join(TUNERS)),
-        ({"families": ("plain", "resnet")}, "unknown model family 'resnet': choose one of plain, batchnorm"),
+        ({"families": ("plain", "resnet")}, "unknown model family 'resnet': choose one of " + ", ".join(FAMILIES)),
         ({"threshold": 1.5}, "threshold must be in (0, 1], got 1.5"),
         ({"threshold": -0.1}, "threshold must be in (0, 1], got -0.1"),
         ({"max_trials": -1}, "max_trials must be a positive integer, got -1"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ def save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def mosaic(ax: Axes, images: np.ndarray, cols: int, titles: list[str] = (), **title_style) -> None:
+def mosaic(ax: Axes, images: np.ndarray, cols: int, titles: Sequence[str] = (), **title_style) -> None:
     """Greyscale images (N, H, W) in [0, 1] drawn as one picture of `cols` columns, each
     image titled above: one axes for them all, since a figure of hundreds of axes takes
     seconds to lay out."""
