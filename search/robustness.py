@@ -23,7 +23,7 @@ from PIL import Image
 from scipy import ndimage
 
 from search.data import Split
-from search.reporting.plots import mosaic, save, subplots
+from search.reporting.plots import GAP, mosaic, save, subplots
 
 SIZE = 28
 CENTRE = (SIZE - 1) / 2
@@ -340,19 +340,34 @@ class RobustnessReport:
         return {**{f"robust_accuracy_{k}": v for k, v in self.accuracy.items()}, **{k: v for k, v in means.items() if not math.isnan(v)}}
 
 
-def evaluate(predict: Callable[[np.ndarray], np.ndarray], corrupted: dict[str, Split]) -> RobustnessReport:
-    """Accuracy of `predict` (digits -> (N, 10) probabilities) on each changed split."""
-    return RobustnessReport({name: float((np.asarray(predict(s.x)).argmax(1) == s.y).mean()) for name, s in corrupted.items()})
+def evaluate(predict: Callable[[np.ndarray], np.ndarray], corrupted: dict[str, Split], digits_per_call: int = 10_000) -> RobustnessReport:
+    """Accuracy of `predict` (digits -> (N, 10) probabilities) on each changed split. Small
+    splits are predicted together, about `digits_per_call` at a time: a model pays a fixed
+    cost per call, which a call per kind of 500 digits would pay 28 times."""
+    accuracy: dict[str, float] = {}
+    names: list[str] = []
+    for i, name in enumerate(corrupted):
+        names.append(name)
+        if sum(len(corrupted[n].y) for n in names) < digits_per_call and i < len(corrupted) - 1:
+            continue
+        correct = np.asarray(predict(np.concatenate([corrupted[n].x for n in names]))).argmax(1) == np.concatenate(
+            [corrupted[n].y for n in names]
+        )
+        for n, part in zip(names, np.split(correct, np.cumsum([len(corrupted[n].y) for n in names])[:-1])):
+            accuracy[n] = float(part.mean())
+        names = []
+    return RobustnessReport(accuracy)
 
 
 def plot_examples(corrupted: dict[str, Split], report: RobustnessReport, path: Path, per_row: int = 10) -> Path:
     """A row of example digits per kind of change, labelled with its family, whether it is
-    held out, and the model's accuracy on it."""
-    fig, axes = subplots(len(corrupted), 1, figsize=(per_row * 0.9 + 1.6, len(corrupted) * 1.0), squeeze=False)
-    for ax, (name, split) in zip(axes[:, 0], corrupted.items()):
-        mosaic(ax, split.x[:per_row, :, :, 0], per_row)
+    held out, and the model's accuracy on it: one mosaic, since 28 axes take seconds to lay out."""
+    fig, ax = subplots(figsize=(per_row * 0.9 + 1.6, len(corrupted) * 1.0))
+    rows = [split.x[:per_row, :, :, 0] for split in corrupted.values()]
+    mosaic(ax, np.concatenate([np.pad(r, ((0, per_row - len(r)), (0, 0), (0, 0))) for r in rows]), per_row)
+    for i, name in enumerate(corrupted):
         status = "trained-on" if KINDS[name].trained else "held out"
         label = f"{name}\n{KINDS[name].family}, {status}\n{report.accuracy[name]:.2%}"
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+        ax.text(-GAP, i * (SIZE + GAP) + SIZE / 2, label, ha="right", va="center", fontsize=7)
     fig.suptitle(f"Changed test digits: held-out kinds {report.heldout_mean:.2%}, trained-on kinds {report.trained_mean:.2%}", fontsize=10)
     return save(fig, path)

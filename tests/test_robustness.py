@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from search import robustness
-from search.data import load_mnist
+from search.data import Split, load_mnist
 from tests.helpers import write_npz
 from tests.test_evaluate import assert_png
 
@@ -66,6 +66,22 @@ def test_evaluation_counts_right_answers_per_corruption_and_the_figure_is_a_png(
     means = {"robust_heldout_accuracy_mean", "robust_trained_accuracy_mean"}
     assert set(always_zero.metrics()) == {f"robust_accuracy_{name}" for name in robustness.KINDS} | means
     assert_png(robustness.plot_examples(corrupted, always_zero, tmp_path / "robustness.png"))
+
+
+@pytest.mark.parametrize("digits_per_call", [1, 7, 10_000])
+def test_kinds_predicted_together_are_counted_each_on_its_own_digits(digits_per_call):
+    """Each kind's digits of one class (kind i: class i, i + 1 digits), the model always
+    saying 3: only the fourth kind is right, whichever kinds share a call."""
+    corrupted = {f"kind_{i}": Split(np.full((i + 1, 28, 28, 1), i / 10, np.float32), np.full(i + 1, i)) for i in range(6)}
+    calls = []
+
+    def threes(x):
+        calls.append(len(x))
+        return np.tile(np.eye(10)[3], (len(x), 1))
+
+    report = robustness.evaluate(threes, corrupted, digits_per_call=digits_per_call)
+    assert report.accuracy == {f"kind_{i}": float(i == 3) for i in range(6)}
+    assert sum(calls) == 21 and len(calls) == {1: 6, 7: 2, 10_000: 1}[digits_per_call], calls
 
 
 def test_the_held_out_mean_counts_held_out_kinds_only_and_the_worst_is_one_of_them():
