@@ -27,7 +27,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.helpers import MLFLOW_RUN_ENV, REPO, SMALL_SEARCH, SMALL_SEARCH_TRIALS, free_port, new_sqlite_store
+from tests.helpers import LONG_TRIALS, MLFLOW_RUN_ENV, REPO, SMALL_SEARCH, SMALL_SEARCH_TRIALS, free_port, new_sqlite_store
 
 pytestmark = pytest.mark.e2e
 
@@ -178,7 +178,7 @@ def test_a_server_down_mid_trial_is_waited_for_and_past_the_limit_the_search_sto
     naming the resume command. (A resume after a stop: the full-disk test below, which stops the same way.) The wait
     leaves 35 s for the restart: a server starting on two busy cores has taken more than 20."""
     client = mlflow.MlflowClient(server.url)
-    search = Search(tmp_path, server, executor, mnist_12k, "run", *SMALL_SEARCH, "tracking_wait_s=45")
+    search = Search(tmp_path, server, executor, mnist_12k, "run", *SMALL_SEARCH, LONG_TRIALS, "tracking_wait_s=45")
     search_run_id = wait_for_epoch(client, search, "0")
     server.stop()
     time.sleep(10)
@@ -284,7 +284,7 @@ def test_a_full_disk_stops_the_search_with_one_line_and_resume_finishes_it_once_
     tmp_path, server, executor, mnist_12k, small_disk
 ):
     client = mlflow.MlflowClient(server.url)  # the store and its artifacts stay on the roomy disk
-    search = Search(tmp_path, server, executor, mnist_12k, "run", *SMALL_SEARCH)
+    search = Search(tmp_path, server, executor, mnist_12k, "run", *SMALL_SEARCH, LONG_TRIALS)
     parent_id = wait_until_mid_trial(client, search)
     finished_before = {r.data.tags["trial_id"]: r.info.run_id for r in trial_runs(client) if r.info.status == "FINISHED"}
     time.sleep(RECORDED_S)
@@ -331,7 +331,7 @@ def test_a_killed_search_resumes_without_repeating_trials(tmp_path, server, exec
     naming its process, and so is a resume of the finished search."""
     client = mlflow.MlflowClient(server.url)
     at_trial_end = Executor(executor.name, executor.args, {**executor.env, "SEARCH_FAULT_AT": "trial_run_ended"})
-    search = Search(tmp_path, server, at_trial_end, mnist_12k, "run", *SMALL_SEARCH)
+    search = Search(tmp_path, server, at_trial_end, mnist_12k, "run", *SMALL_SEARCH, LONG_TRIALS)
     assert search.wait() == -signal.SIGKILL, search.output()
     assert "fault point trial_run_ended: killed" in search.output()
     first_runs = trial_runs(client)

@@ -18,7 +18,7 @@ import pytest
 
 from search import scaleout
 from search.trial import TrialJob
-from tests.helpers import MLFLOW_RUN_ENV, REPO, SMALL_SEARCH, free_port, fresh_project, mlflow_listening
+from tests.helpers import LONG_TRIALS, MLFLOW_RUN_ENV, REPO, SMALL_SEARCH, free_port, fresh_project, mlflow_listening
 
 
 def test_a_trial_worker_gets_threads_for_its_cpus_and_the_absolute_tracking_uri(tracking_store, monkeypatch):
@@ -187,7 +187,7 @@ def test_two_trials_at_once_on_a_ray_cluster_log_every_trial_once_under_one_pare
 
 @pytest.mark.e2e
 def test_a_ray_worker_killed_mid_trial_is_retried_and_the_search_completes(tmp_path, ray_cluster, tracking_server, mnist_12k):
-    search = ray_search(tmp_path, tracking_server, ray_cluster, mnist_12k, "ray-killed", "model_name=mnist-cnn-killed")
+    search = ray_search(tmp_path, tracking_server, ray_cluster, mnist_12k, "ray-killed", "model_name=mnist-cnn-killed", LONG_TRIALS)
     try:
         victim = _wait_for_a_running_trial(tracking_server, "ray-killed", search, tmp_path)
         os.kill(victim, signal.SIGKILL)
