@@ -39,9 +39,11 @@ lab: .venv/lab-installed
 	$(VENV)/python -m pip install --quiet jupyterlab
 	touch $@
 
-# The fast tier: code, data and model tests, no browser, no database, no `mlflow run`.
+# The fast tier: code, data and model tests, no browser, no database, no `mlflow run`; on the
+# same workers as `make test`, its one self-timing test afterwards.
 test-fast: .venv/installed
-	$(VENV)/python -m pytest -m "not e2e"
+	$(VENV)/python -m pytest -n $(TEST_WORKERS) -m "not e2e and not alone"
+	$(VENV)/python -m pytest -m "alone and not e2e"
 
 lint: .venv/installed
 	$(VENV)/ruff check .
