@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -142,6 +144,31 @@ def refused_unread(url: str, claimed_bytes: int) -> str:
     return answer.decode()
 
 
+def refused_streamed(url: str, limit: int) -> tuple[str, int]:
+    """The answer to a POST streamed in 1 MiB chunks (no Content-Length) that never ends, and
+    how many bytes were sent when it came: a server that waited for the end would never answer."""
+    host, port = url.removeprefix("http://").split(":")
+    chunk = b"%x\r\n%s\r\n" % (2**20, b" " * 2**20)
+    sent = 0
+    with socket.create_connection((host, int(port)), timeout=20) as connection:
+        head = f"POST /invocations HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        connection.sendall(head.encode())
+        while not select.select([connection], [], [], 0)[0]:
+            assert sent < 2 * limit, f"no answer after {sent:,} bytes streamed"
+            try:
+                connection.sendall(chunk)
+            except OSError:  # the server answered and closed: the answer is in the socket's buffer
+                break
+            sent += 2**20
+        answer = b""
+        with contextlib.suppress(OSError):
+            while data := connection.recv(65536):
+                answer += data
+                if b"\r\n\r\n" in answer and answer.endswith(b"}"):
+                    break
+    return answer.decode(), sent
+
+
 def test_served_model_answers_concurrent_clients_as_it_answers_one_and_bad_requests_with_4xx(registry, mnist_12k):
     """`python -m search serve`: MLflow's scoring server behind the project's guard."""
     store, tmp = registry
@@ -188,6 +215,11 @@ def test_served_model_answers_concurrent_clients_as_it_answers_one_and_bad_reque
         oversized = refused_unread(url, MAX_BODY_BYTES + 1)
         assert oversized.startswith("HTTP/1.1 413") and f"at most {MAX_BODY_BYTES:,}" in oversized, oversized
         statuses["over the body limit, unread"] = 413
+        streamed, sent = refused_streamed(url, MAX_BODY_BYTES)
+        assert streamed.startswith("HTTP/1.1 413") and f"over {MAX_BODY_BYTES:,} bytes" in streamed, streamed
+        assert sent < MAX_BODY_BYTES + 2**24, f"answered only after {sent:,} bytes"  # read up to the limit, not to an end
+        statuses["streamed past the body limit"] = 413
+        figures["streamed_bytes_when_refused"] = sent
         assert post(url, batches[0]) == alone[0], "the server stopped serving after an oversized body"
     record = REPO / "test-outputs" / "serving-load.json"
     record.parent.mkdir(exist_ok=True)

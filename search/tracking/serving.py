@@ -40,7 +40,7 @@ class BodyGuard:
             return await _answer(
                 send, 413, "BAD_REQUEST", f"request body of {length.decode(errors='replace')} bytes: at most {self.max_bytes:,}"
             )
-        received = 0
+        received, too_large, answered = 0, f"request body over {self.max_bytes:,} bytes", False
 
         async def capped_receive():
             nonlocal received
@@ -53,21 +53,29 @@ class BodyGuard:
         started, error = {}, bytearray()
 
         async def without_stack_trace(message):
+            nonlocal answered
             if message["type"] == "http.response.start" and message["status"] >= 400:
                 started.update(message)
                 return None
             if started and message["type"] == "http.response.body":
                 error.extend(message.get("body", b""))
                 if not message.get("more_body"):
-                    await _answer(send, started["status"], *_code_and_message(bytes(error)))
+                    # The app turns the guard's exception into a 500 of its own: it is a 413.
+                    status, answer = (
+                        (413, ("BAD_REQUEST", too_large))
+                        if received > self.max_bytes
+                        else (started["status"], _code_and_message(bytes(error)))
+                    )
+                    answered = True
+                    await _answer(send, status, *answer)
                 return None
             return await send(message)
 
         try:
             await self.app(scope, capped_receive, without_stack_trace)
         except BodyTooLarge:
-            if not started:
-                await _answer(send, 413, "BAD_REQUEST", f"request body over {self.max_bytes:,} bytes")
+            if not answered:
+                await _answer(send, 413, "BAD_REQUEST", too_large)
 
 
 def _code_and_message(body: bytes) -> tuple[str, str]:
