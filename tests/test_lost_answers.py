@@ -1,6 +1,6 @@
 """A network that loses answers after the server acted: a real `mlflow server` behind a
-TCP proxy of this test's own that forwards every creation (experiment, run, registered
-model, model version) and drops the server's first answer to each. The search, which
+TCP proxy of this test's own that forwards every creation (experiment, run, logged
+model, registered model, model version) and drops the server's first answer to each. The search, which
 looks for what a lost creation made before it tries again (search/tracking/store.py),
 leaves no duplicate run or version, nothing RUNNING, and the aliases right."""
 
@@ -20,7 +20,7 @@ from tests.test_faults import Executor, Search, Server, trial_runs
 
 pytestmark = pytest.mark.e2e
 
-CREATION = re.compile(rb"^POST /api/2\.0/mlflow/[a-z-]+/create ")
+CREATION = re.compile(rb"^POST /api/2\.0/mlflow/([a-z-]+/create|logged-models) ")
 TINY = (*SMALL_SEARCH, "max_trials=2", "threshold=0.5", "robust_threshold=0.3")
 
 
@@ -116,6 +116,7 @@ def test_answers_lost_after_every_creation_leave_no_duplicate_and_nothing_runnin
 
         assert {"/api/2.0/mlflow/experiments/create", "/api/2.0/mlflow/runs/create"} <= set(proxy.dropped), proxy.dropped
         assert {"/api/2.0/mlflow/registered-models/create", "/api/2.0/mlflow/model-versions/create"} <= set(proxy.dropped), proxy.dropped
+        assert "/api/2.0/mlflow/logged-models" in proxy.dropped, proxy.dropped
         client = mlflow.MlflowClient(server.url)
         experiments = [e.experiment_id for e in client.search_experiments()]
         runs = client.search_runs(experiments, max_results=1000)
@@ -124,6 +125,9 @@ def test_answers_lost_after_every_creation_leave_no_duplicate_and_nothing_runnin
         for parent, trials in zip(sorted(parents, key=lambda r: r.info.start_time), (["0", "1"], ["0"])):
             trial_ids = [r.data.tags["trial_id"] for r in trial_runs(client) if r.data.tags["mlflow.parentRunId"] == parent.info.run_id]
             assert sorted(trial_ids) == trials  # each trial one run
+        for parent in parents:  # one logged model each, the one with files: none left PENDING by a lost answer
+            models = client.search_logged_models([parent.info.experiment_id], filter_string=f"source_run_id = '{parent.info.run_id}'")
+            assert [str(m.status) for m in models] == ["READY"], [(m.model_id, str(m.status)) for m in models]
         versions = client.search_model_versions("name = 'mnist-cnn'")
         assert sorted(v.run_id for v in versions) == sorted(p.info.run_id for p in parents)  # one version per search
         champion = client.get_model_version_by_alias("mnist-cnn", "champion")

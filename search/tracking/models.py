@@ -10,6 +10,7 @@ from typing import Mapping
 
 import mlflow
 import numpy as np
+from mlflow.entities import LoggedModelStatus
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 
@@ -58,7 +59,20 @@ def log_keras_with_pyfunc(
         card=card,
         loader_config=loader_config,
     )
+    _delete_unfinished_models(run_id, info.model_id)
     return info.model_uri
+
+
+def _delete_unfinished_models(run_id: str, logged_id: str) -> None:
+    """A log retried because its creation's answer was lost (after the server acted) leaves
+    the first model PENDING, without files, beside the one logged: deleted, so that the run
+    holds one model. Finished models of the run, an earlier attempt's included, are kept."""
+    client = mlflow.MlflowClient()
+    experiment_id = patient(client.get_run)(run_id).info.experiment_id
+    models = patient(client.search_logged_models)([experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    for model in models:
+        if model.model_id != logged_id and model.name == "model" and model.status != LoggedModelStatus.READY:
+            patient(client.delete_logged_model)(model.model_id)
 
 
 class _KerasWithPyfunc:
