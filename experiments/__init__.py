@@ -252,7 +252,8 @@ PROFILES: dict[str, dict] = {
         "families": ("plain",),
         # Two epochs are too few for global average pooling after small blocks, or
         # for the low end of the learning-rate range: tests need a model above 90%.
-        "fixed": ("head=flatten", "learning_rate=0.003"),
+        # Two blocks of 3x3 convolutions: the cost of a test's search is its widest trials.
+        "fixed": ("head=flatten", "learning_rate=0.003", "conv_blocks=2", "kernel_size=3"),
         # The bf16 probe costs seconds at every start, more than bf16 saves on two-epoch
         # trials; tests that are about precision choose it themselves.
         "precision": "float32",
