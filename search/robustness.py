@@ -344,18 +344,21 @@ def evaluate(predict: Callable[[np.ndarray], np.ndarray], corrupted: dict[str, S
     """Accuracy of `predict` (digits -> (N, 10) probabilities) on each changed split. Small
     splits are predicted together, about `digits_per_call` at a time: a model pays a fixed
     cost per call, which a call per kind of 500 digits would pay 28 times."""
+    batches, batch, size = [], [], 0
+    for name, split in corrupted.items():
+        batch.append(name)
+        size += len(split.y)
+        if size >= digits_per_call:
+            batches.append(batch)
+            batch, size = [], 0
+    if batch:
+        batches.append(batch)
     accuracy: dict[str, float] = {}
-    names: list[str] = []
-    for i, name in enumerate(corrupted):
-        names.append(name)
-        if sum(len(corrupted[n].y) for n in names) < digits_per_call and i < len(corrupted) - 1:
-            continue
-        correct = np.asarray(predict(np.concatenate([corrupted[n].x for n in names]))).argmax(1) == np.concatenate(
-            [corrupted[n].y for n in names]
-        )
-        for n, part in zip(names, np.split(correct, np.cumsum([len(corrupted[n].y) for n in names])[:-1])):
-            accuracy[n] = float(part.mean())
-        names = []
+    for names in batches:
+        digits = np.concatenate([corrupted[n].x for n in names])
+        correct = np.asarray(predict(digits)).argmax(1) == np.concatenate([corrupted[n].y for n in names])
+        ends = np.cumsum([len(corrupted[n].y) for n in names])[:-1]
+        accuracy |= {n: float(part.mean()) for n, part in zip(names, np.split(correct, ends))}
     return RobustnessReport(accuracy)
 
 

@@ -19,6 +19,7 @@ from .store import TrackingError, check_reachable, patient
 # What the logged model needs to be loaded and served; given explicitly
 # because inferring it costs seconds per call.
 MODEL_REQUIREMENTS = tuple(f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "tensorflow", "keras"))
+LOGGED_MODEL_NAME = "model"  # the search run's one logged model
 # The Keras model's own tensors (mlflow.keras.save_model requires an input schema).
 KERAS_SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28, 1), "digits")]),
@@ -49,7 +50,7 @@ def log_keras_with_pyfunc(
     test and robustness metrics) to it. Returns its `models:/` URI."""
     info = patient(Model.log)(
         artifact_path=None,
-        name="model",
+        name=LOGGED_MODEL_NAME,
         flavor=_KerasWithPyfunc,
         run_id=run_id,
         keras_model=keras_model,
@@ -71,7 +72,7 @@ def _delete_unfinished_models(run_id: str, logged_id: str) -> None:
     experiment_id = patient(client.get_run)(run_id).info.experiment_id
     models = patient(client.search_logged_models)([experiment_id], filter_string=f"source_run_id = '{run_id}'")
     for model in models:
-        if model.model_id != logged_id and model.name == "model" and model.status != LoggedModelStatus.READY:
+        if model.model_id != logged_id and model.name == LOGGED_MODEL_NAME and model.status != LoggedModelStatus.READY:
             patient(client.delete_logged_model)(model.model_id)
 
 

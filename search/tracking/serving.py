@@ -40,7 +40,7 @@ class BodyGuard:
             return await _answer(
                 send, 413, "BAD_REQUEST", f"request body of {length.decode(errors='replace')} bytes: at most {self.max_bytes:,}"
             )
-        received, too_large, answered = 0, f"request body over {self.max_bytes:,} bytes", False
+        received, over_limit, answered = 0, f"request body over {self.max_bytes:,} bytes", False
 
         async def capped_receive():
             nonlocal received
@@ -62,7 +62,7 @@ class BodyGuard:
                 if not message.get("more_body"):
                     # The app turns the guard's exception into a 500 of its own: it is a 413.
                     status, answer = (
-                        (413, ("BAD_REQUEST", too_large))
+                        (413, ("BAD_REQUEST", over_limit))
                         if received > self.max_bytes
                         else (started["status"], _code_and_message(bytes(error)))
                     )
@@ -75,7 +75,7 @@ class BodyGuard:
             await self.app(scope, capped_receive, without_stack_trace)
         except BodyTooLarge:
             if not answered:
-                await _answer(send, 413, "BAD_REQUEST", too_large)
+                await _answer(send, 413, "BAD_REQUEST", over_limit)
 
 
 def _code_and_message(body: bytes) -> tuple[str, str]:
