@@ -1,6 +1,7 @@
 """The whole run's time budget, planned from what this machine measures.
 
-The clock starts with the process (Python's start-up and imports count). The
+The clock starts with the process (Python's start-up and imports count), or
+with the `mlflow run` that launched it (its own start-up counts too). The
 trials may spend `search_share` of the budget; what is left goes to the final
 training and to the evaluation and registry after it. Costs are measured, never
 assumed: each trial's seconds per training image (`TrainingClock`), the final
@@ -24,7 +25,7 @@ import keras
 
 # Inference of an image against one training step of it (forward only, large batches).
 INFERENCE_SHARE = 0.35
-# Kept back from the budget: the process's exit, and `mlflow run` around it.
+# Kept back from the budget: the process's exit, and `mlflow run`'s after it.
 END_MARGIN = 0.03
 # After the final training: figures drawn, the int8 form converted, the model saved, logged
 # and registered, its speed measured, the report written: several times the set-up's own
@@ -41,15 +42,43 @@ TRACINGS_AFTER_TRAINING = 3
 
 
 def process_started() -> float:
-    """The `time.monotonic()` at which this process started (Linux's /proc/self/stat), so that
-    start-up and imports count against the budget; elsewhere, now."""
+    """The `time.monotonic()` at which the user's command started, so that start-up and
+    imports count against the budget: this process's start (Linux's /proc), or, where
+    `mlflow run` launched it, that process's (its own start-up and the run it creates
+    count too); elsewhere, now."""
+    own = started_at(os.getpid())
+    if own is None:
+        return time.monotonic()
+    launcher = _mlflow_run_ancestor(os.getpid())
+    return min(own, started_at(launcher) or own) if launcher else own
+
+
+def started_at(pid: int) -> float | None:
+    """The `time.monotonic()` at which process `pid` started (at most 10 minutes ago: a clock
+    older than that is not this run's); None where /proc cannot tell."""
     try:
-        after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        after_name = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         started_s = int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time, in ticks since boot
         running_s = time.clock_gettime(time.CLOCK_BOOTTIME) - started_s
     except (OSError, ValueError, IndexError, AttributeError):
-        return time.monotonic()
+        return None
     return time.monotonic() - min(max(running_s, 0.0), 600.0)
+
+
+def _mlflow_run_ancestor(pid: int, generations: int = 2) -> int | None:
+    """The `mlflow run` process among the nearest `generations` ancestors of `pid` (MLflow
+    starts its command through `bash -c`, which may or may not exec it), if any."""
+    for _ in range(generations):
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # field 4: the parent
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except (OSError, ValueError, IndexError):
+            return None
+        names = [Path(arg).name for arg in argv]
+        launched_by_mlflow = "mlflow" in names and "run" in names[names.index("mlflow") + 1 :]
+        if launched_by_mlflow:
+            return pid
+    return None
 
 
 class RunBudget:

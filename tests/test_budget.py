@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import keras
 import keras_tuner as kt
@@ -27,6 +28,7 @@ from search.budget import (
     TrainingClock,
     duration,
     process_started,
+    started_at,
     too_costly,
 )
 from search.data import Split
@@ -99,6 +101,26 @@ def test_the_process_clock_counts_start_up_and_imports():
     since_start, since_script = map(float, done.stdout.split())
     assert since_start >= since_script >= 1.0 and since_start < since_script + 60
     assert process_started() <= time.monotonic()
+
+
+def test_under_mlflow_run_the_clock_starts_with_mlflow_run(tmp_path):
+    """`mlflow run` imports MLflow and creates its run before it starts the command: seconds
+    of the user's budget, which the command's clock counts (a real `mlflow run`)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    probe = "import os; from search.budget import started_at, process_started; print(started_at(os.getpid()) - process_started())"
+    (project / "MLproject").write_text(f'name: clock\nentry_points:\n  main:\n    command: python -c "{probe}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env |= {"PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    command = [sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before_the_command = float(done.stdout.split()[-1])
+    print(f"mlflow run started {before_the_command:.2f} s before its command")
+    # At least MLflow's import and its store's creation; less than the test's own time.
+    assert 0.5 < before_the_command < 300
+    assert process_started() == pytest.approx(started_at(os.getpid()), abs=0.05)  # pytest is no `mlflow run`
 
 
 def test_the_cost_models_limit_is_where_exactly_the_needed_epochs_fit():
