@@ -20,7 +20,7 @@ from model_zoo.families import FAMILIES  # the CNN families, by name: model_zoo/
 # Each tuner by name, and the Keras Tuner class that runs it (search/tuner.py tracks it).
 TUNERS = {"hyperband": "Hyperband", "bayesian": "BayesianOptimization", "random": "RandomSearch"}
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
-AUGMENTATIONS = ("none", "jitter", "robust", "pixels")  # of the final training: search/augment.py
+AUGMENTATIONS = ("none", "jitter", "robust", "gentle", "pixels")  # of the final training: search/augment.py
 
 
 class ConfigError(ValueError):

@@ -2,6 +2,7 @@
 
 `jitter`: small random shifts, rotations and zooms (Keras' preprocessing layers).
 `pixels`: `robust` without its affine move.
+`gentle`: `pixels` after a gentle affine move of every image (the near end of `robust`'s).
 `robust`: the suite's trained-on kinds of change (search/robustness.py) at random
 severities, from none to beyond the suite's, so that the model learns the kinds
 rather than the suite's exact digits: each image is moved by a random affine map
@@ -34,6 +35,9 @@ FAR_SHEAR = 0.35  # the suite's: 0.3
 FAR_LOG_SCALE = (math.log(0.65), math.log(1.25))  # the suite's: 0.7 and 1.2
 FAR_SHIFT_PX = 4.5  # the suite's: 4 px
 GENTLE = 0.35
+# The share of moved images moved as far as the far end: robust moves half of them so,
+# gentle none (a nudge of up to 9 degrees and 1.6 px, as a careful scan varies).
+FAR_SHARE = {"robust": 0.5, "gentle": 0.0}
 # robust, pixels: the share of images left unchanged; the rest get one of CHANGES.
 UNCHANGED = 0.3
 # What each change imitates: kinds of the suite (search/robustness.py's KINDS). The
@@ -59,13 +63,13 @@ def augmenter(kind: str, seed: int, leave_out: tuple[str, ...] = ()) -> Callable
     if kind == "jitter":
         layers = jitter(seed)
         return lambda x, _: layers(x, training=True)
-    kept = kept_changes(kind, leave_out)
-    return robust if kept == tuple(IMITATES) else lambda x, s: robust(x, s, kept)
+    kept, far = kept_changes(kind, leave_out), FAR_SHARE.get(kind, 0.0)
+    return robust if kept == tuple(IMITATES) and kind == "robust" else lambda x, s: robust(x, s, kept, far)
 
 
 def kept_changes(kind: str, leave_out: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The changes of IMITATES that augmentation `kind` makes, less those imitating the families in `leave_out`."""
-    if kind not in ("robust", "pixels"):
+    if kind not in ("robust", "gentle", "pixels"):
         return ()
     leave_out = (*leave_out, "geometry") if kind == "pixels" else leave_out
     return tuple(change for change in IMITATES if not {KINDS[k].family for k in IMITATES[change]} & set(leave_out))
@@ -84,11 +88,11 @@ def jitter(seed: int) -> keras.Sequential:
     )
 
 
-def robust(x: tf.Tensor, seed: tf.Tensor, changes: tuple[str, ...] = tuple(IMITATES)) -> tf.Tensor:
-    """A batch (B, 28, 28, 1) in [0, 1] moved and changed per image (by `changes` of IMITATES
-    only); deterministic in `seed`."""
+def robust(x: tf.Tensor, seed: tf.Tensor, changes: tuple[str, ...] = tuple(IMITATES), far_share: float = FAR_SHARE["robust"]) -> tf.Tensor:
+    """A batch (B, 28, 28, 1) in [0, 1] moved (`far_share` of the images as far as the far
+    end, the rest gently) and changed per image (by `changes` of IMITATES only); deterministic in `seed`."""
     move, change = tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2))
-    moved = _move(x, move) if "move" in changes else x
+    moved = _move(x, move, far_share) if "move" in changes else x
     return tf.clip_by_value(_change_pixels(moved, change, [c for c in CHANGES if c in changes]), 0.0, 1.0)
 
 
@@ -96,11 +100,11 @@ def _uniform(seed: tf.Tensor, batch: tf.Tensor, low: float = 0.0, high: float = 
     return tf.random.stateless_uniform(tf.concat([[batch], tf.constant(shape, tf.int32)], 0), seed, low, high)
 
 
-def _move(x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """One random affine map per image: rotation, shear, scale and shift, half of them gentle."""
+def _move(x: tf.Tensor, seed: tf.Tensor, far_share: float) -> tf.Tensor:
+    """One random affine map per image: rotation, shear, scale and shift, `far_share` of them far, the rest gentle."""
     b = tf.shape(x)[0]
     s = tf.random.experimental.stateless_split(seed, 6)
-    reach = tf.where(_uniform(s[0], b) < 0.5, GENTLE, 1.0)
+    reach = tf.where(_uniform(s[0], b) < 1.0 - far_share, GENTLE, 1.0)
     angle = _uniform(s[1], b, -1, 1) * FAR_ROTATION * reach
     shear = _uniform(s[2], b, -1, 1) * FAR_SHEAR * reach
     zoom = tf.exp(_uniform(s[3], b, *FAR_LOG_SCALE) * reach)

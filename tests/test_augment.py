@@ -49,3 +49,31 @@ def test_leaving_families_out_drops_their_changes(mnist):
     np.testing.assert_array_equal(nothing_left(digits, seed).numpy(), digits)
     only_geometry = augment.augmenter("robust", 0, leave_out=tuple(f for f in robustness.FAMILIES if f != "geometry"))
     np.testing.assert_array_equal(only_geometry(digits, seed).numpy(), augment.robust(digits, seed, ("move",)).numpy())
+
+
+def _centres(digits: np.ndarray) -> np.ndarray:
+    """Each digit's centre of ink (row, column)."""
+    ink = digits[..., 0]
+    grid = np.arange(28, dtype=np.float32)
+    total = ink.sum(axis=(1, 2))
+    return np.stack([(ink.sum(axis=2) * grid).sum(axis=1) / total, (ink.sum(axis=1) * grid).sum(axis=1) / total], axis=1)
+
+
+def test_gentle_moves_every_digit_but_never_as_far_as_robust_moves_some(mnist):
+    digits = mnist.train.x[:256]
+    seeds = [np.array([seed, 3], np.int64) for seed in range(4)]
+    gentle = np.concatenate([augment.robust(digits, s, ("move",), augment.FAR_SHARE["gentle"]).numpy() for s in seeds])
+    far = np.concatenate([augment.robust(digits, s, ("move",)).numpy() for s in seeds])
+    moved = lambda draws: np.linalg.norm(_centres(draws) - np.tile(_centres(digits), (len(seeds), 1)), axis=1)  # noqa: E731
+    # The near end: shifts of up to 1.6 px, plus what a 9-degree turn and a 14% zoom move a centre.
+    assert moved(gentle).max() < 3.0 and np.median(moved(gentle)) > 0.5
+    assert moved(far).max() > 4.5
+    # gentle is the pixel changes of pixels after that move, with the same families left out.
+    seed = seeds[0]
+    np.testing.assert_array_equal(
+        augment.augmenter("gentle", 0)(digits[:32], seed).numpy(),
+        augment.robust(digits[:32], seed, augment.kept_changes("gentle"), augment.FAR_SHARE["gentle"]).numpy(),
+    )
+    assert augment.kept_changes("gentle") == tuple(augment.IMITATES)
+    assert augment.kept_changes("pixels") == augment.CHANGES
+    assert augment.kept_changes("gentle", ("geometry",)) == augment.CHANGES

@@ -61,6 +61,7 @@ def test_table_marks_each_target_met_or_not():
                     "cut": 0,
                     "winner_multiply_adds": 1.2e6,
                     "final_epochs": 4.0,
+                    "final_val_accuracy": 0.9912,
                     "decision": "registered mnist-cnn version 1 as @champion",
                 }
             ],
@@ -81,7 +82,7 @@ def test_table_marks_each_target_met_or_not():
                 {
                     "seed": 43,
                     "exit": 0,
-                    "wall_s": 800.0,
+                    "wall_s": 600.0,
                     "test_accuracy": 0.9949,
                     "trials": 16,
                     "architectures": 14,
@@ -105,10 +106,11 @@ def test_table_marks_each_target_met_or_not():
     assert row["inference: the same, served in float32 (serve_int8 off)"].endswith("| 7,000 digits/s |  |  |")
     assert row["profile fast, seed 42: mlflow run"].endswith("| 0.83 min, test 99.40% | <= 1.05 min | yes |")
     assert row["profile fast, seed 42: plan"].endswith(
-        "| budget 1 min, float32: 2 trials in 13 s; winner, 1.2 M multiply-adds, 4 final epochs; registered mnist-cnn version 1 as @champion |  |  |"
+        "| budget 1 min, float32: 2 trials in 13 s; winner, 1.2 M multiply-adds, 4 final epochs (best val_accuracy 99.12%); registered mnist-cnn version 1 as @champion |  |  |"
     )
     assert row["profile default, seed 42: mlflow run"].endswith("| no |")  # 11.7 min > 10.5
-    assert row["profile default, seed 43: mlflow run"].endswith("| no |")  # 13.3 min > 10.5
+    # In time, but each seed's test accuracy must reach 99.5%.
+    assert row["profile default, seed 43: mlflow run"].endswith("| 10.00 min, test 99.49% | <= 10.50 min, >= 99.50% | no |")
     assert row["profile default, seed 42: search"].endswith(
         "| 16 distinct architectures in 16 trials, 6 pruned, 1 cut as too costly (7 epochs saved) | >= 14 architectures | yes |"
     )
@@ -212,6 +214,7 @@ def test_the_leave_one_family_out_estimate_takes_each_family_from_the_training_t
         report = robustness.RobustnessReport(accuracy)
         return {
             "recipe": recipe,
+            "validation_accuracy": 0.991,
             "test_accuracy": 0.99,
             "heldout_mean": report.heldout_mean,
             "trained_mean": report.trained_mean,
@@ -234,3 +237,4 @@ def test_the_leave_one_family_out_estimate_takes_each_family_from_the_training_t
     mean = (0.5 + 0.9 * (len(robustness.FAMILIES) - 1)) / len(robustness.FAMILIES)
     assert f"| {mean:.2%} (least 50.00%) |" in row["augment=robust, input_norm=standardize"]
     assert "| 80.00% (least 80.00%) |" in row["augment=none, input_norm=none"]
+    assert row["augment=none, input_norm=none"].startswith("| augment=none, input_norm=none | 99.10% | 99.00% |")
