@@ -133,6 +133,8 @@ def search_summary(run_id: str) -> dict:
         "winner": describe(winner),
         "winner_multiply_adds": metrics.get("winner_multiply_adds"),
         "final_epochs": metrics.get("final_epochs_run", metrics.get("final_0_epochs_run", 0)),
+        # The kept epoch's: what the final training is judged by before the test digits are read.
+        "final_val_accuracy": max((m.value for m in client.get_metric_history(run_id, "final_val_accuracy")), default=None),
         "test_accuracy": metrics["test_accuracy"],
         "robust_heldout_accuracy_mean": metrics.get("robust_heldout_accuracy_mean"),
         "robust_trained_accuracy_mean": metrics.get("robust_trained_accuracy_mean"),

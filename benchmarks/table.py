@@ -17,8 +17,8 @@ TARGETS = {
     "profiles": {
         "fast": (63, 0.993, 0.0),
         f"fast {SLOWED}": (63, 0.990, 0.0),
-        "default": (630, 0.9965, 0.0),
-        f"default {SLOWED}": (630, 0.9955, 0.0),
+        "default": (630, 0.9965, 0.995),
+        f"default {SLOWED}": (630, 0.9955, 0.995),
         "thorough": (3780, 0.998, 0.0),
     },
     "distinct_architectures": {"default": 14},  # at least, per search
@@ -116,9 +116,10 @@ def _plan(run: dict) -> str:
     budget = f"budget {run['budget_s'] / 60:g} min, " if run.get("budget_s") else ""
     search = f" in {run['search_s']:.0f} s" if run.get("search_s") else ""
     adds = f", {run['winner_multiply_adds'] / 1e6:.1f} M multiply-adds" if run.get("winner_multiply_adds") else ""
+    validation = f" (best val_accuracy {run['final_val_accuracy']:.2%})" if run.get("final_val_accuracy") else ""
     return (
         f"{budget}{run.get('precision', '')}: {run['trials']} trials{search}; winner{adds}, "
-        f"{run.get('final_epochs', 0):.0f} final epochs; {run.get('decision', '')}"
+        f"{run.get('final_epochs', 0):.0f} final epochs{validation}; {run.get('decision', '')}"
     )
 
 
