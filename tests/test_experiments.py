@@ -18,7 +18,7 @@ def test_defaults_are_the_documented_ones():
     assert config.validation_size == 6_000
     assert config.families == tuple(FAMILIES)  # every family of model_zoo/families.py
     assert (config.prune, config.prune_min_trials, config.prune_grace_epochs, config.trial_schedule) == (True, 3, 1, True)
-    assert (config.final_epochs, config.augment) == (40, "pixels")
+    assert (config.final_epochs, config.augment) == (40, "gentle")
     assert (config.robust_threshold, config.robust_size) == (0.90, 10_000)
     assert (config.final_learning_rate, config.winner_within_se) == (3e-3, 1.0)
     assert (config.final_models, config.serve_int8, config.int8_max_accuracy_drop) == (1, True, 0.001)
@@ -112,7 +112,7 @@ def test_settings_read_from_text_as_their_fields_types(name, text, value):
         ({"max_trials": "2.5"}, "setting max_trials: '2.5' is not a whole number"),
         ({"prune": "maybe"}, "setting prune: 'maybe' is not true or false"),
         ({"learning_rate": "0.1"}, "unknown setting(s) learning_rate"),
-        ({"augment": "mixup"}, "unknown augmentation 'mixup': choose one of none, jitter, robust, pixels"),
+        ({"augment": "mixup"}, "unknown augmentation 'mixup': choose one of none, jitter, robust, gentle, pixels"),
         ({"robust_threshold": "1.2"}, "robust_threshold must be in (0, 1], got 1.2"),
         ({"robust_size": "0"}, "robust_size must be a positive integer, got 0"),
     ],

@@ -198,7 +198,7 @@ def test_the_last_clean_epochs_of_the_final_training_see_unchanged_digits():
 
 
 def test_an_unknown_augmentation_is_refused():
-    with pytest.raises(ValueError, match="unknown augmentation 'mixup': choose one of none, jitter, robust, pixels"):
+    with pytest.raises(ValueError, match="unknown augmentation 'mixup': choose one of none, jitter, robust, gentle, pixels"):
         training_dataset(random_split(8), 4, seed=0, augment="mixup")
 
 
