@@ -46,19 +46,16 @@ def process_started() -> float:
     imports count against the budget: this process's start (Linux's /proc), or, where
     `mlflow run` launched it, that process's (its own start-up and the run it creates
     count too); elsewhere, now."""
-    own = started_at(os.getpid())
-    if own is None:
-        return time.monotonic()
     launcher = _mlflow_run_ancestor(os.getpid())
-    return min(own, started_at(launcher) or own) if launcher else own
+    starts = [t for t in (started_at(os.getpid()), started_at(launcher) if launcher else None) if t is not None]
+    return min(starts, default=time.monotonic())
 
 
 def started_at(pid: int) -> float | None:
     """The `time.monotonic()` at which process `pid` started (at most 10 minutes ago: a clock
     older than that is not this run's); None where /proc cannot tell."""
     try:
-        after_name = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        started_s = int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time, in ticks since boot
+        started_s = int(_stat(pid)[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time, in ticks since boot
         running_s = time.clock_gettime(time.CLOCK_BOOTTIME) - started_s
     except (OSError, ValueError, IndexError, AttributeError):
         return None
@@ -70,15 +67,18 @@ def _mlflow_run_ancestor(pid: int, generations: int = 2) -> int | None:
     starts its command through `bash -c`, which may or may not exec it), if any."""
     for _ in range(generations):
         try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # field 4: the parent
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            pid = int(_stat(pid)[1])  # field 4: the parent
+            names = [Path(arg).name for arg in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")]
         except (OSError, ValueError, IndexError):
             return None
-        names = [Path(arg).name for arg in argv]
-        launched_by_mlflow = "mlflow" in names and "run" in names[names.index("mlflow") + 1 :]
-        if launched_by_mlflow:
+        if "mlflow" in names and "run" in names[names.index("mlflow") + 1 :]:
             return pid
     return None
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command's name (field 3 on)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 class RunBudget:

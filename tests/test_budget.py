@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import keras
 import keras_tuner as kt
@@ -36,7 +35,7 @@ from search.driver import drive
 from search.in_process import InProcess
 from search.train import WarmupCosine
 from search.tuner import make_tuner, pick_winner
-from tests.helpers import MLFLOW_RUN_ENV, REPO, mnist_subset, new_sqlite_store
+from tests.helpers import MLFLOW_RUN_ENV, REPO, mlflow_run, mnist_subset, new_sqlite_store
 
 
 def fit_under_a_budget(seconds_left: float, epochs: int = 5) -> tuple[EpochBudget, list[float]]:
@@ -103,18 +102,17 @@ def test_the_process_clock_counts_start_up_and_imports():
     assert process_started() <= time.monotonic()
 
 
-def test_under_mlflow_run_the_clock_starts_with_mlflow_run(tmp_path):
+def test_under_mlflow_run_the_clock_starts_with_mlflow_run(tmp_path, mnist_npz):
     """`mlflow run` imports MLflow and creates its run before it starts the command: seconds
     of the user's budget, which the command's clock counts (a real `mlflow run`)."""
     project = tmp_path / "project"
     project.mkdir()
-    probe = "import os; from search.budget import started_at, process_started; print(started_at(os.getpid()) - process_started())"
+    probe = (
+        f"import os, sys; sys.path.insert(0, '{REPO}'); from search.budget import started_at, process_started; "
+        "print(started_at(os.getpid()) - process_started())"
+    )
     (project / "MLproject").write_text(f'name: clock\nentry_points:\n  main:\n    command: python -c "{probe}"\n')
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env |= {"PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    command = [sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local"]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    done = mlflow_run(project, new_sqlite_store(tmp_path), mnist_npz)
     assert done.returncode == 0, done.stderr[-2000:]
     before_the_command = float(done.stdout.split()[-1])
     print(f"mlflow run started {before_the_command:.2f} s before its command")
