@@ -115,7 +115,7 @@ EVERY_SETTING = {
     "tuner": "bayesian", "families": "residual,plain", "fixed": "", "objective": "val_accuracy", "max_trials": "5", "max_epochs": "3",
     "hyperband_factor": "2", "early_stopping_patience": "0", "prune": "false", "prune_min_trials": "4", "prune_grace_epochs": "2",
     "trial_schedule": "false", "validation_size": "5000", "train_subset": "0", "batch_size": "64", "precision": "float32",
-    "winner_within_se": "0", "final_epochs": "0", "final_learning_rate": "0.001", "budget_minutes": "2.5", "final_models": "3",
+    "winner_within_se": "2", "final_epochs": "0", "final_learning_rate": "0.001", "budget_minutes": "2.5", "final_models": "3",
     "augment": "jitter", "serve_int8": "false", "int8_max_accuracy_drop": "0.5", "threshold": "0.5", "robust_threshold": "0.25",
     "robust_size": "100", "model_name": "digits", "champion_alias": "best", "experiment_name": "mine", "seed": "0", "data": "x.npz",
     "output_dir": "out", "ray": "auto", "parallel_trials": "3", "cpus_per_trial": "2", "trial_retries": "0",

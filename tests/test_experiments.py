@@ -20,7 +20,7 @@ def test_defaults_are_the_documented_ones():
     assert (config.prune, config.prune_min_trials, config.prune_grace_epochs, config.trial_schedule) == (True, 3, 1, True)
     assert (config.final_epochs, config.augment) == (40, "gentle")
     assert (config.robust_threshold, config.robust_size) == (0.90, 10_000)
-    assert (config.final_learning_rate, config.winner_within_se) == (3e-3, 1.0)
+    assert (config.final_learning_rate, config.winner_within_se) == (3e-3, 0.0)
     assert (config.final_models, config.serve_int8, config.int8_max_accuracy_drop) == (1, True, 0.001)
     assert config.fixed == ()  # the default searches the whole architecture space: no pins
 
