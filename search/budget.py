@@ -124,8 +124,11 @@ class CostModel:
 
     train_images: int  # of the final training, each epoch
     validation_images: int  # scored after each epoch
-    evaluated_images: int  # after the training: test split, robustness suite, the champion's too
+    evaluated_images: int  # after the training, by the new model: test split, robustness suite
     augment_seconds_per_image: float = 0.0  # the final training's augmentation, on the same cores
+    # The champion's evaluation on the same digits, timed on the champion itself: its
+    # network is not the new one, and may cost several times as much per digit.
+    champion_seconds: float = 0.0
 
     def epoch_seconds(self, seconds_per_image: float) -> float:
         """A final-training epoch: its images, their augmentation and the validation pass."""
@@ -135,7 +138,7 @@ class CostModel:
         )
 
     def evaluation_seconds(self, inference_seconds_per_image: float) -> float:
-        return inference_seconds_per_image * self.evaluated_images
+        return inference_seconds_per_image * self.evaluated_images + self.champion_seconds
 
     def final_seconds(self, seconds_left: float, seconds_per_image: float) -> float:
         """Of `seconds_left` in the run, what the final training of such a configuration may spend."""
@@ -148,8 +151,8 @@ class CostModel:
     def max_seconds_per_image(self, seconds_left: float, min_epochs: int) -> float:
         """The costliest configuration (seconds per trial image) whose final training still
         gets `min_epochs` epochs in `seconds_left`."""
-        fixed = self.train_images * self.augment_seconds_per_image * min_epochs
-        per_image = (self.train_images + self.validation_images * INFERENCE_SHARE) * min_epochs + self.evaluation_seconds(INFERENCE_SHARE)
+        fixed = self.train_images * self.augment_seconds_per_image * min_epochs + self.champion_seconds
+        per_image = (self.train_images + self.validation_images * INFERENCE_SHARE) * min_epochs + self.evaluated_images * INFERENCE_SHARE
         return max(0.0, seconds_left - fixed) / per_image
 
 

@@ -53,6 +53,7 @@ class Resume:
 
 
 SUITE_PROBE_DIGITS = 200  # corrupted at the start to time the robustness suite
+CHAMPION_PROBE_DIGITS = 2_048  # the champion's predictions timed at the start: two of its evaluation's batches
 
 
 class SearchFailed(RuntimeError):
@@ -201,16 +202,23 @@ def plan(
     figures and logging, `setup_s`, which are the same kind of work)."""
     champion = tracker.alias_version(config.model_name, config.champion_alias)
     suite_images = len(robustness.KINDS) * min(config.robust_size or len(data.test), len(data.test))
-    evaluated = (len(data.test) + suite_images) * (2 if champion else 1)  # a champion is evaluated on the same digits
+    evaluated = len(data.test) + suite_images
+    # A champion is evaluated on the same digits, at its own network's speed.
+    champion_s = champion_evaluation_seconds(config, data.train, evaluated) if champion and budget.limited else 0.0
     augment_s = augmentation_seconds_per_image(data.train, config.batch_size, config.augment, config.seed) if config.final_epochs else 0.0
-    cost = CostModel(len(data.train), len(data.validation), evaluated, augment_s)
+    cost = CostModel(len(data.train), len(data.validation), evaluated, augment_s, champion_s)
     # Making the robustness suite (numpy and scipy, after the training) timed on training digits: the test split is not read yet.
     started = time.monotonic()
     robustness.suite(data_module.subset(data.train, SUITE_PROBE_DIGITS), config.seed)
     suite_s = (time.monotonic() - started) * min(config.robust_size or len(data.test), len(data.test)) / SUITE_PROBE_DIGITS
     after_training_s = suite_s + AFTER_TRAINING_PER_SETUP * setup_s
     tracker.log_metrics(
-        {"setup_seconds": budget.elapsed(), "after_training_reserve_seconds": after_training_s, "augment_seconds_per_image": augment_s}
+        {
+            "setup_seconds": budget.elapsed(),
+            "after_training_reserve_seconds": after_training_s,
+            "augment_seconds_per_image": augment_s,
+            "champion_evaluation_seconds": champion_s,
+        }
     )
     if not budget.limited:
         print(f"no time budget: {config.max_trials} trials, then up to {config.final_epochs} final epochs", flush=True)
@@ -219,10 +227,23 @@ def plan(
             f"budget {duration(budget.total_s)} on {os.cpu_count()} cores ({precision.policy}): {duration(budget.elapsed())} used starting up; "
             f"trials until {duration(budget.total_s * config.search_share)} (at most {config.max_trials}, each cut in its first epoch if "
             f"its final training could not get {config.min_final_epochs} epochs), then the final training, as many of up to "
-            f"{config.final_epochs} epochs as fit, keeping time to evaluate {evaluated:,} digits and register",
+            f"{config.final_epochs} epochs as fit, keeping time to evaluate {evaluated:,} digits"
+            + (f" (and the champion on them: {duration(champion_s)})" if champion_s else "")
+            + " and register",
             flush=True,
         )
     return Plan(budget, cost, after_training_s, config.min_final_epochs)
+
+
+def champion_evaluation_seconds(config: SearchConfig, train: data_module.Split, images: int) -> float:
+    """What evaluating the registered champion on `images` digits will take here: its own
+    predictions timed on training digits (the test split is not read yet), after a first
+    batch that traces it."""
+    predict = keras_predict(tracking.load_keras_model(champion_uri(config)))
+    predict(train.x[:CHAMPION_PROBE_DIGITS])
+    started = time.monotonic()
+    predict(train.x[:CHAMPION_PROBE_DIGITS])
+    return (time.monotonic() - started) * images / CHAMPION_PROBE_DIGITS
 
 
 def search(

@@ -4,6 +4,7 @@ for what this machine can train (real trials, real costs)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -133,6 +134,18 @@ def test_the_cost_models_limit_is_where_exactly_the_needed_epochs_fit():
         too_costly(limit / 2, limit) == ""
         and too_costly(2e-4, 1e-4) == "too costly here: 200 us per training image, the final training allows 100"
     )
+
+
+def test_the_champions_evaluation_comes_out_of_the_final_trainings_time():
+    """The champion's evaluation on the same digits, timed on the champion (30 s here), is
+    kept whatever the new network costs: the limit still gives exactly the epochs needed."""
+    plain = CostModel(train_images=54_000, validation_images=6_000, evaluated_images=40_000, augment_seconds_per_image=2e-5)
+    with_champion = dataclasses.replace(plain, champion_seconds=30.0)
+    assert with_champion.evaluation_seconds(1e-4) == pytest.approx(plain.evaluation_seconds(1e-4) + 30.0)
+    limit = with_champion.max_seconds_per_image(seconds_left=300, min_epochs=8)
+    assert with_champion.epochs_that_fit(300, limit) == pytest.approx(8)
+    assert limit < plain.max_seconds_per_image(seconds_left=300, min_epochs=8)
+    assert with_champion.epochs_that_fit(300, 1e-4) < plain.epochs_that_fit(300, 1e-4)
 
 
 def test_the_training_clock_times_batches_after_the_warm_up():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -131,6 +132,23 @@ def test_below_threshold_nothing_is_registered_and_the_run_says_why(tmp_path, mn
     (parent,) = [r for r in all_runs(store) if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.tags["registry_decision"].startswith("not registered: test_accuracy")
     assert parent.info.status == "FINISHED"
+
+
+def test_the_plan_times_the_champions_evaluation_on_the_champion_itself(smoke_search, mnist_npz, monkeypatch):
+    """A budgeted run with a champion keeps time for evaluating it, timed on its own network
+    (with training digits: the test split is read once, after the search)."""
+    from experiments import resolve
+    from search.data import load_mnist
+    from search.pipeline import champion_evaluation_seconds
+    from search.tracking import TrackingError
+
+    store, _ = smoke_search
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    train = load_mnist(mnist_npz).train
+    seconds = champion_evaluation_seconds(resolve("smoke"), train, images=100_000)
+    assert 0.0 < seconds < math.inf
+    with pytest.raises(TrackingError, match="cannot load model 'models:/nobody@champion'"):
+        champion_evaluation_seconds(resolve("smoke", model_name="nobody"), train, images=100_000)
 
 
 def test_predict_reads_hand_made_digits_with_the_champion(smoke_search):
