@@ -87,8 +87,9 @@ class SearchConfig:
     winner_within_se: float = 0.0
     # Epochs the final training must be able to run for a configuration to win (with
     # a budget): a network that would get fewer, retrained, loses to a cheaper one
-    # that gets many (benchmarks/RESULTS.md).
-    min_final_epochs: int = 8
+    # that gets many; past it, a larger network's few epochs beat a small one's many
+    # (benchmarks/RESULTS.md).
+    min_final_epochs: int = 6
     # 0: the model is the winner's checkpoint. N: the winner's configuration is
     # retrained from scratch on all training images (not train_subset) for up to N
     # epochs under a warm-up + cosine schedule, keeping its best validation epoch;
