@@ -5,13 +5,15 @@ what the registry will serve; and `evaluate`, the same for any logged model."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import numpy as np
 
-from experiments import SearchConfig
+from experiments import SearchConfig, champion_uri
 from search import data as data_module
 from search import evaluate, registry, robustness, tracking
 from search.data import Split
@@ -27,6 +29,7 @@ class Evaluation:
     robust: robustness.RobustnessReport
     corrupted: dict[str, Split]  # the suite, for comparing the champion on the same digits
     int8_model: bytes | None  # what the registry serves; None: the float32 model
+    suite_key: str = ""  # names the digits of the test split and the suite (robustness.suite_key)
 
     @property
     def scores(self) -> dict[str, float]:
@@ -34,6 +37,49 @@ class Evaluation:
 
     def clears(self, gates: dict[str, float]) -> bool:
         return not registry.shortfalls(self.scores, gates)
+
+
+REFERENCE_FILE = "evaluation/reference.npz"  # among a search run's artifacts
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a model scored on the digits named by `suite_key`, kept with the run that
+    evaluated it: a later challenger measured on the same digits is compared with these
+    figures instead of running the champion again."""
+
+    suite_key: str
+    test_predicted: np.ndarray  # (N,): the digit predicted for each test image
+    heldout_mean: float  # robust_heldout_accuracy_mean
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        np.savez(
+            buffer, suite_key=np.str_(self.suite_key), test_predicted=self.test_predicted.astype(np.uint8), heldout_mean=self.heldout_mean
+        )
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, content: bytes) -> Reference:
+        with np.load(io.BytesIO(content), allow_pickle=False) as saved:
+            return cls(str(saved["suite_key"]), saved["test_predicted"].astype(np.int64), float(saved["heldout_mean"]))
+
+
+def champion_reference(tracker: tracking.SearchTracker, config: SearchConfig, suite_key: str) -> Reference | None:
+    """The champion's figures on the digits `suite_key` names, as its own run kept them; None
+    where there is no champion, or its run measured other digits (other data, another suite
+    size, a changed suite) or kept nothing."""
+    version = tracker.alias_version(config.model_name, config.champion_alias)
+    content = tracker.version_run_file(config.model_name, version, REFERENCE_FILE) if version else None
+    reference = Reference.from_bytes(content) if content else None
+    return reference if reference and reference.suite_key == suite_key else None
+
+
+def measure_champion(config: SearchConfig, test: Split, corrupted: dict[str, Split], suite_key: str) -> Reference:
+    """The champion run here on what a comparison reads: the test split and the suite's held-out kinds."""
+    champion = tracking.load_keras_model(champion_uri(config))
+    robust = robustness.evaluate(keras_predict(champion), {name: corrupted[name] for name in robustness.HELD_OUT})
+    return Reference(suite_key, evaluate.evaluate(champion, test).predicted, robust.heldout_mean)
 
 
 def gates(config: SearchConfig) -> dict[str, float]:
@@ -48,9 +94,13 @@ def evaluate_once(
     the int8 form, made only for a model that clears the registry's gates (nothing else serves it)."""
     test_report = evaluate.evaluate(model, data.test)
     log_evaluation(tracker, test_report, data.test, out / "evaluation")
-    corrupted = robustness.suite(data.test, config.seed, config.robust_size)
+    corrupted = robustness.suite(data.test, robustness.SUITE_SEED, config.robust_size)
     robust_report = evaluate_robustness(tracker, model, corrupted, out / "evaluation")
-    evaluation = Evaluation(test_report, robust_report, corrupted, None)
+    key = robustness.suite_key(data.train, data.digest, robustness.digits_per_kind(config.robust_size, len(data.test)))
+    reference = out / REFERENCE_FILE
+    reference.write_bytes(Reference(key, test_report.predicted, robust_report.heldout_mean).to_bytes())
+    tracker.log_artifact(reference, "evaluation")
+    evaluation = Evaluation(test_report, robust_report, corrupted, None, key)
     if evaluation.clears(gates(config)):
         evaluation = dataclasses.replace(evaluation, int8_model=int8_form(tracker, model, test_report, data.test, config))
     return evaluation
@@ -153,7 +203,7 @@ def evaluate_model(model_uri: str, data_path: str = "", config: SearchConfig | N
         out = Path(config.output_dir) / run.run_id / "evaluation"
         test_report = evaluate.evaluate(model, data.test)
         log_evaluation(run, test_report, data.test, out)
-        robust_report = evaluate_robustness(run, model, robustness.suite(data.test, config.seed, config.robust_size), out)
+        robust_report = evaluate_robustness(run, model, robustness.suite(data.test, robustness.SUITE_SEED, config.robust_size), out)
     print(
         f"{model_uri}: test_accuracy {test_report.accuracy:.4f}, test_loss {test_report.loss:.4f}, robust_heldout_accuracy_mean {robust_report.heldout_mean:.4f} (run {run.run_id})"
     )

@@ -74,19 +74,21 @@ def report(probabilities: np.ndarray, labels: np.ndarray) -> TestReport:
 
 def compare(
     challenger: TestReport,
-    champion: TestReport,
+    champion_predicted: np.ndarray,
     labels: np.ndarray,
     challenger_robust: float,
     champion_robust: float,
     gates: tuple[float, float],
 ) -> Comparison:
-    """Two models on the same labelled images (McNemar's exact test) and on the same
-    robustness suite (their robust_heldout_accuracy_mean); `gates` = (threshold, robust_threshold)."""
-    challenger_right, champion_right = challenger.predicted == labels, champion.predicted == labels
+    """Two models on the same labelled images (McNemar's exact test: the champion's
+    predicted digits against the challenger's) and on the same robustness suite (their
+    robust_heldout_accuracy_mean); `gates` = (threshold, robust_threshold)."""
+    challenger_right, champion_right = challenger.predicted == labels, champion_predicted == labels
     b = int((challenger_right & ~champion_right).sum())
     c = int((champion_right & ~challenger_right).sum())
-    clears = champion.accuracy >= gates[0] and champion_robust >= gates[1]
-    return Comparison(challenger.accuracy, champion.accuracy, b, c, mcnemar_p_value(b, c), challenger_robust, champion_robust, clears)
+    champion_accuracy = float(champion_right.mean())
+    clears = champion_accuracy >= gates[0] and champion_robust >= gates[1]
+    return Comparison(challenger.accuracy, champion_accuracy, b, c, mcnemar_p_value(b, c), challenger_robust, champion_robust, clears)
 
 
 def mcnemar_p_value(b: int, c: int) -> float:

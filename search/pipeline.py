@@ -20,7 +20,15 @@ from experiments import SearchConfig, champion_uri, to_params
 from model_zoo import CNNZoo, precision_policy
 from search import assessment, evaluate, faults, locking, registry, robustness, tracking
 from search import data as data_module
-from search.assessment import Evaluation, evaluate_once, keras_predict, write_model_card, write_search_report
+from search.assessment import (
+    Evaluation,
+    champion_reference,
+    evaluate_once,
+    keras_predict,
+    measure_champion,
+    write_model_card,
+    write_search_report,
+)
 from search.budget import AFTER_TRAINING_PER_SETUP, CostModel, Plan, RunBudget, duration
 from search.data import DataError
 from search.driver import Backend, drive
@@ -200,17 +208,20 @@ def plan(
     the seconds kept after the final training: making the robustness suite (timed on a few
     training digits), and the figures, registry and report (a multiple of the set-up's own
     figures and logging, `setup_s`, which are the same kind of work)."""
+    per_kind = robustness.digits_per_kind(config.robust_size, len(data.test))
+    evaluated = len(data.test) + len(robustness.KINDS) * per_kind
+    # A champion whose run measured the same digits is compared by the figures it kept;
+    # another is evaluated here on the test split and the held-out kinds, at its own network's speed.
     champion = tracker.alias_version(config.model_name, config.champion_alias)
-    suite_images = len(robustness.KINDS) * min(config.robust_size or len(data.test), len(data.test))
-    evaluated = len(data.test) + suite_images
-    # A champion is evaluated on the same digits, at its own network's speed.
-    champion_s = champion_evaluation_seconds(config, data.train, evaluated) if champion and budget.limited else 0.0
+    kept = champion and champion_reference(tracker, config, robustness.suite_key(data.train, data.digest, per_kind))
+    champion_images = len(data.test) + len(robustness.HELD_OUT) * per_kind
+    champion_s = champion_evaluation_seconds(config, data.train, champion_images) if champion and not kept and budget.limited else 0.0
     augment_s = augmentation_seconds_per_image(data.train, config.batch_size, config.augment, config.seed) if config.final_epochs else 0.0
     cost = CostModel(len(data.train), len(data.validation), evaluated, augment_s, champion_s)
     # Making the robustness suite (numpy and scipy, after the training) timed on training digits: the test split is not read yet.
     started = time.monotonic()
-    robustness.suite(data_module.subset(data.train, SUITE_PROBE_DIGITS), config.seed)
-    suite_s = (time.monotonic() - started) * min(config.robust_size or len(data.test), len(data.test)) / SUITE_PROBE_DIGITS
+    robustness.suite(data_module.subset(data.train, SUITE_PROBE_DIGITS), robustness.SUITE_SEED)
+    suite_s = (time.monotonic() - started) * per_kind / SUITE_PROBE_DIGITS
     after_training_s = suite_s + AFTER_TRAINING_PER_SETUP * setup_s
     tracker.log_metrics(
         {
@@ -228,7 +239,8 @@ def plan(
             f"trials until {duration(budget.total_s * config.search_share)} (at most {config.max_trials}, each cut in its first epoch if "
             f"its final training could not get {config.min_final_epochs} epochs), then the final training, as many of up to "
             f"{config.final_epochs} epochs as fit, keeping time to evaluate {evaluated:,} digits"
-            + (f" (and the champion on them: {duration(champion_s)})" if champion_s else "")
+            + (f" (and the champion on the test split and held-out kinds: {duration(champion_s)})" if champion_s else "")
+            + (" (the champion's on them kept by its own run)" if kept else "")
             + " and register",
             flush=True,
         )
@@ -385,15 +397,16 @@ def promote(
     clears = evaluation.clears(gates)
     comparison, card = None, ""
     if clears and tracker.alias_version(config.model_name, config.champion_alias):
-        champion = tracking.load_keras_model(champion_uri(config))
-        champion_robust = robustness.evaluate(keras_predict(champion), evaluation.corrupted).heldout_mean
-        champion_test = evaluate.evaluate(champion, data.test)
+        kept = champion_reference(tracker, config, evaluation.suite_key)
+        how = "the figures its own run kept on the same digits" if kept else "evaluated here on the test split and the held-out kinds"
+        print(f"comparing with @{config.champion_alias}: {how}", flush=True)
+        champion = kept or measure_champion(config, data.test, evaluation.corrupted, evaluation.suite_key)
         comparison = evaluate.compare(
             evaluation.test,
-            champion_test,
+            champion.test_predicted,
             data.test.y,
             evaluation.robust.heldout_mean,
-            champion_robust,
+            champion.heldout_mean,
             (config.threshold, config.robust_threshold),
         )
     if clears:

@@ -12,6 +12,7 @@ the training never saw, which is what "unseen" promises.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from search.reporting.plots import GAP, mosaic, save, subplots
 
 SIZE = 28
 CENTRE = (SIZE - 1) / 2
+SUITE_SEED = 0  # one suite for every run: a champion's figures stand beside a challenger's, on the same digits
+KEY_DIGITS = 16  # training digits every kind changes to name the suite (suite_key)
 Corruption = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 
@@ -291,6 +294,21 @@ def suite(split: Split, seed: int, size: int = 0, names: tuple[str, ...] = tuple
     """Every kind in `names` (all: the whole suite) of the first `size` digits of `split` (0: all of them)."""
     base = split if not size or size >= len(split) else Split(split.x[:size], split.y[:size])
     return {name: corrupt(base, name, seed) for name in names}
+
+
+def digits_per_kind(size: int, available: int) -> int:
+    """The digits each kind of the suite changes, asked for `size` (0: all) of a split of `available`."""
+    return min(size or available, available)
+
+
+def suite_key(train: Split, data_digest: str, size: int) -> str:
+    """A name for the suite a run measures on: the data (its digest), the digits per kind,
+    and what every kind does to a few training digits (the suite's code at work, so a
+    changed kind changes the name). Runs with one key measure on the same digits."""
+    sha = hashlib.sha256(f"{data_digest}:{size}:{SUITE_SEED}".encode())
+    for name, changed in suite(train, SUITE_SEED, KEY_DIGITS).items():
+        sha.update(name.encode() + changed.x.tobytes())
+    return sha.hexdigest()
 
 
 def heldout_probe(validation: Split, seed: int, per_kind: int = 64) -> Split:

@@ -69,22 +69,23 @@ def report_of(predicted, labels):
 def test_mcnemar_counts_discordant_pairs_and_gives_the_exact_p_value():
     labels = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
     challenger = report_of([0, 1, 2, 3, 4, 5, 6, 7, 8, 0], labels)  # 9 right
-    champion = report_of([0, 1, 2, 3, 4, 5, 0, 0, 0, 9], labels)  # 7 right
+    champion = np.array([0, 1, 2, 3, 4, 5, 0, 0, 0, 9])  # 7 right
     result = compare(challenger, champion, labels, 0.95, 0.95, GATES)
     assert (result.challenger_only_right, result.champion_only_right) == (3, 1)
+    assert (result.challenger_accuracy, result.champion_accuracy) == (0.9, 0.7)
     assert result.p_value == pytest.approx(2 * (1 + 4) / 16)  # binomial(4, 1/2): P(X <= 1) twice
 
 
 def test_a_challenger_must_be_no_worse_on_clean_and_corrupted_digits_and_better_on_one():
     labels = np.arange(10)
     nine, seven = report_of([0, 1, 2, 3, 4, 5, 6, 7, 8, 0], labels), report_of([0, 1, 2, 3, 4, 5, 0, 0, 0, 9], labels)
-    assert compare(nine, seven, labels, 0.95, 0.95, GATES).challenger_wins  # better clean, same robust
-    assert compare(seven, seven, labels, 0.96, 0.95, GATES).challenger_wins  # same clean, better robust
-    assert not compare(seven, nine, labels, 0.95, 0.95, GATES).challenger_wins  # worse clean
-    assert not compare(nine, seven, labels, 0.94, 0.95, GATES).challenger_wins  # better clean, worse robust
-    assert not compare(nine, nine, labels, 0.95, 0.95, GATES).challenger_wins  # a tie keeps the champion
+    assert compare(nine, seven.predicted, labels, 0.95, 0.95, GATES).challenger_wins  # better clean, same robust
+    assert compare(seven, seven.predicted, labels, 0.96, 0.95, GATES).challenger_wins  # same clean, better robust
+    assert not compare(seven, nine.predicted, labels, 0.95, 0.95, GATES).challenger_wins  # worse clean
+    assert not compare(nine, seven.predicted, labels, 0.94, 0.95, GATES).challenger_wins  # better clean, worse robust
+    assert not compare(nine, nine.predicted, labels, 0.95, 0.95, GATES).challenger_wins  # a tie keeps the champion
     # A champion below today's gates (here the robust one) gives way to any challenger that clears them.
-    beaten = compare(seven, nine, labels, 0.93, 0.80, (0.5, 0.9))
+    beaten = compare(seven, nine.predicted, labels, 0.93, 0.80, (0.5, 0.9))
     assert not beaten.champion_clears_gates and beaten.challenger_wins
 
 

@@ -68,6 +68,7 @@ def test_parent_run_records_settings_data_figures_and_results(smoke_search):
         "evaluation/confusion_matrix.png",
         "evaluation/misclassified.png",
         "evaluation/robustness.png",
+        "evaluation/reference.npz",
     } <= artifacts
     # The robustness suite, after the clean test split: every kind, and the held-out and trained-on means apart.
     assert {f"robust_accuracy_{name}" for name in robustness.KINDS} <= set(metrics)
@@ -149,6 +150,35 @@ def test_the_plan_times_the_champions_evaluation_on_the_champion_itself(smoke_se
     assert 0.0 < seconds < math.inf
     with pytest.raises(TrackingError, match="cannot load model 'models:/nobody@champion'"):
         champion_evaluation_seconds(resolve("smoke", model_name="nobody"), train, images=100_000)
+
+
+def test_a_challenger_on_the_same_digits_reads_the_figures_the_champions_run_kept(smoke_search, mnist_npz, monkeypatch):
+    """The champion's run kept what it predicted on the test split and its held-out mean: they
+    are what the champion, run again, gives on the same digits. Other digits (another suite
+    size) or no champion: nothing kept to compare with."""
+    from experiments import resolve
+    from search import assessment, tracking
+    from search.data import load_mnist
+
+    store, _ = smoke_search
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    config = resolve("smoke")
+    data = load_mnist(mnist_npz, config.validation_size)
+    key = robustness.suite_key(data.train, data.digest, config.robust_size)
+    (parent,) = [r for r in all_runs(store) if "mlflow.parentRunId" not in r.data.tags]
+    reader = tracking.SearchTracker(parent)  # reads the store; writes nothing
+    kept = assessment.champion_reference(reader, config, key)
+    assert kept is not None and kept.suite_key == key
+    assert assessment.champion_reference(reader, config, robustness.suite_key(data.train, data.digest, 400)) is None
+    assert assessment.champion_reference(reader, resolve("smoke", model_name="nobody"), key) is None
+    corrupted = robustness.suite(data.test, robustness.SUITE_SEED, config.robust_size)
+    again = assessment.measure_champion(config, data.test, corrupted, key)
+    np.testing.assert_array_equal(kept.test_predicted, again.test_predicted)
+    assert kept.heldout_mean == pytest.approx(again.heldout_mean, abs=1e-9)
+    # The figures the version was registered with.
+    tags = mlflow.MlflowClient(store).get_model_version_by_alias("mnist-cnn", "champion").tags
+    assert (kept.test_predicted == data.test.y).mean() == pytest.approx(float(tags["test_accuracy"]), abs=1e-6)
+    assert kept.heldout_mean == pytest.approx(float(tags["robust_heldout_accuracy_mean"]), abs=1e-6)
 
 
 def test_predict_reads_hand_made_digits_with_the_champion(smoke_search):

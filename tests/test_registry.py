@@ -18,7 +18,7 @@ GATES = {"test_accuracy": 0.90, "robust_heldout_accuracy_mean": 0.90}
 DIGITS = registry.Promotion("digits", "champion", GATES)
 
 
-def test_registry_gates_champion_and_previous_champion(tracking_store):
+def test_registry_gates_champion_and_previous_champion(tracking_store, tmp_path):
     model = make_cnn(conv_filters=(4,))
     client = mlflow.MlflowClient()
 
@@ -44,6 +44,11 @@ def test_registry_gates_champion_and_previous_champion(tracking_store):
         first = register(0.95)
         worse = register(0.93, against_champion(0.93, 0.95))
         better = register(0.97, against_champion(0.97, 0.95))
+        # A file of the run that logged a version, read by the version; None where that run logged none.
+        assert tracker.version_run_file("digits", "1", "evaluation/reference.npz") is None
+        (tmp_path / "kept.txt").write_text("kept")
+        tracker.log_artifact(tmp_path / "kept.txt", "evaluation")
+        assert tracker.version_run_file("digits", "3", "evaluation/kept.txt") == b"kept"
     assert (first.version, first.champion) == ("1", True)
     assert (worse.version, worse.champion) == ("2", False)
     assert worse.reason == (

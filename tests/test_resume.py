@@ -265,6 +265,7 @@ def test_a_search_killed_between_its_registry_calls_resumes_to_one_version_and_t
     for point, version in (("registered", "2"), ("champion_moved", "3")):
         killed = search(*challenger, fault=point)
         assert killed.returncode == -signal.SIGKILL and f"fault point {point}: killed" in killed.stdout, killed.stderr[-2000:]
+        assert "comparing with @champion: the figures its own run kept on the same digits" in killed.stdout
         parent = max((r for r in all_runs(store) if "trial_id" not in r.data.tags), key=lambda r: r.info.start_time).info.run_id
         resumed = search("resume", parent)
         assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -1,6 +1,8 @@
 """Data tests of the robustness suite: its one table of kinds, deterministic, in range, every kind a change;
 and the gate, which counts held-out kinds only."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -25,6 +27,21 @@ def test_the_suite_declares_each_kind_its_family_and_whether_training_may_imitat
     assert len(whole) >= 2, "whole families are held out too"
     assert set(robustness.HELD_OUT) | set(robustness.TRAINED) == set(kinds)
     assert not set(robustness.HELD_OUT) & set(robustness.TRAINED)
+
+
+def test_the_suite_key_names_the_data_the_digits_per_kind_and_what_each_kind_does(mnist, monkeypatch):
+    """Runs with one key measure on the same digits (a champion's kept figures stand for it); a
+    change of the data, of the suite's size or of any kind's change gives another key."""
+    key = robustness.suite_key(mnist.train, mnist.digest, 500)
+    assert key == robustness.suite_key(mnist.train, mnist.digest, 500)
+    assert key != robustness.suite_key(mnist.train, mnist.digest, 501)
+    assert key != robustness.suite_key(mnist.train, "another digest", 500)
+    kind = robustness.KINDS["gaussian_blur"]
+    changed = dataclasses.replace(kind, corrupt=lambda x, rng: kind.corrupt(x, rng) * 0.99)
+    monkeypatch.setitem(robustness.KINDS, "gaussian_blur", changed)
+    assert key != robustness.suite_key(mnist.train, mnist.digest, 500)
+    assert robustness.digits_per_kind(0, 10_000) == 10_000 and robustness.digits_per_kind(20_000, 10_000) == 10_000
+    assert robustness.digits_per_kind(500, 10_000) == 500
 
 
 def test_the_same_digits_twice_in_range_and_each_corruption_changes_them(digits):

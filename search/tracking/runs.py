@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -192,6 +193,18 @@ class SearchTracker:
     def version_description(self, name: str, version: str) -> str:
         """The description of version `version` of model `name` (its model card)."""
         return self.client.get_model_version(name, version).description or ""
+
+    def version_run_file(self, name: str, version: str, path: str) -> bytes | None:
+        """The artifact `path` of the run that logged version `version` of model `name`, or
+        None where that run has no such file."""
+        run_id = self.client.get_model_version(name, version).run_id
+        if not run_id:
+            return None
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                return Path(self.client.download_artifacts(run_id, path, folder)).read_bytes()
+            except (mlflow.exceptions.MlflowException, OSError):
+                return None
 
     def alias_version(self, name: str, alias: str) -> str | None:
         """The version `alias` of model `name` points to, or None (no such model or alias)."""
