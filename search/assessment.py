@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ class Evaluation:
     robust: robustness.RobustnessReport
     corrupted: dict[str, Split]  # the suite, for comparing the champion on the same digits
     int8_model: bytes | None  # what the registry serves; None: the float32 model
-    suite_key: str = ""  # names the digits of the test split and the suite (robustness.suite_key)
+    suite_key: str  # names the digits of the test split and the suite (robustness.suite_key)
 
     @property
     def scores(self) -> dict[str, float]:
@@ -40,6 +41,7 @@ class Evaluation:
 
 
 REFERENCE_FILE = "evaluation/reference.npz"  # among a search run's artifacts
+CHAMPION_PROBE_DIGITS = 2_048  # the champion's predictions timed at the start: two of its evaluation's batches
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,17 @@ def measure_champion(config: SearchConfig, test: Split, corrupted: dict[str, Spl
     champion = tracking.load_keras_model(champion_uri(config))
     robust = robustness.evaluate(keras_predict(champion), {name: corrupted[name] for name in robustness.HELD_OUT})
     return Reference(suite_key, evaluate.evaluate(champion, test).predicted, robust.heldout_mean)
+
+
+def champion_evaluation_seconds(config: SearchConfig, train: Split, images: int) -> float:
+    """What evaluating the registered champion on `images` digits will take here: its own
+    predictions timed on training digits (the test split is not read yet), after a first
+    batch that traces it."""
+    predict = keras_predict(tracking.load_keras_model(champion_uri(config)))
+    predict(train.x[:CHAMPION_PROBE_DIGITS])
+    started = time.monotonic()
+    predict(train.x[:CHAMPION_PROBE_DIGITS])
+    return (time.monotonic() - started) * images / CHAMPION_PROBE_DIGITS
 
 
 def gates(config: SearchConfig) -> dict[str, float]:

@@ -16,19 +16,11 @@ from pathlib import Path
 import keras
 import keras_tuner as kt
 
-from experiments import SearchConfig, champion_uri, to_params
+from experiments import SearchConfig, to_params
 from model_zoo import CNNZoo, precision_policy
 from search import assessment, evaluate, faults, locking, registry, robustness, tracking
 from search import data as data_module
-from search.assessment import (
-    Evaluation,
-    champion_reference,
-    evaluate_once,
-    keras_predict,
-    measure_champion,
-    write_model_card,
-    write_search_report,
-)
+from search.assessment import Evaluation, evaluate_once, write_model_card, write_search_report
 from search.budget import AFTER_TRAINING_PER_SETUP, CostModel, Plan, RunBudget, duration
 from search.data import DataError
 from search.driver import Backend, drive
@@ -61,7 +53,6 @@ class Resume:
 
 
 SUITE_PROBE_DIGITS = 200  # corrupted at the start to time the robustness suite
-CHAMPION_PROBE_DIGITS = 2_048  # the champion's predictions timed at the start: two of its evaluation's batches
 
 
 class SearchFailed(RuntimeError):
@@ -210,12 +201,11 @@ def plan(
     figures and logging, `setup_s`, which are the same kind of work)."""
     per_kind = robustness.digits_per_kind(config.robust_size, len(data.test))
     evaluated = len(data.test) + len(robustness.KINDS) * per_kind
-    # A champion whose run measured the same digits is compared by the figures it kept;
-    # another is evaluated here on the test split and the held-out kinds, at its own network's speed.
-    champion = tracker.alias_version(config.model_name, config.champion_alias)
-    kept = champion and champion_reference(tracker, config, robustness.suite_key(data.train, data.digest, per_kind))
+    # A champion that kept its figures on the same digits is not run again; another is timed on its own network.
+    kept = assessment.champion_reference(tracker, config, robustness.suite_key(data.train, data.digest, per_kind))
     champion_images = len(data.test) + len(robustness.HELD_OUT) * per_kind
-    champion_s = champion_evaluation_seconds(config, data.train, champion_images) if champion and not kept and budget.limited else 0.0
+    timed = budget.limited and not kept and tracker.alias_version(config.model_name, config.champion_alias)
+    champion_s = assessment.champion_evaluation_seconds(config, data.train, champion_images) if timed else 0.0
     augment_s = augmentation_seconds_per_image(data.train, config.batch_size, config.augment, config.seed) if config.final_epochs else 0.0
     cost = CostModel(len(data.train), len(data.validation), evaluated, augment_s, champion_s)
     # Making the robustness suite (numpy and scipy, after the training) timed on training digits: the test split is not read yet.
@@ -245,17 +235,6 @@ def plan(
             flush=True,
         )
     return Plan(budget, cost, after_training_s, config.min_final_epochs)
-
-
-def champion_evaluation_seconds(config: SearchConfig, train: data_module.Split, images: int) -> float:
-    """What evaluating the registered champion on `images` digits will take here: its own
-    predictions timed on training digits (the test split is not read yet), after a first
-    batch that traces it."""
-    predict = keras_predict(tracking.load_keras_model(champion_uri(config)))
-    predict(train.x[:CHAMPION_PROBE_DIGITS])
-    started = time.monotonic()
-    predict(train.x[:CHAMPION_PROBE_DIGITS])
-    return (time.monotonic() - started) * images / CHAMPION_PROBE_DIGITS
 
 
 def search(
@@ -397,10 +376,10 @@ def promote(
     clears = evaluation.clears(gates)
     comparison, card = None, ""
     if clears and tracker.alias_version(config.model_name, config.champion_alias):
-        kept = champion_reference(tracker, config, evaluation.suite_key)
+        kept = assessment.champion_reference(tracker, config, evaluation.suite_key)
         how = "the figures its own run kept on the same digits" if kept else "evaluated here on the test split and the held-out kinds"
         print(f"comparing with @{config.champion_alias}: {how}", flush=True)
-        champion = kept or measure_champion(config, data.test, evaluation.corrupted, evaluation.suite_key)
+        champion = kept or assessment.measure_champion(config, data.test, evaluation.corrupted, evaluation.suite_key)
         comparison = evaluate.compare(
             evaluation.test,
             champion.test_predicted,

@@ -139,8 +139,8 @@ def test_the_plan_times_the_champions_evaluation_on_the_champion_itself(smoke_se
     """A budgeted run with a champion keeps time for evaluating it, timed on its own network
     (with training digits: the test split is read once, after the search)."""
     from experiments import resolve
+    from search.assessment import champion_evaluation_seconds
     from search.data import load_mnist
-    from search.pipeline import champion_evaluation_seconds
     from search.tracking import TrackingError
 
     store, _ = smoke_search
